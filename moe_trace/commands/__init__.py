@@ -1,0 +1,1 @@
+"""One module per ``moe-trace`` subcommand; each defines ``register(subparsers)``."""

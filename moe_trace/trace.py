@@ -1,0 +1,374 @@
+"""Schema-1 expert-load traces: crash-safe Parquet writer and a validating reader.
+
+A trace is a directory of ``part-<first>-<last>.parquet`` files, one row per (step, MoE layer) with the
+per-expert token counts as a list column. Every part carries the run's metadata as JSON under the
+schema-metadata key ``moe_trace``, so any single part (or a one-file trace) describes itself.
+
+Crash safety comes from the file system: a part is written to a temporary name, fsynced and renamed,
+so a reader only ever sees complete parts. A part whose step range lies inside another part's range is
+superseded by it (this is what a merge or a truncation leaves if it is killed between its rename and its
+unlink), so no interruption can make a step appear twice.
+
+This module needs numpy and pyarrow only: the predictors and the placement simulator read traces
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moe_trace import __version__
+from moe_trace.errors import UsageError
+
+SCHEMA_VERSION = 1
+META_KEY = b"moe_trace"
+REQUIRED_META = (
+    "schema", "model", "num_experts", "top_k", "moe_layers", "tokens_per_step", "seq_len",
+    "global_batch", "seed", "moe_backend", "attention", "world_size", "created", "version",
+)
+METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "aux_loss", "step_time_s", "tokens")
+_PART_RE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+
+
+class TraceError(UsageError):
+    """A path that is not a readable schema-1 trace (missing, foreign, damaged or inconsistent)."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A loaded trace: ``counts[t, l, e]`` tokens routed to expert ``e`` of MoE layer ``l`` at ``steps[t]``."""
+
+    counts: np.ndarray  # int64 [steps, layers, experts]
+    steps: np.ndarray  # int64 [steps], strictly increasing
+    meta: dict[str, Any]
+
+    @property
+    def layers(self) -> list[int]:
+        """Transformer block index of each MoE layer, in the order of the counts' second axis."""
+        return list(self.meta["moe_layers"])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[2])
+
+    def __len__(self) -> int:
+        return int(self.counts.shape[0])
+
+    def proportions(self) -> np.ndarray:
+        """Load proportion ``p[t, l, e] = counts / sum_e counts`` (float64; a step with no tokens is uniform)."""
+        totals = self.counts.sum(axis=2, keepdims=True)
+        uniform = np.full(self.counts.shape, 1.0 / self.num_experts)
+        return np.divide(self.counts, totals, out=uniform, where=totals > 0)
+
+
+def make_meta(**fields: Any) -> dict[str, Any]:
+    """Complete a metadata dict with ``schema``, ``created`` and ``version`` and check required keys."""
+    meta = {"schema": SCHEMA_VERSION, "created": _now(), "version": __version__, **fields}
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"trace metadata lacks {', '.join(missing)}")
+    meta["moe_layers"] = [int(x) for x in meta["moe_layers"]]
+    return meta
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _arrow_schema(meta: Mapping[str, Any]) -> pa.Schema:
+    fields = [("step", pa.int64()), ("layer", pa.int32()), ("counts", pa.list_(pa.int64()))]
+    return pa.schema(fields, metadata={META_KEY: json.dumps(dict(meta), sort_keys=True).encode()})
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, fsync the file, rename it over ``path`` and fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _part_table(steps: np.ndarray, counts: np.ndarray, meta: Mapping[str, Any]) -> pa.Table:
+    n_steps, n_layers, n_experts = counts.shape
+    layer_ids = np.asarray(meta["moe_layers"], dtype=np.int32)
+    flat = pa.array(np.ascontiguousarray(counts, dtype=np.int64).reshape(-1))
+    offsets = pa.array(np.arange(0, len(flat) + 1, n_experts, dtype=np.int32))
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.repeat(steps.astype(np.int64), n_layers)),
+            pa.array(np.tile(layer_ids, n_steps)),
+            pa.ListArray.from_arrays(offsets, flat),
+        ],
+        schema=_arrow_schema(meta),
+    )
+
+
+def write_part(directory: str | os.PathLike, steps: np.ndarray, counts: np.ndarray,
+               meta: Mapping[str, Any]) -> Path:
+    """Write ``counts[steps, layers, experts]`` as one complete part file; return its path."""
+    steps = np.asarray(steps, dtype=np.int64)
+    counts = np.asarray(counts)
+    if counts.ndim != 3 or counts.shape[0] != steps.shape[0] or counts.shape[0] == 0:
+        raise ValueError(f"counts {counts.shape} do not match {steps.shape[0]} steps")
+    if counts.shape[1] != len(meta["moe_layers"]) or counts.shape[2] != meta["num_experts"]:
+        raise ValueError(f"counts {counts.shape} do not match the metadata's layers and experts")
+    if np.any(np.diff(steps) <= 0):
+        raise ValueError("steps must be strictly increasing")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"part-{steps[0]:010d}-{steps[-1]:010d}.parquet"
+    table = _part_table(steps, counts, meta)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return path
+
+
+def write(path: str | os.PathLike, counts: np.ndarray, meta: Mapping[str, Any],
+          steps: np.ndarray | None = None) -> Path:
+    """Write a whole trace: a directory with one part, or a single file if ``path`` ends in ``.parquet``."""
+    counts = np.asarray(counts)
+    steps = np.arange(counts.shape[0], dtype=np.int64) if steps is None else np.asarray(steps)
+    path = Path(path)
+    if path.suffix != ".parquet":
+        return write_part(path, steps, counts, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = _part_table(steps, counts, meta)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return path
+
+
+def _live_parts(directory: Path) -> list[tuple[int, int, Path]]:
+    """Part files in step order, without those superseded by a part that covers their whole range."""
+    parts = []
+    for p in directory.iterdir():
+        m = _PART_RE.match(p.name)
+        if m:
+            parts.append((int(m.group(1)), int(m.group(2)), p))
+    parts.sort(key=lambda x: (x[0], -x[1]))
+    live: list[tuple[int, int, Path]] = []
+    for first, last, p in parts:
+        if live and last <= live[-1][1]:
+            continue  # inside the previous part's range: left behind by an interrupted merge
+        live.append((first, last, p))
+    return live
+
+
+def truncate(directory: str | os.PathLike, from_step: int) -> None:
+    """Drop every row with ``step >= from_step`` (a resumed run re-records those steps)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for first, last, p in _live_parts(directory):
+        if first >= from_step:
+            p.unlink()
+        elif last >= from_step:
+            table = pq.read_table(p)
+            kept = table.filter(pa.compute.less(table["step"], pa.scalar(from_step, pa.int64())))
+            kept_last = int(pa.compute.max(kept["step"]).as_py())
+            new = directory / f"part-{first:010d}-{kept_last:010d}.parquet"
+            _atomic_write(new, lambda tmp, kept=kept: pq.write_table(kept, tmp, compression="zstd"))
+            p.unlink()
+    for p in directory.glob(".part-*.tmp"):
+        p.unlink()
+    _fsync_dir(directory)
+
+
+def compact(directory: str | os.PathLike) -> Path | None:
+    """Merge all parts into one (safe to interrupt: the merged part supersedes the ones it covers)."""
+    directory = Path(directory)
+    live = _live_parts(directory)
+    if not live:
+        return None
+    if len(live) == 1:
+        merged = live[0][2]
+    else:
+        trace = load(directory)
+        merged = write_part(directory, trace.steps, trace.counts, trace.meta)
+    for p in directory.glob("part-*.parquet"):
+        if p != merged:
+            p.unlink()
+    _fsync_dir(directory)
+    return merged
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The trace a user means by ``path``: a trace directory, a ``.parquet`` file, or a run directory."""
+    path = Path(path)
+    is_run_dir = path.is_dir() and not any(_PART_RE.match(p.name) for p in path.iterdir())
+    if is_run_dir and (path / "trace").is_dir():
+        return path / "trace"
+    if not path.exists():
+        raise TraceError(f"no trace at {path}")
+    return path
+
+
+def _read_meta(schema: pa.Schema, source: Path) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise TraceError(f"{source} is not a moe-trace trace (no '{META_KEY.decode()}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{source} has damaged moe-trace metadata: {e}") from None
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise TraceError(f"{source} has trace schema {meta.get('schema')!r}; this moe-trace reads schema 1")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise TraceError(f"{source} metadata lacks {', '.join(missing)}")
+    return meta
+
+
+def _read_table(source: Path) -> tuple[pa.Table, dict[str, Any]]:
+    try:
+        table = pq.read_table(source)
+    except (pa.ArrowException, OSError) as e:
+        raise TraceError(f"{source} is not a readable Parquet file (damaged or foreign): {e}") from None
+    meta = _read_meta(table.schema, source)
+    for name in ("step", "layer", "counts"):
+        if name not in table.column_names:
+            raise TraceError(f"{source} lacks the column '{name}'")
+    return table, meta
+
+
+def load(path: str | os.PathLike) -> Trace:
+    """Read a trace (directory of parts, single ``.parquet`` file, or run directory) and validate it.
+
+    Raises :class:`TraceError` for anything that is not a complete, consistent schema-1 trace.
+    """
+    path = resolve(path)
+    sources = [p for _, _, p in _live_parts(path)] if path.is_dir() else [path]
+    if not sources:
+        raise TraceError(f"{path} holds no part-*.parquet files")
+    tables, meta = [], None
+    for source in sources:
+        table, part_meta = _read_table(source)
+        if meta is None:
+            meta = part_meta
+        elif _shape_keys(part_meta) != _shape_keys(meta):
+            raise TraceError(f"{source} belongs to a different run than {sources[0]}")
+        tables.append(table.select(["step", "layer", "counts"]))
+    assert meta is not None
+    return _assemble(pa.concat_tables(tables), meta, path)
+
+
+def _shape_keys(meta: Mapping[str, Any]) -> tuple:
+    return (meta["model"], meta["num_experts"], tuple(meta["moe_layers"]), meta["seed"])
+
+
+def _assemble(table: pa.Table, meta: dict[str, Any], source: Path) -> Trace:
+    n_experts = int(meta["num_experts"])
+    layer_ids = list(meta["moe_layers"])
+    steps = table["step"].to_numpy()
+    layers = table["layer"].to_numpy()
+    counts_col = table["counts"].combine_chunks()
+    lengths = pa.compute.list_value_length(counts_col).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != n_experts).any():
+        raise TraceError(f"{source}: a counts list has {lengths[lengths != n_experts][0]} entries, "
+                         f"expected {n_experts}")
+    flat = counts_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, n_experts)
+
+    layer_index = np.full(max(layer_ids) + 1, -1, dtype=np.int64)
+    layer_index[layer_ids] = np.arange(len(layer_ids))
+    if ((layers < 0) | (layers >= len(layer_index))).any() or (layer_index[layers] < 0).any():
+        raise TraceError(f"{source}: rows name layers outside the metadata's moe_layers {layer_ids}")
+    order = np.lexsort((layer_index[layers], steps))
+    steps, layers, flat = steps[order], layers[order], flat[order]
+    repeated = (np.diff(steps) == 0) & (np.diff(layers) == 0)
+    if repeated.any():
+        raise TraceError(f"{source}: step {steps[1:][repeated][0]} appears twice")
+    n_layers = len(layer_ids)
+    if len(steps) % n_layers:
+        raise TraceError(f"{source}: some steps lack a row for every MoE layer")
+    steps2 = steps.reshape(-1, n_layers)
+    if (steps2 != steps2[:, :1]).any() or (layer_index[layers].reshape(-1, n_layers)
+                                          != np.arange(n_layers)).any():
+        raise TraceError(f"{source}: some steps lack a row for every MoE layer, or repeat one")
+    unique_steps = steps2[:, 0]
+    if (flat < 0).any():
+        raise TraceError(f"{source}: negative token counts")
+    counts = flat.reshape(len(unique_steps), n_layers, n_experts).astype(np.int64, copy=False)
+    return Trace(counts=counts, steps=unique_steps.astype(np.int64), meta=meta)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a trace without reading its rows."""
+    path = resolve(path)
+    sources = [p for _, _, p in _live_parts(path)] if path.is_dir() else [path]
+    if not sources:
+        raise TraceError(f"{path} holds no part-*.parquet files")
+    try:
+        schema = pq.read_schema(sources[0])
+    except (pa.ArrowException, OSError) as e:
+        raise TraceError(f"{sources[0]} is not a readable Parquet file (damaged or foreign): {e}") from None
+    return _read_meta(schema, sources[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics.parquet: per-step scalars beside the trace
+
+
+def metrics_path(trace_path: str | os.PathLike) -> Path:
+    """Where a trace's ``metrics.parquet`` lives: beside the trace directory or file."""
+    trace_path = resolve(trace_path)
+    return trace_path.parent / "metrics.parquet"
+
+
+def write_metrics(path: str | os.PathLike, columns: Mapping[str, Iterable[float]]) -> None:
+    """Atomically (re)write ``metrics.parquet`` from equal-length columns named as in METRIC_COLUMNS."""
+    missing = [c for c in METRIC_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"metrics lack {', '.join(missing)}")
+    arrays = {c: np.asarray(list(columns[c]) if not isinstance(columns[c], np.ndarray) else columns[c])
+              for c in METRIC_COLUMNS}
+    table = pa.table({
+        "step": pa.array(arrays["step"], pa.int64()),
+        **{c: pa.array(arrays[c], pa.float64()) for c in METRIC_COLUMNS[1:-1]},
+        "tokens": pa.array(arrays["tokens"], pa.int64()),
+    })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def load_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a ``metrics.parquet`` file (or the one beside a trace) as columns of numpy arrays."""
+    path = Path(path)
+    if path.suffix != ".parquet" or path.name != "metrics.parquet":
+        path = metrics_path(path)
+    if not path.exists():
+        raise TraceError(f"no metrics at {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise TraceError(f"{path} is not a readable Parquet file: {e}") from None
+    missing = [c for c in METRIC_COLUMNS if c not in table.column_names]
+    if missing:
+        raise TraceError(f"{path} lacks the columns {', '.join(missing)}")
+    return {c: table[c].to_numpy() for c in METRIC_COLUMNS}
