@@ -1,1 +1,10 @@
-"""predictors"""
+"""Expert-load predictors, the evaluation protocol and phase classification.
+
+``predictors.get(name, **params)`` builds a predictor by name; ``predictors.available()`` lists them.
+Imports no torch (the LSTM imports it when fitted) and reads traces only through ``moe_trace.trace``.
+"""
+
+from predictors import averages
+from predictors.base import Predictor, available, from_spec, get, register, split_specs, to_proportions
+
+__all__ = ["Predictor", "available", "averages", "from_spec", "get", "register", "split_specs", "to_proportions"]
