@@ -1,0 +1,326 @@
+"""The picture of a run: figures and a findings table for one trace, and a comparison of two.
+
+Each ``plot_*`` function takes computed arrays and returns a matplotlib Figure, so a notebook shows it inline
+and :func:`write_report` (behind ``moe-trace report``) saves it as PNG. The numbers behind the figures come
+from the packages that own them: stable-phase starts from ``predictors.phases``, predictor errors from
+``predictors.evaluate``, imbalance from ``placement``. This module only arranges and draws them.
+
+Colours are the Okabe-Ito palette and the ``cividis`` colour map, both readable with colour-vision
+deficiencies and in greyscale print.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moe_trace import trace as trace_io
+from moe_trace.errors import UsageError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+DPI = 150
+HEATMAP_BINS = 400  # step bins per heatmap row: finer than a printed page resolves, coarse enough to draw fast
+
+
+@dataclass
+class Run:
+    """A trace with its per-step metrics (None when the run has no ``metrics.parquet``)."""
+
+    name: str
+    trace: trace_io.Trace
+    metrics: dict[str, np.ndarray] | None = None
+    path: Path | None = field(default=None, repr=False)
+
+    @cached_property
+    def proportions(self) -> np.ndarray:
+        """``p[t, l, e]``, computed once per run."""
+        return self.trace.proportions()
+
+    def layer_labels(self) -> list[str]:
+        return [f"block {b}" for b in self.trace.layers]
+
+
+def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
+    """Read a trace (directory, ``.parquet`` file or run directory) and the metrics beside it, if any."""
+    tr = trace_io.load(path)
+    metrics_file = trace_io.metrics_path(path)
+    metrics = trace_io.load_metrics(metrics_file) if metrics_file.exists() else None
+    return Run(name=name or _default_name(Path(path)), trace=tr, metrics=metrics, path=Path(path))
+
+
+def _default_name(path: Path) -> str:
+    path = path.resolve()
+    return path.parent.name if path.name == "trace" else path.stem
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numbers behind the figures
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Per-window summary of the load proportions over windows of ``window`` steps: each expert's mean, and
+    the variance and range (max - min) of each expert's proportion over the window, averaged over experts.
+    """
+
+    window: int
+    starts: np.ndarray  # [windows] first step of each window
+    mean: np.ndarray  # [windows, layers, experts]
+    variance: np.ndarray  # [windows, layers]
+    range: np.ndarray  # [windows, layers]
+
+    @property
+    def skew(self) -> np.ndarray:
+        """``[windows, layers]`` heaviest expert's mean load over the average expert's: the imbalance one
+        expert per GPU would suffer. Independent of how experts are numbered, so it compares across seeds."""
+        return self.mean.max(axis=-1) * self.mean.shape[-1]
+
+
+def windowed_stats(p: np.ndarray, steps: np.ndarray, window: int) -> WindowStats:
+    """Variance and range of ``p[t, l, e]`` over consecutive, non-overlapping windows of ``window`` steps.
+
+    A trailing partial window is dropped so that every point averages the same number of steps.
+    """
+    n_windows = p.shape[0] // window
+    if window < 2 or n_windows < 1:
+        raise UsageError(f"a window of {window} steps needs at least 2 steps per window and "
+                         f"a trace of at least {max(window, 2)} steps (this one has {p.shape[0]})")
+    blocks = p[: n_windows * window].reshape(n_windows, window, *p.shape[1:])
+    return WindowStats(
+        window=window,
+        starts=steps[: n_windows * window : window],
+        mean=blocks.mean(axis=1),
+        variance=blocks.var(axis=1).mean(axis=-1),
+        range=np.ptp(blocks, axis=1).mean(axis=-1),
+    )
+
+
+def default_window(n_steps: int) -> int:
+    """A window giving about 50 points over the run (at least 10 steps): smooth enough to show the trend."""
+    return max(10, n_steps // 50)
+
+
+def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` samples (shorter at the start), NaNs ignored."""
+    import pandas as pd
+
+    return pd.Series(x).rolling(window, min_periods=1).mean().to_numpy()
+
+
+def binned_mean(p: np.ndarray, steps: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Average ``p`` over ``bins`` equal runs of consecutive steps; return the bin edges (in steps) and means."""
+    bins = min(bins, p.shape[0])
+    edges = np.linspace(0, p.shape[0], bins + 1).astype(int)
+    means = np.add.reduceat(p, edges[:-1], axis=0) / np.diff(edges).reshape(-1, *([1] * (p.ndim - 1)))
+    step_edges = np.append(steps[edges[:-1]], steps[-1] + 1)
+    return step_edges, means
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _pyplot():
+    """matplotlib's pyplot with a headless backend when no display is there (CLI, CI)."""
+    import matplotlib
+
+    if "MPLBACKEND" not in os.environ and not os.environ.get("DISPLAY"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"axes.prop_cycle": plt.cycler(color=OKABE_ITO), "figure.dpi": 100,
+                         "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
+    return plt
+
+
+def _mark_stable(ax, stable_from: int | None, label: bool = False) -> None:
+    if stable_from is not None:
+        ax.axvline(stable_from, color="black", linestyle="--", linewidth=1,
+                   label="stable phase starts" if label else None)
+
+
+def plot_loss(metrics: dict[str, np.ndarray], smooth: int | None = None) -> Figure:
+    """Training loss (raw and smoothed) and the load-balancing loss against the optimizer step."""
+    plt = _pyplot()
+    steps = metrics["step"]
+    smooth = smooth or max(1, len(steps) // 100)
+    fig, (ax_loss, ax_aux) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
+    ax_loss.plot(steps, metrics["loss"], color=OKABE_ITO[5], linewidth=0.5, alpha=0.6, label="per step")
+    ax_loss.plot(steps, rolling_mean(metrics["loss"], smooth), color=OKABE_ITO[0],
+                 label=f"mean of last {smooth} steps")
+    ax_loss.set_ylabel("training loss (nats/token)")
+    ax_loss.legend()
+    ax_aux.plot(steps, rolling_mean(metrics["aux_loss"], smooth), color=OKABE_ITO[1])
+    ax_aux.set_ylabel("load-balancing loss")
+    ax_aux.set_xlabel("optimizer step")
+    fig.suptitle("Loss over the run")
+    fig.tight_layout()
+    return fig
+
+
+def plot_proportion_heatmaps(run: Run, stable_from: Sequence[int | None] | None = None,
+                             bins: int = HEATMAP_BINS) -> Figure:
+    """One heatmap per MoE layer: expert (rows) by step (columns), colour = load proportion (bin mean)."""
+    plt = _pyplot()
+    p, steps = run.proportions, run.trace.steps
+    step_edges, means = binned_mean(p, steps, bins)
+    n_layers, n_experts = p.shape[1], p.shape[2]
+    vmax = float(np.quantile(means, 0.995))
+    fig, axes = plt.subplots(n_layers, 1, figsize=(7, 0.4 + 1.1 * n_layers), sharex=True, squeeze=False)
+    for li, ax in enumerate(axes[:, 0]):
+        image = ax.pcolormesh(step_edges, np.arange(n_experts + 1) - 0.5, means[:, li, :].T,
+                              cmap="cividis", vmin=0.0, vmax=vmax, shading="flat", rasterized=True)
+        ax.set_ylabel(f"{run.layer_labels()[li]}\nexpert", fontsize=8)
+        ax.grid(False)
+        if stable_from is not None and stable_from[li] is not None:
+            ax.axvline(stable_from[li], color="white", linestyle="--", linewidth=1.2)
+    axes[-1, 0].set_xlabel("optimizer step" + (" (dashed: stable phase starts)" if stable_from else ""))
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label=f"load proportion (uniform = {1 / n_experts:.3f})",
+                 shrink=0.8)
+    fig.suptitle(f"Expert load proportion per MoE layer ({run.name}; mean over {len(steps) / len(means):.0f}"
+                 " steps per column)")
+    return fig
+
+
+def plot_window_stats(stats: WindowStats, layer_labels: Sequence[str],
+                      stable_from: Sequence[int | None] | None = None, title: str = "") -> Figure:
+    """Windowed variance (top) and range (bottom) of the load proportions, one line per layer, log scale."""
+    plt = _pyplot()
+    fig, (ax_var, ax_range) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    centres = stats.starts + stats.window / 2
+    for li, label in enumerate(layer_labels):
+        colour = OKABE_ITO[li % len(OKABE_ITO)]
+        style = "-" if li < len(OKABE_ITO) else "--"
+        ax_var.plot(centres, stats.variance[:, li], color=colour, linestyle=style, label=label)
+        ax_range.plot(centres, stats.range[:, li], color=colour, linestyle=style)
+        if stable_from is not None and stable_from[li] is not None:
+            for ax, values in ((ax_var, stats.variance), (ax_range, stats.range)):
+                ax.plot(stable_from[li], np.interp(stable_from[li], centres, values[:, li]), marker="v",
+                        color=colour, markeredgecolor="black", markersize=7, linestyle="none")
+    ax_var.set_yscale("log")
+    ax_range.set_yscale("log")
+    ax_var.set_ylabel("variance of proportion\n(mean over experts)")
+    ax_range.set_ylabel("range of proportion\n(max - min, mean over experts)")
+    ax_range.set_xlabel(f"optimizer step (window of {stats.window} steps)"
+                        + ("; triangle: stable phase starts" if stable_from else ""))
+    ax_var.legend(ncol=min(4, len(layer_labels)), fontsize=7)
+    fig.suptitle(title or f"Windowed spread of expert load proportions ({stats.window}-step windows)")
+    fig.tight_layout()
+    return fig
+
+
+def _layer_grid(plt, n_layers: int, title: str):
+    """A grid of small panels, one per layer, two columns, shared axes."""
+    n_rows = (n_layers + 1) // 2
+    fig, axes = plt.subplots(n_rows, 2, figsize=(8, 0.6 + 1.9 * n_rows), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax in axes.flat[n_layers:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, axes.flat[:n_layers]
+
+
+def _common_windows(a: WindowStats, b: WindowStats) -> int:
+    if a.window != b.window:
+        raise UsageError(f"compare runs with the same window (got {a.window} and {b.window} steps)")
+    return min(len(a.starts), len(b.starts))
+
+
+def plot_compare_metric(a: WindowStats, b: WindowStats, metric: str, names: tuple[str, str],
+                        layer_labels: Sequence[str], stable_from: tuple[Sequence | None, Sequence | None]
+                        = (None, None)) -> Figure:
+    """Two runs' windowed ``metric`` ("variance", "range" or "skew") per layer, with their stable starts."""
+    ylabels = {"variance": "variance of proportion", "range": "range of proportion",
+               "skew": "heaviest / mean expert load"}
+    plt = _pyplot()
+    n = _common_windows(a, b)
+    fig, axes = _layer_grid(plt, len(layer_labels), f"Windowed {metric} of expert load: {names[0]} vs {names[1]}")
+    centres = a.starts[:n] + a.window / 2
+    for li, ax in enumerate(axes):
+        for ri, (stats, name, stable) in enumerate(zip((a, b), names, stable_from, strict=True)):
+            ax.plot(centres, getattr(stats, metric)[:n, li], color=OKABE_ITO[ri], label=name)
+            if stable is not None and stable[li] is not None:
+                ax.axvline(stable[li], color=OKABE_ITO[ri], linestyle="--", linewidth=1)
+        ax.set_title(layer_labels[li], fontsize=9)
+        if metric != "skew":
+            ax.set_yscale("log")
+    for ax in axes:
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(ylabels[metric])
+        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+            ax.set_xlabel(f"optimizer step ({a.window}-step windows)")
+    axes[0].legend(title="dashed: stable from" if any(s is not None for s in stable_from) else None,
+                   fontsize=7, title_fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def load_distance(a: WindowStats, b: WindowStats) -> np.ndarray:
+    """``[windows, layers]`` L1 distance between the two runs' window-mean loads, expert by expert.
+
+    Meaningful only where expert ``e`` of one run corresponds to expert ``e`` of the other (same seed and
+    initialisation, e.g. INT8 vs bf16 attention); across seeds expert numbering is arbitrary.
+    """
+    if a.mean.shape[1:] != b.mean.shape[1:]:
+        raise UsageError(f"runs differ in layers x experts ({a.mean.shape[1:]} vs {b.mean.shape[1:]})")
+    n = _common_windows(a, b)
+    return np.abs(a.mean[:n] - b.mean[:n]).sum(axis=-1)
+
+
+def self_drift(stats: WindowStats) -> np.ndarray:
+    """``[layers]`` median L1 distance between a run's consecutive window-mean loads: its own noise + drift."""
+    return np.median(np.abs(np.diff(stats.mean, axis=0)).sum(axis=-1), axis=0)
+
+
+def plot_load_distance(a: WindowStats, b: WindowStats, names: tuple[str, str],
+                       layer_labels: Sequence[str]) -> Figure:
+    """Per layer, how far apart the two runs' expert loads are, against each run's own window-to-window drift."""
+    plt = _pyplot()
+    distance = load_distance(a, b)
+    reference = np.maximum(self_drift(a), self_drift(b))
+    centres = a.starts[: len(distance)] + a.window / 2
+    fig, axes = _layer_grid(plt, len(layer_labels), f"Expert load difference: {names[0]} vs {names[1]}")
+    for li, ax in enumerate(axes):
+        ax.plot(centres, distance[:, li], color=OKABE_ITO[3], label="between runs")
+        ax.axhline(reference[li], color="black", linestyle=":", label="within a run (window to window)")
+        ax.set_title(layer_labels[li], fontsize=9)
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("L1 distance of\nwindow-mean loads")
+        if ax.get_subplotspec().is_last_row() or ax is axes[-1]:
+            ax.set_xlabel(f"optimizer step ({a.window}-step windows)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as PNG at the report resolution and release its memory."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Findings table and the Markdown summary
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows of equal keys as a GitHub Markdown table (numbers to 4 significant digits)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("–" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
