@@ -90,10 +90,12 @@ def windowed_stats(p: np.ndarray, steps: np.ndarray, window: int) -> WindowStats
 
     A trailing partial window is dropped so that every point averages the same number of steps.
     """
+    if window < 2:
+        raise UsageError(f"a window needs at least 2 steps (got {window})")
     n_windows = p.shape[0] // window
-    if window < 2 or n_windows < 1:
-        raise UsageError(f"a window of {window} steps needs at least 2 steps per window and "
-                         f"a trace of at least {max(window, 2)} steps (this one has {p.shape[0]})")
+    if n_windows < 2:
+        raise UsageError(f"a {window}-step window needs a trace of at least {2 * window} steps "
+                         f"(this one has {p.shape[0]}); pass a smaller window")
     blocks = p[: n_windows * window].reshape(n_windows, window, *p.shape[1:])
     return WindowStats(
         window=window,
@@ -324,3 +326,72 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run's analysis: compute once, then draw, tabulate or write
+
+
+@dataclass
+class Analysis:
+    """Everything the figures and the findings table of one run need."""
+
+    run: Run
+    stats: WindowStats
+    stable_from: list[int | None] | None = None
+
+
+def analyse(run: Run, window: int | None = None) -> Analysis:
+    """Compute the numbers behind every figure of ``run``."""
+    window = window or default_window(len(run.trace))
+    return Analysis(run=run, stats=windowed_stats(run.proportions, run.trace.steps, window))
+
+
+def figures(analysis: Analysis) -> dict[str, Figure]:
+    """Every figure of the report, by file stem, in reading order (the loss only if metrics exist)."""
+    run, stats = analysis.run, analysis.stats
+    out: dict[str, Figure] = {}
+    if run.metrics is not None:
+        out["loss"] = plot_loss(run.metrics)
+    out["load_heatmap"] = plot_proportion_heatmaps(run, analysis.stable_from)
+    out["load_spread"] = plot_window_stats(stats, run.layer_labels(), analysis.stable_from)
+    return out
+
+
+def findings(analysis: Analysis) -> list[dict[str, Any]]:
+    """The run's findings in numbers: rows of ``{"finding", "value"}``."""
+    run, stats = analysis.run, analysis.stats
+    meta, counts = run.trace.meta, run.trace.counts
+    rows = [
+        ("steps recorded", f"{len(run.trace)} (steps {run.trace.steps[0]}–{run.trace.steps[-1]})"),
+        ("MoE layers x experts, top-k", f"{counts.shape[1]} x {counts.shape[2]}, top-{meta['top_k']}"),
+        ("tokens per step", f"{meta['tokens_per_step']}"),
+    ]
+    if run.metrics is not None:
+        loss = run.metrics["loss"]
+        edge = max(1, len(loss) // 100)
+        rows.append(("training loss, first → last 1 % of steps",
+                     f"{np.mean(loss[:edge]):.3f} → {np.mean(loss[-edge:]):.3f}"))
+    skew_end = stats.skew[-1]
+    rows.append((f"heaviest / mean expert load, last {stats.window} steps (per layer)",
+                 ", ".join(f"{s:.2f}" for s in skew_end)))
+    rows.append((f"windowed variance of proportion, first → last {stats.window}-step window (mean of layers)",
+                 f"{stats.variance[0].mean():.2e} → {stats.variance[-1].mean():.2e}"))
+    return [{"finding": f, "value": v} for f, v in rows]
+
+
+def write_report(analysis: Analysis, out_dir: str | os.PathLike) -> list[Path]:
+    """Save every figure as ``<name>.png`` and a ``summary.md`` listing them with the findings; return paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [save(fig, out_dir / f"{name}.png") for name, fig in figures(analysis).items()]
+    run = analysis.run
+    lines = [f"# moe-trace report: {run.name}", "",
+             f"Trace: `{run.path}` (model {run.trace.meta['model']}, seed {run.trace.meta['seed']}).", "",
+             "## Findings", "", markdown_table(findings(analysis)), "", "## Figures", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in written]
+    if run.metrics is None:
+        lines += ["", "No metrics.parquet beside the trace: no loss curve."]
+    summary = out_dir / "summary.md"
+    summary.write_text("\n".join(lines) + "\n")
+    return [*written, summary]
