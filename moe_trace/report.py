@@ -395,3 +395,55 @@ def write_report(analysis: Analysis, out_dir: str | os.PathLike) -> list[Path]:
     summary = out_dir / "summary.md"
     summary.write_text("\n".join(lines) + "\n")
     return [*written, summary]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two runs
+
+
+def analyse_pair(a: Run, b: Run, window: int | None = None) -> tuple[Analysis, Analysis]:
+    """Analyse two runs with one window size so their windowed figures line up step for step."""
+    if a.trace.counts.shape[1] != b.trace.counts.shape[1]:
+        raise UsageError(f"{a.name} has {a.trace.counts.shape[1]} MoE layers and {b.name} "
+                         f"{b.trace.counts.shape[1]}: compare runs of one architecture")
+    window = window or default_window(min(len(a.trace), len(b.trace)))
+    return analyse(a, window), analyse(b, window)
+
+
+def compare_figures(a: Analysis, b: Analysis) -> dict[str, Figure]:
+    """The comparison figures by file stem: spread and skew of both runs, and their load distance."""
+    names = (a.run.name, b.run.name)
+    labels = a.run.layer_labels()
+    stable = (a.stable_from, b.stable_from)
+    out = {metric: plot_compare_metric(a.stats, b.stats, metric, names, labels, stable)
+           for metric in ("variance", "skew")}
+    if a.stats.mean.shape[1:] == b.stats.mean.shape[1:]:
+        out["distance"] = plot_load_distance(a.stats, b.stats, names, labels)
+    return out
+
+
+def compare_findings(a: Analysis, b: Analysis) -> list[dict[str, Any]]:
+    """Per layer, where the two runs' load dynamics differ and by how much.
+
+    "early"/"late" are the first and last quarter of the windows both runs have; ratios are b over a.
+    """
+    n = _common_windows(a.stats, b.stats)
+    quarter = max(1, n // 4)
+    same_shape = a.stats.mean.shape[1:] == b.stats.mean.shape[1:]
+    distance = load_distance(a.stats, b.stats) if same_shape else None
+    drift = np.maximum(self_drift(a.stats), self_drift(b.stats)) if same_shape else None
+    rows = []
+    for li, label in enumerate(a.run.layer_labels()):
+        row: dict[str, Any] = {"layer": label}
+        if a.stable_from is not None and b.stable_from is not None:
+            row["stable from (a, b)"] = f"{a.stable_from[li]}, {b.stable_from[li]}"
+        for part, sl in (("early", slice(0, quarter)), ("late", slice(n - quarter, n))):
+            va, vb = a.stats.variance[sl, li].mean(), b.stats.variance[sl, li].mean()
+            row[f"variance {part} (a)"] = float(va)
+            row[f"variance {part}, b / a"] = float(vb / va)
+        row["skew late (a, b)"] = (f"{a.stats.skew[n - quarter:n, li].mean():.2f}, "
+                                   f"{b.stats.skew[n - quarter:n, li].mean():.2f}")
+        if distance is not None:
+            row["load distance late / within-run drift"] = float(distance[n - quarter:, li].mean() / drift[li])
+        rows.append(row)
+    return rows
