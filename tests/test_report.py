@@ -1,0 +1,123 @@
+"""moe_trace.report: the numbers behind the figures, and `moe-trace report` writing every figure it promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_trace import report, synth, trace
+from moe_trace.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run directory as `moe-trace train` leaves it: trace/ and metrics.parquet."""
+    root = tmp_path_factory.mktemp("run")
+    counts, meta = synth.generate(layers=3, experts=8, steps=1200, tokens_per_step=2048, seq_len=256,
+                                  switch_step=400, seed=3)
+    trace.write(root / "trace", counts, meta)
+    steps = np.arange(len(counts))
+    trace.write_metrics(root / "metrics.parquet", {
+        "step": steps, "loss": 6.0 * np.exp(-steps / 300) + 3.0, "lr": np.full(len(steps), 3e-4),
+        "grad_norm": np.ones(len(steps)), "aux_loss": np.full(len(steps), 0.01),
+        "step_time_s": np.full(len(steps), 0.1), "tokens": np.full(len(steps), 2048),
+    })
+    return root
+
+
+def test_windowed_stats_match_a_loop_over_windows():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(5), size=(53, 2))  # 53 steps: the last 3 do not fill a window
+    steps = np.arange(100, 153)
+    stats = report.windowed_stats(p, steps, window=10)
+    assert stats.starts.tolist() == [100, 110, 120, 130, 140]
+    for w in range(5):
+        block = p[10 * w: 10 * w + 10]
+        np.testing.assert_allclose(stats.mean[w], block.mean(axis=0))
+        np.testing.assert_allclose(stats.variance[w], block.var(axis=0).mean(axis=-1))
+        np.testing.assert_allclose(stats.range[w], (block.max(axis=0) - block.min(axis=0)).mean(axis=-1))
+
+
+def test_skew_is_max_over_mean_and_ignores_expert_order():
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.ones(6), size=(40, 3))
+    stats = report.windowed_stats(p, np.arange(40), window=8)
+    shuffled = report.windowed_stats(p[..., rng.permutation(6)], np.arange(40), window=8)
+    np.testing.assert_allclose(stats.skew, stats.mean.max(axis=-1) / stats.mean.mean(axis=-1))
+    np.testing.assert_allclose(stats.skew, shuffled.skew)
+    assert (stats.skew >= 1.0 - 1e-12).all()
+
+
+def test_binned_mean_conserves_the_total():
+    rng = np.random.default_rng(2)
+    p = rng.random((101, 2, 4))
+    edges, means = report.binned_mean(p, np.arange(101), bins=7)
+    widths = np.diff(edges)
+    assert widths.sum() == 101 and edges[0] == 0
+    np.testing.assert_allclose((means * widths[:, None, None]).sum(axis=0), p.sum(axis=0))
+
+
+def test_load_distance_is_zero_for_one_run_and_symmetric():
+    rng = np.random.default_rng(3)
+    a = report.windowed_stats(rng.dirichlet(np.ones(4), size=(60, 2)), np.arange(60), 10)
+    b = report.windowed_stats(rng.dirichlet(np.ones(4), size=(60, 2)), np.arange(60), 10)
+    assert np.all(report.load_distance(a, a) == 0)
+    np.testing.assert_allclose(report.load_distance(a, b), report.load_distance(b, a))
+    np.testing.assert_allclose(report.load_distance(a, b), np.abs(a.mean - b.mean).sum(axis=-1))
+
+
+def test_compare_findings_of_a_run_with_itself(run_dir):
+    run = report.load_run(run_dir)
+    a, b = report.analyse_pair(run, run)
+    for row in report.compare_findings(a, b):
+        assert row["variance early, b / a"] == pytest.approx(1.0)
+        assert row["variance late, b / a"] == pytest.approx(1.0)
+        assert row["load distance late / within-run drift"] == 0.0
+
+
+def test_markdown_table():
+    text = report.markdown_table([{"a": 1, "b": 0.123456}, {"a": None, "b": "x"}])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| – | x |"]
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    assert path.stat().st_size > 10_000, f"{path.name} is only {path.stat().st_size} bytes"
+
+
+def test_report_command_writes_every_figure(run_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(run_dir), "--out", str(out)]) == 0
+    analysis = report.analyse(report.load_run(run_dir))
+    promised = list(report.figures(analysis))
+    assert {"loss", "load_heatmap", "load_spread"} <= set(promised)
+    summary = (out / "summary.md").read_text()
+    for name in promised:
+        _assert_png(out / f"{name}.png")
+        assert f"({name}.png)" in summary
+    printed = capsys.readouterr().out.split()
+    assert printed == [*(str(out / f"{n}.png") for n in promised), str(out / "summary.md")]
+
+
+def test_report_without_metrics_skips_only_the_loss(run_dir, tmp_path):
+    assert main(["report", str(run_dir / "trace" / next((run_dir / "trace").iterdir()).name),
+                 "--out", str(tmp_path)]) == 0  # a bare .parquet file has no metrics beside it
+    assert not (tmp_path / "loss.png").exists()
+    _assert_png(tmp_path / "load_heatmap.png")
+    assert "no loss curve" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/trace"], "no trace at"),
+    (["{run}", "--window", "1"], "at least 2 steps"),
+    (["{run}", "--window", "1000"], "pass a smaller window"),
+])
+def test_bad_input_is_one_line_and_status_2(run_dir, tmp_path, capsys, args, message):
+    args = [a.format(run=run_dir) for a in args]
+    assert main(["report", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
