@@ -12,7 +12,7 @@ deficiencies and in greyscale print.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +25,8 @@ from moe_trace.errors import UsageError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from predictors.evaluate import Scores
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 DPI = 150
@@ -220,6 +222,52 @@ def plot_window_stats(stats: WindowStats, layer_labels: Sequence[str],
     return fig
 
 
+def _stable_summary(stable_from: Sequence[int | None] | None) -> int | None:
+    """The median layer's stable-phase start (None when no layer stabilises): one line for a whole-run plot."""
+    starts = [s for s in stable_from or () if s is not None]
+    return int(np.median(starts)) if starts else None
+
+
+def plot_predictor_error(scores: Mapping[str, Mapping[int, Scores]],
+                         stable_from: Sequence[int | None] | None = None) -> Figure:
+    """Predictor error against the forecast origin, one row per horizon, mean over layers.
+
+    Left: ``step_wape`` with the noise floor (``step_floor``, the hindsight horizon mean); middle: their
+    ratio (1 = as good as any predictor can be per step); right: ``mean_wape``, the error placement sees.
+    """
+    plt = _pyplot()
+    horizons = sorted(next(iter(scores.values())))
+    fig, axes = plt.subplots(len(horizons), 3, figsize=(11, 0.8 + 2.6 * len(horizons)), sharex=True,
+                             squeeze=False)
+    stable = _stable_summary(stable_from)
+    for row, horizon in enumerate(horizons):
+        ax_step, ax_ratio, ax_mean = axes[row]
+        for i, (spec, by_horizon) in enumerate(scores.items()):
+            s = by_horizon[horizon]
+            style = dict(color=OKABE_ITO[i % len(OKABE_ITO)], marker=".", markersize=4, label=spec)
+            ax_step.plot(s.origins, 100 * s.step_wape.mean(axis=1), **style)
+            ax_ratio.plot(s.origins, s.step_wape.mean(axis=1) / s.step_floor.mean(axis=1), **style)
+            ax_mean.plot(s.origins, 100 * s.mean_wape.mean(axis=1), **style)
+        floor = next(iter(scores.values()))[horizon]
+        ax_step.plot(floor.origins, 100 * floor.step_floor.mean(axis=1), color="black", linestyle=":",
+                     label="noise floor")
+        ax_ratio.axhline(1.0, color="black", linestyle=":")
+        ax_mean.set_yscale("log")
+        ax_step.set_ylabel(f"next {horizon} steps\nstep_wape (%)")
+        ax_ratio.set_ylabel("step_wape / step_floor")
+        ax_mean.set_ylabel("mean_wape (%)")
+        for ax in axes[row]:
+            _mark_stable(ax, stable, label=row == 0 and ax is ax_mean)
+    for ax in axes[-1]:
+        ax.set_xlabel("forecast origin (optimizer step)")
+    axes[0, 0].legend(fontsize=7)
+    if stable is not None:
+        axes[0, 2].legend(handles=axes[0, 2].get_lines()[-1:], fontsize=7, loc="upper right")
+    fig.suptitle("Predictor error over the run (mean over layers; dashed: median layer's stable-phase start)")
+    fig.tight_layout()
+    return fig
+
+
 def _layer_grid(plt, n_layers: int, title: str):
     """A grid of small panels, one per layer, two columns, shared axes."""
     n_rows = (n_layers + 1) // 2
@@ -332,6 +380,19 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 # One run's analysis: compute once, then draw, tabulate or write
 
 
+DEFAULT_PREDICTORS = ("sw_avg:window=100", "sw_avg:window=1000", "ema:halflife=300")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The evaluation protocol's parameters (DESIGN.md): which predictors, how far ahead, how often."""
+
+    predictors: tuple[str, ...] = DEFAULT_PREDICTORS
+    horizons: tuple[int, ...] = (1000, 2000)
+    stride: int = 250
+    min_history: int = 1000
+
+
 @dataclass
 class Analysis:
     """Everything the figures and the findings table of one run need."""
@@ -339,12 +400,31 @@ class Analysis:
     run: Run
     stats: WindowStats
     stable_from: list[int | None] | None = None
+    predictor_scores: dict[str, dict[int, Scores]] | None = None  # spec -> horizon -> per-origin errors
 
 
-def analyse(run: Run, window: int | None = None) -> Analysis:
-    """Compute the numbers behind every figure of ``run``."""
+def analyse(run: Run, window: int | None = None, protocol: Protocol | None = Protocol()) -> Analysis:
+    """Compute the numbers behind every figure of ``run`` (``protocol=None``: skip predictor evaluation)."""
     window = window or default_window(len(run.trace))
-    return Analysis(run=run, stats=windowed_stats(run.proportions, run.trace.steps, window))
+    analysis = Analysis(run=run, stats=windowed_stats(run.proportions, run.trace.steps, window))
+    if protocol is not None:
+        analysis.predictor_scores = evaluate_predictors(run.proportions, protocol)
+    return analysis
+
+
+def evaluate_predictors(p: np.ndarray, protocol: Protocol) -> dict[str, dict[int, Scores]]:
+    """Per-origin errors of every predictor in ``protocol`` (``predictors.evaluate`` does the work)."""
+    from predictors import evaluate
+
+    longest = max(protocol.horizons)
+    if not len(evaluate.origins(len(p), longest, protocol.stride, protocol.min_history)):
+        raise UsageError(f"the trace has {len(p)} steps, too few for a {longest}-step horizon after "
+                         f"{protocol.min_history} steps of history; pass shorter --horizons or --min-history")
+    try:
+        return {spec: evaluate.evaluate(p, spec, protocol.horizons, protocol.stride, protocol.min_history)
+                for spec in protocol.predictors}
+    except ValueError as e:  # an unknown predictor or a bad parameter in a spec
+        raise UsageError(str(e)) from None
 
 
 def figures(analysis: Analysis) -> dict[str, Figure]:
@@ -355,6 +435,8 @@ def figures(analysis: Analysis) -> dict[str, Figure]:
         out["loss"] = plot_loss(run.metrics)
     out["load_heatmap"] = plot_proportion_heatmaps(run, analysis.stable_from)
     out["load_spread"] = plot_window_stats(stats, run.layer_labels(), analysis.stable_from)
+    if analysis.predictor_scores:
+        out["predictor_error"] = plot_predictor_error(analysis.predictor_scores, analysis.stable_from)
     return out
 
 
@@ -377,7 +459,33 @@ def findings(analysis: Analysis) -> list[dict[str, Any]]:
                  ", ".join(f"{s:.2f}" for s in skew_end)))
     rows.append((f"windowed variance of proportion, first → last {stats.window}-step window (mean of layers)",
                  f"{stats.variance[0].mean():.2e} → {stats.variance[-1].mean():.2e}"))
+    rows += _predictor_findings(analysis)
     return [{"finding": f, "value": v} for f, v in rows]
+
+
+def predictor_table(analysis: Analysis) -> list[dict[str, Any]]:
+    """DESIGN.md's ``predict`` records (predictor x horizon x phase) plus the ratio ``step_wape / step_floor``."""
+    from predictors.evaluate import records
+
+    stable_from = analysis.stable_from or [None] * len(analysis.run.trace.layers)
+    rows = [r for spec, scores in (analysis.predictor_scores or {}).items()
+            for r in records(spec, scores, stable_from)]
+    return [{**r, "ratio": r["step_wape"] / r["step_floor"]} for r in rows]
+
+
+def _predictor_findings(analysis: Analysis) -> list[tuple[str, str]]:
+    """Per horizon and phase, the predictor with the lowest ``mean_wape`` and how close it gets to the floor."""
+    table = predictor_table(analysis)
+    rows = []
+    for horizon in sorted({r["horizon"] for r in table}):
+        for phase in ("transient", "stable"):
+            candidates = [r for r in table if r["horizon"] == horizon and r["phase"] == phase]
+            if candidates:
+                best = min(candidates, key=lambda r: r["mean_wape"])
+                rows.append((f"best predictor of the next {horizon} steps, {phase} phase ({best['n_origins']} origins)",
+                             f"{best['predictor']}: mean_wape {100 * best['mean_wape']:.2f} %, "
+                             f"step_wape / floor {best['ratio']:.3f}"))
+    return rows
 
 
 def write_report(analysis: Analysis, out_dir: str | os.PathLike) -> list[Path]:

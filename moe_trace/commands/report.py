@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from moe_trace.report import Protocol  # numpy and pyarrow only; matplotlib loads when a figure is drawn
+
+DEFAULTS = Protocol()
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -15,13 +19,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="directory for the PNG files and summary.md")
     parser.add_argument("--window", type=int, default=None,
                         help="steps per window for the spread figures (default: about 50 windows)")
+    parser.add_argument("--predictors", default=",".join(DEFAULTS.predictors),
+                        help="comma list of predictor specs, e.g. sw_avg:window=100,ema (default: %(default)s)")
+    parser.add_argument("--horizons", type=int, nargs="+", default=list(DEFAULTS.horizons),
+                        help="forecast horizons in steps (default: %(default)s)")
+    parser.add_argument("--stride", type=int, default=DEFAULTS.stride, help="steps between forecast origins")
+    parser.add_argument("--min-history", type=int, default=DEFAULTS.min_history,
+                        help="steps of history before the first forecast origin")
+    parser.add_argument("--no-predict", action="store_true", help="skip the predictor evaluation")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from moe_trace import report
+    from predictors import split_specs
 
-    analysis = report.analyse(report.load_run(args.trace), window=args.window)
+    protocol = None if args.no_predict else Protocol(
+        predictors=tuple(split_specs(args.predictors)), horizons=tuple(args.horizons), stride=args.stride,
+        min_history=args.min_history)
+    analysis = report.analyse(report.load_run(args.trace), window=args.window, protocol=protocol)
     written = report.write_report(analysis, args.out)
     for path in written:
         print(path)
