@@ -515,7 +515,7 @@ def analyse_pair(a: Run, b: Run, window: int | None = None) -> tuple[Analysis, A
         raise UsageError(f"{a.name} has {a.trace.counts.shape[1]} MoE layers and {b.name} "
                          f"{b.trace.counts.shape[1]}: compare runs of one architecture")
     window = window or default_window(min(len(a.trace), len(b.trace)))
-    return analyse(a, window), analyse(b, window)
+    return analyse(a, window, protocol=None), analyse(b, window, protocol=None)
 
 
 def compare_figures(a: Analysis, b: Analysis) -> dict[str, Figure]:

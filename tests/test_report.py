@@ -11,6 +11,7 @@ from moe_trace import report, synth, trace
 from moe_trace.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PROTOCOL = ["--horizons", "200", "400", "--min-history", "300", "--stride", "100"]  # fits the 1200-step run
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,10 @@ def _assert_png(path: Path) -> None:
 
 def test_report_command_writes_every_figure(run_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["report", str(run_dir), "--out", str(out)]) == 0
-    analysis = report.analyse(report.load_run(run_dir))
-    promised = list(report.figures(analysis))
-    assert {"loss", "load_heatmap", "load_spread"} <= set(promised)
+    assert main(["report", str(run_dir), "--out", str(out), *PROTOCOL]) == 0
+    protocol = report.Protocol(horizons=(200, 400), min_history=300, stride=100)
+    promised = list(report.figures(report.analyse(report.load_run(run_dir), protocol=protocol)))
+    assert {"loss", "load_heatmap", "load_spread", "predictor_error"} <= set(promised)
     summary = (out / "summary.md").read_text()
     for name in promised:
         _assert_png(out / f"{name}.png")
@@ -105,8 +106,8 @@ def test_report_command_writes_every_figure(run_dir, tmp_path, capsys):
 
 def test_report_without_metrics_skips_only_the_loss(run_dir, tmp_path):
     assert main(["report", str(run_dir / "trace" / next((run_dir / "trace").iterdir()).name),
-                 "--out", str(tmp_path)]) == 0  # a bare .parquet file has no metrics beside it
-    assert not (tmp_path / "loss.png").exists()
+                 "--out", str(tmp_path), "--no-predict"]) == 0  # a bare .parquet file has no metrics beside it
+    assert not (tmp_path / "loss.png").exists() and not (tmp_path / "predictor_error.png").exists()
     _assert_png(tmp_path / "load_heatmap.png")
     assert "no loss curve" in (tmp_path / "summary.md").read_text()
 
@@ -115,6 +116,9 @@ def test_report_without_metrics_skips_only_the_loss(run_dir, tmp_path):
     (["/no/such/trace"], "no trace at"),
     (["{run}", "--window", "1"], "at least 2 steps"),
     (["{run}", "--window", "1000"], "pass a smaller window"),
+    (["{run}"], "too few for a 2000-step horizon"),
+    (["{run}", *PROTOCOL, "--predictors", "sw_avg,nonsense"], "unknown predictor 'nonsense'"),
+    (["{run}", *PROTOCOL, "--predictors", "sw_avg:window=0"], "window must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_status_2(run_dir, tmp_path, capsys, args, message):
     args = [a.format(run=run_dir) for a in args]
