@@ -268,6 +268,33 @@ def plot_predictor_error(scores: Mapping[str, Mapping[int, Scores]],
     return fig
 
 
+def plot_imbalance(outcomes: Mapping[str, Mapping[str, np.ndarray]], steps: np.ndarray, smooth: int,
+                   stable_from: Sequence[int | None] | None = None, setting: str = "") -> Figure:
+    """Per placement policy over the run: imbalance (busiest GPU over the mean, mean over layers) and the
+    estimated step time relative to ``static`` (migration stalls included), both trailing means of ``smooth``
+    steps."""
+    plt = _pyplot()
+    fig, (ax_imb, ax_time) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    baseline = outcomes["static"]["step_time_s"] if "static" in outcomes else None
+    for i, (policy, outcome) in enumerate(outcomes.items()):
+        colour = OKABE_ITO[i % len(OKABE_ITO)]
+        ax_imb.plot(steps, rolling_mean(outcome["imbalance"].mean(axis=1), smooth), color=colour, label=policy)
+        if baseline is not None:
+            ax_time.plot(steps, rolling_mean(outcome["step_time_s"], smooth) / rolling_mean(baseline, smooth),
+                         color=colour)
+    ax_imb.axhline(1.0, color="black", linewidth=0.8)
+    ax_imb.set_ylabel("imbalance\n(busiest GPU / mean GPU)")
+    ax_time.set_ylabel("est. step time / static")
+    ax_time.set_xlabel(f"optimizer step (trailing mean of {smooth} steps)")
+    stable = _stable_summary(stable_from)
+    for ax in (ax_imb, ax_time):
+        _mark_stable(ax, stable, label=ax is ax_imb)
+    ax_imb.legend(ncol=3, fontsize=7)
+    fig.suptitle(f"Placement policies replayed on the trace{f' ({setting})' if setting else ''}")
+    fig.tight_layout()
+    return fig
+
+
 def _layer_grid(plt, n_layers: int, title: str):
     """A grid of small panels, one per layer, two columns, shared axes."""
     n_rows = (n_layers + 1) // 2
@@ -393,6 +420,19 @@ class Protocol:
     min_history: int = 1000
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """The simulated cluster for the placement figures (``redundant=None``: one spare expert slot per GPU)."""
+
+    gpus: int = 8
+    redundant: int | None = None
+    policies: str = "all"
+
+    @property
+    def spare_slots(self) -> int:
+        return self.gpus if self.redundant is None else self.redundant
+
+
 @dataclass
 class Analysis:
     """Everything the figures and the findings table of one run need."""
@@ -401,15 +441,33 @@ class Analysis:
     stats: WindowStats
     stable_from: list[int | None] | None = None
     predictor_scores: dict[str, dict[int, Scores]] | None = None  # spec -> horizon -> per-origin errors
+    cluster: Cluster | None = None
+    placement: dict[str, dict[str, np.ndarray]] | None = None  # policy -> placement.simulator.replay outcome
 
 
-def analyse(run: Run, window: int | None = None, protocol: Protocol | None = Protocol()) -> Analysis:
-    """Compute the numbers behind every figure of ``run`` (``protocol=None``: skip predictor evaluation)."""
+def analyse(run: Run, window: int | None = None, protocol: Protocol | None = Protocol(),
+            cluster: Cluster | None = Cluster()) -> Analysis:
+    """Compute the numbers behind every figure of ``run``; ``protocol=None`` skips the predictor
+    evaluation, ``cluster=None`` the placement replay."""
     window = window or default_window(len(run.trace))
-    analysis = Analysis(run=run, stats=windowed_stats(run.proportions, run.trace.steps, window))
+    analysis = Analysis(run=run, stats=windowed_stats(run.proportions, run.trace.steps, window), cluster=cluster)
     if protocol is not None:
         analysis.predictor_scores = evaluate_predictors(run.proportions, protocol)
+    if cluster is not None:
+        analysis.placement = replay_policies(run, cluster)
     return analysis
+
+
+def replay_policies(run: Run, cluster: Cluster) -> dict[str, dict[str, np.ndarray]]:
+    """Per-step outcome (imbalance, step time, migrations) of every policy, from ``placement``'s simulator."""
+    from placement.cost import CostModel
+    from placement.policies import Setting, get
+    from placement.simulator import replay
+
+    counts = run.trace.counts
+    setting = Setting(gpus=cluster.gpus, redundant=cluster.spare_slots, cost=CostModel.from_meta(run.trace.meta))
+    return {policy.name: replay(counts, policy.schedule(counts, run.proportions, setting), setting)
+            for policy in get(cluster.policies)}
 
 
 def evaluate_predictors(p: np.ndarray, protocol: Protocol) -> dict[str, dict[int, Scores]]:
@@ -437,6 +495,11 @@ def figures(analysis: Analysis) -> dict[str, Figure]:
     out["load_spread"] = plot_window_stats(stats, run.layer_labels(), analysis.stable_from)
     if analysis.predictor_scores:
         out["predictor_error"] = plot_predictor_error(analysis.predictor_scores, analysis.stable_from)
+    if analysis.placement:
+        cluster = analysis.cluster
+        out["placement_imbalance"] = plot_imbalance(
+            analysis.placement, run.trace.steps, stats.window, analysis.stable_from,
+            f"{cluster.gpus} GPUs, {cluster.spare_slots} spare slots")
     return out
 
 
@@ -460,7 +523,26 @@ def findings(analysis: Analysis) -> list[dict[str, Any]]:
     rows.append((f"windowed variance of proportion, first → last {stats.window}-step window (mean of layers)",
                  f"{stats.variance[0].mean():.2e} → {stats.variance[-1].mean():.2e}"))
     rows += _predictor_findings(analysis)
+    rows += [(f"placement '{r['policy']}' on {r['gpus']} GPUs + {r['redundant']} spare slots",
+              f"imbalance mean {r['mean_imbalance']:.3f}, p99 {r['p99_imbalance']:.3f}; "
+              f"{r['migrations']} migrations; step time {r.get('step_time_vs_static', float('nan')):.3f}x static")
+             for r in placement_table(analysis)]
     return [{"finding": f, "value": v} for f, v in rows]
+
+
+def placement_table(analysis: Analysis) -> list[dict[str, Any]]:
+    """DESIGN.md's ``simulate`` records per policy over the whole run, with step time relative to static."""
+    from placement.cost import CostModel
+    from placement.simulator import summarise
+
+    if not analysis.placement:
+        return []
+    cluster = analysis.cluster
+    bytes_per_expert = CostModel.from_meta(analysis.run.trace.meta).bytes_per_expert
+    rows = [{"policy": name, "gpus": cluster.gpus, "redundant": cluster.spare_slots,
+             **summarise(outcome, slice(None), bytes_per_expert)} for name, outcome in analysis.placement.items()]
+    static = next((r["est_step_time_s"] for r in rows if r["policy"] == "static"), None)
+    return [{**r, "step_time_vs_static": r["est_step_time_s"] / static} if static else r for r in rows]
 
 
 def predictor_table(analysis: Analysis) -> list[dict[str, Any]]:

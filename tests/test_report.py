@@ -93,21 +93,19 @@ def _assert_png(path: Path) -> None:
 def test_report_command_writes_every_figure(run_dir, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", str(run_dir), "--out", str(out), *PROTOCOL]) == 0
-    protocol = report.Protocol(horizons=(200, 400), min_history=300, stride=100)
-    promised = list(report.figures(report.analyse(report.load_run(run_dir), protocol=protocol)))
-    assert {"loss", "load_heatmap", "load_spread", "predictor_error"} <= set(promised)
+    promised = ["loss", "load_heatmap", "load_spread", "predictor_error", "placement_imbalance"]
     summary = (out / "summary.md").read_text()
     for name in promised:
         _assert_png(out / f"{name}.png")
         assert f"({name}.png)" in summary
-    printed = capsys.readouterr().out.split()
-    assert printed == [*(str(out / f"{n}.png") for n in promised), str(out / "summary.md")]
+    assert capsys.readouterr().out.split() == [*(str(out / f"{n}.png") for n in promised), str(out / "summary.md")]
+    assert "best predictor of the next 400 steps" in summary and "placement 'oracle'" in summary
 
 
-def test_report_without_metrics_skips_only_the_loss(run_dir, tmp_path):
+def test_report_without_metrics_or_evaluations(run_dir, tmp_path):
     assert main(["report", str(run_dir / "trace" / next((run_dir / "trace").iterdir()).name),
-                 "--out", str(tmp_path), "--no-predict"]) == 0  # a bare .parquet file has no metrics beside it
-    assert not (tmp_path / "loss.png").exists() and not (tmp_path / "predictor_error.png").exists()
+                 "--out", str(tmp_path), "--no-predict", "--no-place"]) == 0  # no metrics beside a bare file
+    assert {p.name for p in tmp_path.iterdir()} == {"load_heatmap.png", "load_spread.png", "summary.md"}
     _assert_png(tmp_path / "load_heatmap.png")
     assert "no loss curve" in (tmp_path / "summary.md").read_text()
 
@@ -119,6 +117,7 @@ def test_report_without_metrics_skips_only_the_loss(run_dir, tmp_path):
     (["{run}"], "too few for a 2000-step horizon"),
     (["{run}", *PROTOCOL, "--predictors", "sw_avg,nonsense"], "unknown predictor 'nonsense'"),
     (["{run}", *PROTOCOL, "--predictors", "sw_avg:window=0"], "window must be >= 1"),
+    (["{run}", *PROTOCOL, "--policy", "static,psychic"], "unknown policy 'psychic'"),
 ])
 def test_bad_input_is_one_line_and_status_2(run_dir, tmp_path, capsys, args, message):
     args = [a.format(run=run_dir) for a in args]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moe_trace.report import Protocol  # numpy and pyarrow only; matplotlib loads when a figure is drawn
+from moe_trace.report import Cluster, Protocol  # numpy and pyarrow only; matplotlib loads when a figure is drawn
 
 DEFAULTS = Protocol()
 
@@ -27,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-history", type=int, default=DEFAULTS.min_history,
                         help="steps of history before the first forecast origin")
     parser.add_argument("--no-predict", action="store_true", help="skip the predictor evaluation")
+    parser.add_argument("--gpus", type=int, default=Cluster.gpus, help="simulated GPUs for the placement replay")
+    parser.add_argument("--redundant", type=int, default=None,
+                        help="redundant expert slots over all GPUs (default: one per GPU)")
+    parser.add_argument("--policy", default=Cluster.policies,
+                        help="comma list of placement policies, or all (default: %(default)s)")
+    parser.add_argument("--no-place", action="store_true", help="skip the placement replay")
     parser.set_defaults(run=run)
 
 
@@ -37,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     protocol = None if args.no_predict else Protocol(
         predictors=tuple(split_specs(args.predictors)), horizons=tuple(args.horizons), stride=args.stride,
         min_history=args.min_history)
-    analysis = report.analyse(report.load_run(args.trace), window=args.window, protocol=protocol)
+    cluster = None if args.no_place else Cluster(gpus=args.gpus, redundant=args.redundant, policies=args.policy)
+    analysis = report.analyse(report.load_run(args.trace), window=args.window, protocol=protocol, cluster=cluster)
     written = report.write_report(analysis, args.out)
     for path in written:
         print(path)
