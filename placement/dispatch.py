@@ -1,0 +1,109 @@
+"""Dispatcher rules: how one step's tokens reach the GPUs of a plan.
+
+An expert hosted on one GPU sends all its tokens there. An expert with replicas on several GPUs splits them
+by one of two rules, applied per step and layer:
+
+* ``even`` -- equal shares per replica (what EPLB's random choice among replicas gives on average);
+* ``balanced`` -- least-loaded replica first (water-filling): replicated experts, heaviest first, pour
+  their tokens into their GPUs from the least loaded up, so those GPUs end as level as the tokens allow.
+  It needs this step's per-expert counts before the all-to-all, which dropless MoE exchanges anyway to
+  size its buffers. This is the default: replicas can then absorb per-step noise, not only mean skew.
+
+A token counted for an expert is one unit of work on the GPU it is sent to (``counts`` already count a
+token once per chosen expert). Token shares are kept fractional: these are load estimates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from placement.planners import PlacementError, Plan
+
+RULES = ("balanced", "even")
+_FULL = 1e18  # load given to padding GPUs so that water-filling never pours into them
+
+
+def gpu_tokens(counts: np.ndarray, plan: Plan, rule: str = "balanced") -> np.ndarray:
+    """Tokens each GPU processes: ``counts[steps, layers, experts]`` -> float64 ``[steps, layers, gpus]``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 3 or counts.shape[1:] != plan.replicas.shape:
+        raise PlacementError(f"counts {counts.shape} do not match the plan's [layers, experts] "
+                             f"{plan.replicas.shape}")
+    if (plan.replicas == 0).any():
+        raise PlacementError("the plan leaves an expert without a replica")
+    if rule not in RULES:
+        raise PlacementError(f"unknown dispatch rule {rule!r}; choose from {', '.join(RULES)}")
+    tokens = _even(counts, plan)
+    return tokens if rule == "even" else _balanced(counts, plan, tokens)
+
+
+def imbalance(tokens: np.ndarray) -> np.ndarray:
+    """Per step and layer: the busiest GPU's tokens over the mean over GPUs (1.0 when perfectly balanced)."""
+    mean = tokens.mean(axis=-1)
+    return np.divide(tokens.max(axis=-1), mean, out=np.ones_like(mean), where=mean > 0)
+
+
+def _even(counts: np.ndarray, plan: Plan) -> np.ndarray:
+    """Each slot takes ``1 / replicas`` of its expert's tokens; a GPU sums its slots.
+
+    A gather over slots rather than a matmul over experts: plans are sparse, and small BLAS calls
+    slow down badly when other processes share the cores.
+    """
+    rows = np.arange(plan.slot_expert.shape[0])[:, None]
+    hosted = np.maximum(plan.slot_expert, 0)
+    share = np.where(plan.slot_expert >= 0, 1.0 / plan.replicas[rows, hosted], 0.0)  # [layers, slots]
+    per_slot = counts[:, rows, hosted] * share
+    return per_slot.reshape(*per_slot.shape[:2], plan.gpus, -1).sum(axis=-1)
+
+
+def _balanced(counts: np.ndarray, plan: Plan, even: np.ndarray) -> np.ndarray:
+    """Start from the even split, then re-pour each replicated expert's tokens (heaviest first) by water-filling.
+
+    Each re-pour minimises the busiest of that expert's GPUs with every other share fixed and leaves the
+    other GPUs alone, so no step ends more imbalanced than under the even split.
+    """
+    slot_counts = plan.slot_counts()  # [layers, gpus, experts]
+    hosts = slot_counts > 0
+    hosting_gpus = hosts.sum(axis=1)
+    layers, gpus, _ = hosts.shape
+    tokens = np.concatenate([even, np.zeros((*even.shape[:2], 1))], axis=2)  # column `gpus`: padding
+
+    # Replicated experts per layer, heaviest (over these steps) first, padded to a common count K.
+    replicated = hosting_gpus > 1
+    n_replicated = replicated.sum(axis=1)
+    if n_replicated.max(initial=0) == 0:
+        return tokens[:, :, :gpus]
+    heaviness = np.where(replicated, counts.sum(axis=0), -1.0)
+    order = np.argsort(-heaviness, axis=1, kind="stable")[:, : n_replicated.max()]  # [layers, K]
+    valid = np.arange(order.shape[1])[None, :] < n_replicated[:, None]
+    # Their GPUs, padded with the padding column: [layers, K, most replicas].
+    expert_hosts = np.take_along_axis(hosts, order[:, None, :], axis=2).transpose(0, 2, 1)  # [layers, K, gpus]
+    gpu_ids = np.sort(np.where(expert_hosts, np.arange(gpus), gpus), axis=2)[:, :, : int(hosting_gpus.max())]
+    # The even split's share of an expert on each of its GPUs (slots there / replicas); 0 on padding.
+    padded_counts = np.concatenate([slot_counts, np.zeros((layers, 1, slot_counts.shape[2]), np.int64)], axis=1)
+    even_fraction = np.take_along_axis(
+        padded_counts.transpose(0, 2, 1)[np.arange(layers)[:, None], order], gpu_ids, axis=2
+    ) / plan.replicas[np.arange(layers)[:, None], order][..., None]  # [layers, K, width]
+
+    rows = np.arange(layers)
+    for k in range(order.shape[1]):
+        experts = order[:, k]
+        poured = counts[:, rows, experts] * valid[:, k]  # [steps, layers]
+        ids = gpu_ids[:, k, :]  # [layers, width]
+        level = np.where(ids == gpus, _FULL, tokens[:, rows[:, None], ids] - poured[..., None] * even_fraction[:, k])
+        tokens[:, rows[:, None], ids] = level + water_fill(level, poured)
+    return tokens[:, :, :gpus]
+
+
+def water_fill(level: np.ndarray, amount: np.ndarray) -> np.ndarray:
+    """Split ``amount[...]`` over bins at ``level[..., bins]`` to raise the lowest bins to a common level.
+
+    Returns the shares ``[..., bins]`` (non-negative, summing to ``amount``). The final level ``lam`` is
+    ``(amount + sum of the k lowest levels) / k`` for the largest ``k`` whose ``k``-th lowest level lies below it.
+    """
+    lowest_first = np.sort(level, axis=-1)
+    k = np.arange(1, level.shape[-1] + 1)
+    candidate = (amount[..., None] + np.cumsum(lowest_first, axis=-1)) / k
+    n_filled = np.maximum((candidate > lowest_first).sum(axis=-1), 1)
+    lam = np.take_along_axis(candidate, n_filled[..., None] - 1, axis=-1)
+    return np.clip(lam - level, 0.0, None)

@@ -1,0 +1,211 @@
+"""Re-planning policies: *when* to change the placement, and from which load estimate.
+
+A policy turns a trace into a schedule: a list of ``(step, plan)``, the first at step 0, each plan in force
+from its step until the next one. Policies other than the oracle read only the steps before a re-plan.
+
+* ``static`` -- the contiguous plan forever (megablocks).
+* ``history`` -- EPLB: every ``every`` steps (1000), plan on the mean load of the last ``window`` (1000).
+* ``predict`` -- every ``every`` steps (100), plan on a predictor's forecast of the next ``every`` steps.
+* ``phase`` -- phase-aware: check often (``transient_every``) while loads move and rarely
+  (``stable_every``) once they settle, forecasting with a short-memory predictor in the transient phase and
+  a long window in the stable one; a layer is re-planned only when the forecast gain over the check
+  interval exceeds its migration stall. The phase is decided online by :func:`stable_layers`, a local rule
+  (the phase classifier in ``predictors`` works on a whole trace, which a running job does not have).
+* ``oracle`` -- hindsight: every ``every`` steps (100), plan on the actual mean load of the next ``every``
+  steps. What a perfect predictor would buy at that cadence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from placement import planners
+from placement.cost import CostModel
+from placement.dispatch import gpu_tokens
+from placement.migration import align, arrivals
+from placement.planners import PlacementError, Plan
+
+Schedule = list[tuple[int, Plan]]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The cluster a trace is replayed on and how plans are made and dispatched."""
+
+    gpus: int
+    redundant: int
+    cost: CostModel
+    planner: str = "eplb"
+    dispatch: str = "balanced"
+    slots_per_gpu: int | None = None
+
+    def plan(self, loads: np.ndarray, previous: Plan | None = None) -> Plan:
+        """A plan for ``loads[layers, experts]``, GPU-renumbered to move as little as possible from ``previous``."""
+        new = planners.plan(loads, self.gpus, self.slots_per_gpu, self.redundant, method=self.planner)
+        return new if previous is None else align(previous, new)
+
+    def initial(self, layers: int, experts: int) -> Plan:
+        """The plan a job starts with before it has seen any load: contiguous."""
+        slots = self.slots_per_gpu or planners.slots_per_gpu_for(experts, self.gpus, self.redundant)
+        return planners.contiguous(np.ones((layers, experts)), self.gpus, slots, self.redundant)
+
+
+def _predict_mean(spec: str, history: np.ndarray, horizon: int) -> np.ndarray:
+    import predictors
+
+    return predictors.from_spec(spec).fit(history).predict(horizon).mean(axis=0)
+
+
+@dataclass(frozen=True)
+class Static:
+    name: str = "static"
+
+    def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
+        return [(0, setting.initial(*props.shape[1:]))]
+
+
+@dataclass(frozen=True)
+class History:
+    every: int = 1000
+    window: int = 1000
+    name: str = "history"
+
+    def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
+        schedule = [(0, setting.initial(*props.shape[1:]))]
+        for t in range(self.every, len(props), self.every):
+            schedule.append((t, setting.plan(props[max(0, t - self.window): t].mean(axis=0), schedule[-1][1])))
+        return schedule
+
+
+@dataclass(frozen=True)
+class Predict:
+    every: int = 100
+    predictor: str = "ema:halflife=100"
+    history: int = 2000  # steps handed to the predictor (bounds its fitting cost)
+    first: int = 10  # the first re-plan, as soon as a few steps of history exist
+    name: str = "predict"
+
+    def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
+        schedule = [(0, setting.initial(*props.shape[1:]))]
+        for t in sorted({self.first, *range(self.every, len(props), self.every)} - {0}):
+            if t >= len(props):
+                break
+            forecast = _predict_mean(self.predictor, props[max(0, t - self.history): t], self.every)
+            schedule.append((t, setting.plan(forecast, schedule[-1][1])))
+        return schedule
+
+
+def stable_layers(history: np.ndarray, window: int = 500, tolerance: float = 1.5) -> np.ndarray:
+    """Online phase rule: bool ``[layers]``, true where the load has stopped moving.
+
+    Compares the mean proportions of the last two ``window``-step blocks. Per-step noise alone makes their
+    L1 distance about ``sum_e sqrt(2/pi) * sqrt((var1 + var2) / window)``; a layer is stable when the
+    distance is within ``tolerance`` times that. With fewer than ``2 * window`` steps nothing is stable.
+    """
+    if len(history) < 2 * window:
+        return np.zeros(history.shape[1], dtype=bool)
+    older, recent = history[-2 * window: -window], history[-window:]
+    distance = np.abs(recent.mean(axis=0) - older.mean(axis=0)).sum(axis=-1)
+    noise = np.sqrt(2 / np.pi) * np.sqrt((older.var(axis=0) + recent.var(axis=0)) / window).sum(axis=-1)
+    return distance <= tolerance * noise
+
+
+@dataclass(frozen=True)
+class PhaseAware:
+    transient_every: int = 100
+    stable_every: int = 1000
+    transient_predictor: str = "ema:halflife=100"
+    stable_predictor: str = "sw_avg:window=1000"
+    history: int = 2000
+    phase_window: int = 500
+    replay: int = 200  # recent steps replayed to estimate a candidate plan's gain
+    first: int = 10  # the first check, as soon as a few steps of history exist
+    name: str = "phase"
+
+    def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
+        current = setting.initial(*props.shape[1:])
+        schedule = [(0, current)]
+        t = max(self.first, 1)
+        while t < len(props):
+            history = props[max(0, t - self.history): t]
+            stable = stable_layers(history, self.phase_window).all()
+            horizon = self.stable_every if stable else self.transient_every
+            spec = self.stable_predictor if stable else self.transient_predictor
+            forecast = _predict_mean(spec, history, horizon)
+            candidate = setting.plan(forecast, current)
+            take = self._worth_it(counts[max(0, t - self.replay): t], forecast, current, candidate, horizon, setting)
+            if take.any():
+                current = current.select(take, candidate)
+                schedule.append((t, current))
+            t = (t // horizon + 1) * horizon  # checks on multiples of the cadence
+        return schedule
+
+    @staticmethod
+    def _worth_it(recent: np.ndarray, forecast: np.ndarray, current: Plan, candidate: Plan, horizon: int,
+                  setting: Setting) -> np.ndarray:
+        """Per layer: does the candidate's forecast time saving over ``horizon`` steps exceed its migration stall?
+
+        The saving is measured by replaying the recent counts rescaled to the forecast mean, so per-step
+        noise (which replicas must absorb) is in the estimate, not only the mean skew.
+        """
+        recent_mean = recent.mean(axis=0)
+        scale = np.divide(forecast * recent_mean.sum(axis=-1, keepdims=True), recent_mean,
+                          out=np.ones_like(forecast), where=recent_mean > 0)
+        replay = recent * scale
+        busiest_now = gpu_tokens(replay, current, setting.dispatch).max(axis=-1).mean(axis=0)
+        busiest_new = gpu_tokens(replay, candidate, setting.dispatch).max(axis=-1).mean(axis=0)
+        gain_s = (busiest_now - busiest_new) * setting.cost.seconds_per_token(setting.gpus) * horizon
+        moved = arrivals(current, candidate)
+        stall_s = moved.max(axis=1) * setting.cost.bytes_per_expert / setting.cost.link_bandwidth
+        return gain_s > stall_s
+
+
+@dataclass(frozen=True)
+class Oracle:
+    every: int = 100
+    name: str = "oracle"
+
+    def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
+        schedule: Schedule = []
+        for t in range(0, len(props), self.every):
+            schedule.append((t, setting.plan(props[t: t + self.every].mean(axis=0),
+                                             schedule[-1][1] if schedule else None)))
+        return schedule
+
+
+POLICIES = {"static": Static, "history": History, "predict": Predict, "phase": PhaseAware, "oracle": Oracle}
+
+
+def get(names: str, replan_every: int | None = None, predictor: str | None = None) -> list:
+    """Policies from a comma list (``all`` for every one); ``replan_every`` sets the EPLB-history cadence,
+    ``predictor`` the forecaster of ``predict`` and of the transient phase of ``phase``."""
+    chosen = list(POLICIES) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in POLICIES]
+    if unknown or not chosen:
+        raise PlacementError(f"unknown policy {', '.join(unknown) or names!r}; choose from all, {', '.join(POLICIES)}")
+    if replan_every is not None and replan_every < 1:
+        raise PlacementError(f"--replan-every must be >= 1, got {replan_every}")
+    if predictor:
+        import predictors
+
+        try:
+            predictors.from_spec(predictor)
+        except ValueError as e:
+            raise PlacementError(f"--predictor: {e}") from None
+    policies = []
+    for name in chosen:
+        params: dict = {}
+        if name == "history" and replan_every is not None:
+            params = {"every": replan_every}
+        elif name == "predict" and predictor:
+            params = {"predictor": predictor}
+        elif name == "phase" and predictor:
+            params = {"transient_predictor": predictor}
+        policies.append(POLICIES[name](**params))
+    return policies
+
+
+__all__ = ["POLICIES", "History", "Oracle", "PhaseAware", "Predict", "Schedule", "Setting", "Static", "get",
+           "stable_layers"]

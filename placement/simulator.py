@@ -1,0 +1,90 @@
+"""Trace replay: run a policy's schedule over recorded counts and measure imbalance, migrations and time.
+
+Between two re-plans the plan is fixed, so the replay is vectorised over those steps (in chunks, to bound
+memory): dispatch every step's counts to GPUs, take per layer the busiest GPU, turn that into step time.
+A re-plan adds its migration stall to the step it happens at.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from placement.dispatch import gpu_tokens, imbalance
+from placement.migration import arrivals
+from placement.policies import Setting
+
+CHUNK_STEPS = 2048
+
+
+def replay(counts: np.ndarray, schedule: list, setting: Setting) -> dict[str, np.ndarray]:
+    """Per-step outcome of a schedule: ``imbalance[steps, layers]``, ``step_time_s[steps]`` (migration
+    stalls included) and ``migrations[steps]`` (experts moved at each step)."""
+    steps = len(counts)
+    result = {"imbalance": np.empty(counts.shape[:2]), "step_time_s": np.empty(steps),
+              "migrations": np.zeros(steps, dtype=np.int64)}
+    stall = np.zeros(steps)
+    bounds = [start for start, _ in schedule[1:]] + [steps]
+    previous = None
+    for (start, plan), end in zip(schedule, bounds, strict=True):
+        if previous is not None:
+            moved = arrivals(previous, plan)
+            result["migrations"][start] = moved.sum()
+            stall[start] = setting.cost.migration_time_s(moved)
+        previous = plan
+        for lo in range(start, end, CHUNK_STEPS):
+            hi = min(end, lo + CHUNK_STEPS)
+            tokens = gpu_tokens(counts[lo:hi], plan, setting.dispatch)
+            result["imbalance"][lo:hi] = imbalance(tokens)
+            result["step_time_s"][lo:hi] = setting.cost.step_time_s(tokens.max(axis=-1), setting.gpus)
+    result["step_time_s"] += stall
+    return result
+
+
+def summarise(outcome: dict[str, np.ndarray], steps: slice, bytes_per_expert: int) -> dict[str, Any]:
+    """Mean and p99 imbalance over (step, layer), migrations, bytes moved and mean step time over ``steps``."""
+    imb = outcome["imbalance"][steps]
+    migrations = int(outcome["migrations"][steps].sum())
+    return {
+        "mean_imbalance": float(imb.mean()),
+        "p99_imbalance": float(np.percentile(imb, 99)),
+        "migrations": migrations,
+        "moved_bytes": migrations * bytes_per_expert,
+        "est_step_time_s": float(outcome["step_time_s"][steps].mean()),
+    }
+
+
+def simulate(counts: np.ndarray, policies: list, setting: Setting, stable_from: int | None = None
+             ) -> list[dict[str, Any]]:
+    """Replay ``counts[steps, layers, experts]`` under each policy; one record per policy (DESIGN.md's
+    simulate JSON) with ``replans``, ``step_time_vs_static`` (when ``static`` ran) and, when ``stable_from``
+    splits the trace, the same figures per phase under ``phases``."""
+    counts = np.asarray(counts)
+    totals = counts.sum(axis=2, keepdims=True)
+    props = np.divide(counts, totals, out=np.full(counts.shape, 1.0 / counts.shape[2]), where=totals > 0)
+    phases = {"all": slice(None)}
+    if stable_from is not None and 0 < stable_from < len(counts):
+        phases |= {"transient": slice(0, stable_from), "stable": slice(stable_from, None)}
+    records = []
+    for policy in policies:
+        schedule = policy.schedule(counts, props, setting)
+        outcome = replay(counts, schedule, setting)
+        per_phase = {name: summarise(outcome, span, setting.cost.bytes_per_expert) for name, span in phases.items()}
+        record = {"policy": policy.name, "gpus": setting.gpus, "redundant": setting.redundant, **per_phase["all"],
+                  "replans": len(schedule) - 1, "dispatch": setting.dispatch}
+        if len(phases) > 1:
+            record["phases"] = {name: figures for name, figures in per_phase.items() if name != "all"}
+        records.append(record)
+    _relative_to_static(records)
+    return records
+
+
+def _relative_to_static(records: list[dict[str, Any]]) -> None:
+    static = next((r for r in records if r["policy"] == "static"), None)
+    if static is None:
+        return
+    for record in records:
+        record["step_time_vs_static"] = record["est_step_time_s"] / static["est_step_time_s"]
+        for name, figures in record.get("phases", {}).items():
+            figures["step_time_vs_static"] = figures["est_step_time_s"] / static["phases"][name]["est_step_time_s"]
