@@ -18,7 +18,6 @@ which keeps the draw a multinomial.
 from __future__ import annotations
 
 import numpy as np
-from scipy.signal import lfilter
 
 from moe_trace import trace
 
@@ -43,6 +42,8 @@ def mean_proportions(*, layers: int = 4, experts: int = 16, steps: int = 6000, s
 def _ornstein_uhlenbeck(steps: int, shape: tuple[int, ...], std: float, timescale: float,
                         rng: np.random.Generator) -> np.ndarray:
     """A stationary AR(1) path ``[steps, *shape]`` with marginal std ``std`` and correlation time ``timescale``."""
+    from scipy.signal import lfilter  # here, not at the top: scipy.signal takes a second to import
+
     a = np.exp(-1.0 / max(timescale, 1e-9))
     shocks = rng.normal(0.0, std * np.sqrt(1.0 - a * a), size=(steps, *shape))
     shocks[0] = rng.normal(0.0, std, size=shape)  # start in the stationary distribution
