@@ -1,0 +1,205 @@
+"""INT8 FlashAttention forward in Triton (after INT-FlashAttention, arXiv 2409.16997).
+
+S = Q·Kᵀ runs on INT8 tensor cores with per-token scales (Q's scale also carries ``sm_scale * log2 e``,
+so scores arrive in the base-2 domain); the online softmax is FP32. In mode ``"int8"`` P·V is INT8 too:
+each key block's P is taken against that block's own row maximum, so its largest entry per row is 1, and
+quantized over the unsigned range [0, 255] (stored as ``P_uint8 - 128`` in a signed byte, corrected by a
+per-block term precomputed with V); V has one scale per channel of each key block. The block's
+``exp2(m_block - m_running) / 255`` is applied to the [BLOCK_M, HEAD_DIM] result, not to P. In mode
+``"int8_qk"`` P·V is a 16-bit product on the original V.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_trace.attention.modes import MODES
+from moe_trace.attention.quantize import quantize_per_token, quantize_v_blocks
+
+LOG2E = math.log2(math.e)
+NEG_LARGE = -1.0e30  # a finite "-inf" for running maxima: exp2(m_old - m_new) stays defined over masked blocks
+
+
+@triton.jit
+def _attend_blocks(
+    acc, l_i, m_i, q, q_scale, offs_m,
+    K, K_scale, V, V_scale, V_offset,
+    stride_vn, stride_vd, seq_k, n_start, n_end,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    INT8_PV: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n in range(n_start, n_end, BLOCK_N):
+        cols = n + tl.arange(0, BLOCK_N)
+        # Kᵀ as [HEAD_DIM, BLOCK_N], contiguous along HEAD_DIM: K-major, as INT8 wgmma wants.
+        if MASKED:
+            kt = tl.load(K + cols[None, :] * HEAD_DIM + offs_d[:, None], mask=cols[None, :] < seq_k, other=0)
+            k_scale = tl.load(K_scale + cols, mask=cols < seq_k, other=0.0)
+        else:
+            kt = tl.load(K + cols[None, :] * HEAD_DIM + offs_d[:, None])
+            k_scale = tl.load(K_scale + cols)
+        s = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+        if MASKED:
+            visible = cols[None, :] < seq_k
+            if CAUSAL:
+                visible &= cols[None, :] <= offs_m[:, None]
+            s = tl.where(visible, s, float("-inf"))
+        m_block = tl.maximum(tl.max(s, axis=1), NEG_LARGE)
+        m_new = tl.maximum(m_i, m_block)
+        alpha = tl.math.exp2(m_i - m_new)
+        if INT8_PV:
+            p = tl.math.exp2(s - m_block[:, None])  # in [0, 1], each row's largest entry exactly 1
+            p_centered = tl.floor(p * 255.0 - 127.5)  # masked keys: p = 0 -> -128, i.e. uint8 0
+            # V as [BLOCK_N, HEAD_DIM] from the transposed copy: contiguous along keys, K-major again.
+            v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+            block = n // BLOCK_N
+            v_scale = tl.load(V_scale + block * HEAD_DIM + offs_d)
+            pv = tl.dot(p_centered.to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
+            pv += tl.load(V_offset + block * HEAD_DIM + offs_d)[None, :]
+            row_weight = tl.math.exp2(m_block - m_new) * (1.0 / 255.0)
+            acc = acc * alpha[:, None] + pv * (row_weight[:, None] * v_scale[None, :])
+            # sum(p_uint8) = sum(p_centered) + 128 * BLOCK_N, exact in FP32: the same weights as P·V used.
+            l_i = l_i * alpha + (tl.sum(p_centered, axis=1) + 128.0 * BLOCK_N) * row_weight
+        else:
+            p = tl.math.exp2(s - m_new[:, None])
+            v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0) if MASKED else tl.load(v_ptrs)
+            p = p.to(v.dtype)
+            if UPCAST_DOT:  # Triton's interpreter multiplies bfloat16 wrongly (3.9); the values are the same
+                p, v = p.to(tl.float32), v.to(tl.float32)
+            acc = tl.dot(p, v, acc * alpha[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _int8_attention_kernel(
+    Q, Q_scale, K, K_scale, V, V_scale, V_offset, Out,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_os,
+    num_heads, kv_group, seq_q, seq_k, num_v_blocks,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, INT8_PV: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // num_heads, bh % num_heads
+    bh_kv = b * (num_heads // kv_group) + h // kv_group
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_seq = offs_m < seq_q
+    q = tl.load(Q + (bh * seq_q + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], mask=in_seq[:, None], other=0)
+    q_scale = tl.load(Q_scale + bh * seq_q + offs_m, mask=in_seq, other=0.0)
+
+    K += bh_kv * seq_k * HEAD_DIM
+    K_scale += bh_kv * seq_k
+    V += b * stride_vb + (h // kv_group) * stride_vh
+    if INT8_PV:
+        V_scale += bh_kv * num_v_blocks * HEAD_DIM
+        V_offset += bh_kv * num_v_blocks * HEAD_DIM
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_LARGE, dtype=tl.float32)
+    # Key blocks every row of this query block sees in full need no mask; the rest (the causal diagonal,
+    # the ragged end of the keys) do.
+    n_end = tl.minimum(seq_k, (start_m + 1) * BLOCK_M) if CAUSAL else seq_k
+    n_full = (tl.minimum(n_end, start_m * BLOCK_M) if CAUSAL else n_end) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, q_scale, offs_m, K, K_scale, V, V_scale, V_offset, stride_vn, stride_vd, seq_k,
+        0, n_full, HEAD_DIM, BLOCK_N, False, CAUSAL, INT8_PV, UPCAST_DOT,
+    )  # fmt: skip
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, q_scale, offs_m, K, K_scale, V, V_scale, V_offset, stride_vn, stride_vd, seq_k,
+        n_full, n_end, HEAD_DIM, BLOCK_N, True, CAUSAL, INT8_PV, UPCAST_DOT,
+    )  # fmt: skip
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+        out.to(Out.dtype.element_ty), mask=in_seq[:, None],
+    )  # fmt: skip
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_config(head_dim: int, causal: bool) -> dict[str, int]:
+    """Tile sizes and launch parameters; ``block_n`` also sets the V-scale blocks (and the emulation's)."""
+    return {"block_m": 128, "block_n": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 3}
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; choose from {sorted(MODES)}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [batch, heads, seq, head_dim]")
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must all be bfloat16 or float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (batch, heads, _, head_dim), (kb, kv_heads, seq_k, kd) = q.shape, k.shape
+    if v.shape != k.shape or kb != batch or kd != head_dim:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if head_dim not in (16, 32, 64, 128):
+        raise ValueError(f"head_dim must be 16, 32, 64 or 128, got {head_dim}")
+    if seq_k == 0 or q.shape[2] == 0:
+        raise ValueError("sequence length must be positive")
+
+
+def int8_flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    mode: str = "int8",
+) -> torch.Tensor:
+    """Attention ``softmax(sm_scale * q kᵀ) v`` through the INT8 Triton kernel; see :data:`MODES`.
+
+    q ``[batch, heads, seq_q, head_dim]``, k and v ``[batch, kv_heads, seq_k, head_dim]`` (``heads`` a
+    multiple of ``kv_heads``: grouped-query attention), bfloat16 or float16; returns q's shape and dtype.
+    ``causal`` masks key j > query i (top-left aligned, as SDPA's ``is_causal``). On a CPU tensor the
+    Triton kernel runs under ``TRITON_INTERPRET=1``; without it, the torch emulation of the same arithmetic.
+    """
+    check_inputs(q, k, v, mode)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    config = block_config(q.shape[-1], causal)
+    if not q.is_cuda and not interpreting():
+        from moe_trace.attention.reference import emulate_int8_attention
+
+        return emulate_int8_attention(q, k, v, causal, sm_scale, mode, block_n=config["block_n"])
+    return _launch(q, k, v, causal, sm_scale, mode, **config)
+
+
+def _launch(q, k, v, causal, sm_scale, mode, block_m, block_n, num_warps, num_stages) -> torch.Tensor:
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    q8, q_scale = quantize_per_token(q, sm_scale * LOG2E)
+    k8, k_scale = quantize_per_token(k, mean=k.mean(dim=2, dtype=torch.float32))
+    if MODES[mode].int8_pv:
+        v_in, v_scale, v_offset = quantize_v_blocks(v, block_n)
+        v_strides = (v_in.stride(0), v_in.stride(1), 1, v_in.stride(2))  # (batch, head, key, channel)
+        num_v_blocks = v_scale.shape[2]
+    else:
+        v_in, v_scale, v_offset = v, None, None
+        v_strides = (v.stride(0), v.stride(1), v.stride(2), 1)
+        num_v_blocks = 0
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    grid = (triton.cdiv(seq_q, block_m), batch * heads)
+    _int8_attention_kernel[grid](
+        q8, q_scale, k8, k_scale, v_in, v_scale, v_offset, out,
+        *v_strides, out.stride(0), out.stride(1), out.stride(2),
+        heads, heads // kv_heads, seq_q, seq_k, num_v_blocks,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, INT8_PV=MODES[mode].int8_pv,
+        UPCAST_DOT=interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
