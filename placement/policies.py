@@ -9,8 +9,9 @@ from its step until the next one. Policies other than the oracle read only the s
 * ``phase`` -- phase-aware: check often (``transient_every``) while loads move and rarely
   (``stable_every``) once they settle, forecasting with a short-memory predictor in the transient phase and
   a long window in the stable one; a layer is re-planned only when the forecast gain over the check
-  interval exceeds its migration stall. The phase is decided online by :func:`stable_layers`, a local rule
-  (the phase classifier in ``predictors`` works on a whole trace, which a running job does not have).
+  interval exceeds its migration stall. The phase is decided online by :func:`stable_layers` from the
+  recent history alone, with the movement statistic of ``predictors.phases`` (whose change-point split
+  needs the whole trace, which a running job does not have).
 * ``oracle`` -- hindsight: every ``every`` steps (100), plan on the actual mean load of the next ``every``
   steps. What a perfect predictor would buy at that cadence.
 """
@@ -97,19 +98,19 @@ class Predict:
         return schedule
 
 
-def stable_layers(history: np.ndarray, window: int = 500, tolerance: float = 1.5) -> np.ndarray:
+def stable_layers(history: np.ndarray, threshold: float = 1.5, recent: int = 3) -> np.ndarray:
     """Online phase rule: bool ``[layers]``, true where the load has stopped moving.
 
-    Compares the mean proportions of the last two ``window``-step blocks. Per-step noise alone makes their
-    L1 distance about ``sum_e sqrt(2/pi) * sqrt((var1 + var2) / window)``; a layer is stable when the
-    distance is within ``tolerance`` times that. With fewer than ``2 * window`` steps nothing is stable.
+    Uses ``predictors.phases.movement``: how far 100-step block means moved over 500 steps, in units of
+    what per-step noise alone would give (about 1 when the load stays put). A layer is stable when the
+    last ``recent`` values average below ``threshold``; with too little history nothing is stable.
     """
-    if len(history) < 2 * window:
+    from predictors.phases import movement
+
+    moved = movement(history)
+    if len(moved) < recent:
         return np.zeros(history.shape[1], dtype=bool)
-    older, recent = history[-2 * window: -window], history[-window:]
-    distance = np.abs(recent.mean(axis=0) - older.mean(axis=0)).sum(axis=-1)
-    noise = np.sqrt(2 / np.pi) * np.sqrt((older.var(axis=0) + recent.var(axis=0)) / window).sum(axis=-1)
-    return distance <= tolerance * noise
+    return moved[-recent:].mean(axis=0) < threshold
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,6 @@ class PhaseAware:
     transient_predictor: str = "ema:halflife=100"
     stable_predictor: str = "sw_avg:window=1000"
     history: int = 2000
-    phase_window: int = 500
     replay: int = 200  # recent steps replayed to estimate a candidate plan's gain
     first: int = 10  # the first check, as soon as a few steps of history exist
     name: str = "phase"
@@ -130,7 +130,7 @@ class PhaseAware:
         t = max(self.first, 1)
         while t < len(props):
             history = props[max(0, t - self.history): t]
-            stable = stable_layers(history, self.phase_window).all()
+            stable = stable_layers(history).all()
             horizon = self.stable_every if stable else self.transient_every
             spec = self.stable_predictor if stable else self.transient_predictor
             forecast = _predict_mean(spec, history, horizon)

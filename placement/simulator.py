@@ -88,3 +88,34 @@ def _relative_to_static(records: list[dict[str, Any]]) -> None:
         record["step_time_vs_static"] = record["est_step_time_s"] / static["est_step_time_s"]
         for name, figures in record.get("phases", {}).items():
             figures["step_time_vs_static"] = figures["est_step_time_s"] / static["phases"][name]["est_step_time_s"]
+
+
+def whole_model_stable_from(proportions: np.ndarray) -> int | None:
+    """The step from which every layer is stable (``predictors.phases``), or None if some layer never is.
+
+    One split for the whole model, because a re-plan and its step time concern all layers at once.
+    """
+    from predictors.phases import stable_from
+
+    per_layer = stable_from(proportions)
+    return None if any(s is None for s in per_layer) else max(per_layer)
+
+
+def format_table(records: list[dict[str, Any]], setting: Setting, stable_from: int | None) -> str:
+    """The records as a plain-text table, one block of rows per phase."""
+    split = f"stable phase from step {stable_from}" if stable_from is not None else "no stable phase found"
+    lines = [f"{setting.gpus} GPUs, {setting.redundant} redundant slots, planner {setting.planner}, "
+             f"dispatch {setting.dispatch}; {split}",
+             f"{'phase':<10} {'policy':<8} {'mean imb':>8} {'p99 imb':>8} {'migrations':>10} {'moved GB':>9} "
+             f"{'step ms':>9} {'vs static':>9}"]
+    for phase in ("all", "transient", "stable"):
+        for record in records:
+            figures = record if phase == "all" else record.get("phases", {}).get(phase)
+            if figures is None:
+                continue
+            relative = figures.get("step_time_vs_static")
+            lines.append(f"{phase:<10} {record['policy']:<8} {figures['mean_imbalance']:>8.3f} "
+                         f"{figures['p99_imbalance']:>8.3f} {figures['migrations']:>10d} "
+                         f"{figures['moved_bytes'] / 1e9:>9.1f} {figures['est_step_time_s'] * 1e3:>9.2f} "
+                         f"{'' if relative is None else f'{relative:.3f}':>9}")
+    return "\n".join(lines)

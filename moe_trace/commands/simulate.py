@@ -1,0 +1,75 @@
+"""``moe-trace simulate TRACE --gpus G``: replay a trace under placement policies and compare them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+HELP_COST = ("cost-model overrides (defaults in placement/cost.py): --matmul-tflops achieved expert GEMM rate, "
+             "--a2a-gbps all-to-all GB/s per GPU, --link-gbps migration GB/s, --hidden model width")
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared with ``moe-trace place``: the simulated cluster, the planner and the cost model."""
+    p.add_argument("trace", help="trace directory, .parquet file or run directory")
+    p.add_argument("--gpus", type=int, required=True, help="simulated GPUs")
+    p.add_argument("--redundant", type=int, default=None,
+                   help="redundant expert slots over all GPUs (default: one per GPU)")
+    p.add_argument("--planner", default="eplb", choices=("eplb", "greedy", "contiguous"),
+                   help="planner every re-plan uses (default: %(default)s)")
+    p.add_argument("--dispatch", default="balanced", choices=("balanced", "even"),
+                   help="how replicas split an expert's tokens (default: %(default)s)")
+    p.add_argument("--matmul-tflops", type=float, default=None)
+    p.add_argument("--a2a-gbps", type=float, default=None)
+    p.add_argument("--link-gbps", type=float, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the result as JSON to this file (- for stdout only)")
+
+
+def make_setting(meta: dict[str, Any], args: argparse.Namespace):
+    """The :class:`placement.policies.Setting` the cluster options describe; bad values raise UsageError."""
+    from moe_trace.errors import UsageError
+    from placement.cost import CostModel
+    from placement.planners import slots_per_gpu_for
+    from placement.policies import Setting
+
+    overrides = {"matmul_flops": args.matmul_tflops and args.matmul_tflops * 1e12,
+                 "a2a_bandwidth": args.a2a_gbps and args.a2a_gbps * 1e9,
+                 "link_bandwidth": args.link_gbps and args.link_gbps * 1e9, "hidden": args.hidden}
+    if any(v is not None and v <= 0 for v in overrides.values()):
+        raise UsageError("--matmul-tflops, --a2a-gbps, --link-gbps and --hidden must be > 0")
+    redundant = args.gpus if args.redundant is None else args.redundant
+    slots_per_gpu_for(int(meta["num_experts"]), args.gpus, redundant)  # validates gpus and redundant
+    return Setting(gpus=args.gpus, redundant=redundant, cost=CostModel.from_meta(meta, **overrides),
+                   planner=args.planner, dispatch=args.dispatch)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "simulate", help="replay a trace under expert placement policies",
+        description="Replay a trace step by step under each placement policy on a simulated cluster; print "
+                    "per policy the mean and p99 imbalance, migrations, bytes moved and estimated step time, "
+                    "over the whole run and, when the run has a stable phase, per phase.", epilog=HELP_COST)
+    add_cluster_arguments(p)
+    p.add_argument("--policy", default="all",
+                   help="comma list of static, history, predict, phase, oracle, or all (default: %(default)s)")
+    p.add_argument("--replan-every", type=int, default=None, help="steps between EPLB-history re-plans (1000)")
+    p.add_argument("--predictor", default=None,
+                   help="predictor spec for 'predict' and the transient phase of 'phase' (default ema:halflife=100)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe_trace import trace
+    from moe_trace.commands._common import write_json
+    from placement import policies, simulator
+
+    loaded = trace.load(args.trace)
+    setting = make_setting(loaded.meta, args)
+    chosen = policies.get(args.policy, replan_every=args.replan_every, predictor=args.predictor)
+    stable_from = simulator.whole_model_stable_from(loaded.proportions())
+    records = simulator.simulate(loaded.counts, chosen, setting, stable_from=stable_from)
+    if args.json != "-":
+        print(simulator.format_table(records, setting, stable_from))
+    write_json(args.json, records)
+    return 0
