@@ -435,11 +435,15 @@ class Cluster:
 
 @dataclass
 class Analysis:
-    """Everything the figures and the findings table of one run need."""
+    """Everything the figures and the findings table of one run need.
+
+    Steps here are row indices of the trace, which equal optimizer steps for a complete run (the trace
+    holds every step from 0 exactly once); the predictors' origins and ``stable_from`` use the same indices.
+    """
 
     run: Run
     stats: WindowStats
-    stable_from: list[int | None] | None = None
+    stable_from: list[int | None] | None = None  # per layer, from predictors.phases; None: never stable
     predictor_scores: dict[str, dict[int, Scores]] | None = None  # spec -> horizon -> per-origin errors
     cluster: Cluster | None = None
     placement: dict[str, dict[str, np.ndarray]] | None = None  # policy -> placement.simulator.replay outcome
@@ -449,8 +453,11 @@ def analyse(run: Run, window: int | None = None, protocol: Protocol | None = Pro
             cluster: Cluster | None = Cluster()) -> Analysis:
     """Compute the numbers behind every figure of ``run``; ``protocol=None`` skips the predictor
     evaluation, ``cluster=None`` the placement replay."""
+    from predictors.phases import stable_from
+
     window = window or default_window(len(run.trace))
-    analysis = Analysis(run=run, stats=windowed_stats(run.proportions, run.trace.steps, window), cluster=cluster)
+    analysis = Analysis(run=run, stats=windowed_stats(run.proportions, run.trace.steps, window), cluster=cluster,
+                        stable_from=stable_from(run.proportions))
     if protocol is not None:
         analysis.predictor_scores = evaluate_predictors(run.proportions, protocol)
     if cluster is not None:
@@ -517,21 +524,22 @@ def findings(analysis: Analysis) -> list[dict[str, Any]]:
         edge = max(1, len(loss) // 100)
         rows.append(("training loss, first → last 1 % of steps",
                      f"{np.mean(loss[:edge]):.3f} → {np.mean(loss[-edge:]):.3f}"))
-    skew_end = stats.skew[-1]
+    if analysis.stable_from is not None:
+        rows.append(("stable phase starts at step (per layer; – = never)",
+                     ", ".join("–" if s is None else str(s) for s in analysis.stable_from)))
+    rows += _spread_by_phase(analysis) or [
+        (f"windowed variance of proportion, first → last {stats.window}-step window (mean of layers)",
+         f"{stats.variance[0].mean():.2e} → {stats.variance[-1].mean():.2e}")]
     rows.append((f"heaviest / mean expert load, last {stats.window} steps (per layer)",
-                 ", ".join(f"{s:.2f}" for s in skew_end)))
-    rows.append((f"windowed variance of proportion, first → last {stats.window}-step window (mean of layers)",
-                 f"{stats.variance[0].mean():.2e} → {stats.variance[-1].mean():.2e}"))
+                 ", ".join(f"{s:.2f}" for s in stats.skew[-1])))
     rows += _predictor_findings(analysis)
-    rows += [(f"placement '{r['policy']}' on {r['gpus']} GPUs + {r['redundant']} spare slots",
-              f"imbalance mean {r['mean_imbalance']:.3f}, p99 {r['p99_imbalance']:.3f}; "
-              f"{r['migrations']} migrations; step time {r.get('step_time_vs_static', float('nan')):.3f}x static")
-             for r in placement_table(analysis)]
+    rows += _placement_findings(analysis)
     return [{"finding": f, "value": v} for f, v in rows]
 
 
 def placement_table(analysis: Analysis) -> list[dict[str, Any]]:
-    """DESIGN.md's ``simulate`` records per policy over the whole run, with step time relative to static."""
+    """DESIGN.md's ``simulate`` figures per policy and phase (all, and transient/stable split where every
+    layer stabilises), with the estimated step time relative to static."""
     from placement.cost import CostModel
     from placement.simulator import summarise
 
@@ -539,10 +547,54 @@ def placement_table(analysis: Analysis) -> list[dict[str, Any]]:
         return []
     cluster = analysis.cluster
     bytes_per_expert = CostModel.from_meta(analysis.run.trace.meta).bytes_per_expert
-    rows = [{"policy": name, "gpus": cluster.gpus, "redundant": cluster.spare_slots,
-             **summarise(outcome, slice(None), bytes_per_expert)} for name, outcome in analysis.placement.items()]
-    static = next((r["est_step_time_s"] for r in rows if r["policy"] == "static"), None)
-    return [{**r, "step_time_vs_static": r["est_step_time_s"] / static} if static else r for r in rows]
+    phases = {"all": slice(None)}
+    if analysis.stable_from and all(s is not None for s in analysis.stable_from):
+        every_layer_stable = max(analysis.stable_from)  # one split for the whole model: a re-plan is global
+        phases |= {"transient": slice(0, every_layer_stable), "stable": slice(every_layer_stable, None)}
+    rows = []
+    for phase, span in phases.items():
+        phase_rows = [{"policy": name, "phase": phase, "gpus": cluster.gpus, "redundant": cluster.spare_slots,
+                       **summarise(outcome, span, bytes_per_expert)} for name, outcome in analysis.placement.items()]
+        static = next((r["est_step_time_s"] for r in phase_rows if r["policy"] == "static"), None)
+        rows += [{**r, "step_time_vs_static": r["est_step_time_s"] / static} if static else r for r in phase_rows]
+    return rows
+
+
+def _placement_findings(analysis: Analysis) -> list[tuple[str, str]]:
+    """Per phase, the best policy a real job can run (not the oracle) against static and the oracle."""
+    rows = []
+    table = placement_table(analysis)
+    for phase in ("all", "transient", "stable"):
+        by_policy = {r["policy"]: r for r in table if r["phase"] == phase}
+        real = [r for name, r in by_policy.items() if name != "oracle"]
+        if not real or "static" not in by_policy:
+            continue
+        best = min(real, key=lambda r: r["est_step_time_s"])
+        text = (f"{best['policy']}: step time {best['step_time_vs_static']:.3f}x static, "
+                f"imbalance mean {best['mean_imbalance']:.3f} (static {by_policy['static']['mean_imbalance']:.3f})")
+        if "oracle" in by_policy:
+            text += f"; oracle {by_policy['oracle']['step_time_vs_static']:.3f}x"
+        rows.append((f"best placement policy, {phase} steps ({best['gpus']} GPUs + {best['redundant']} spare slots)",
+                     text))
+    return rows
+
+
+def _spread_by_phase(analysis: Analysis) -> list[tuple[str, str]]:
+    """Mean windowed variance of windows wholly before vs wholly after each layer's stable start."""
+    stats = analysis.stats
+    before, after = [], []
+    for li, start in enumerate(analysis.stable_from or ()):
+        if start is None:
+            continue
+        ends = stats.starts + stats.window
+        if (ends <= start).any() and (stats.starts >= start).any():
+            before.append(stats.variance[ends <= start, li].mean())
+            after.append(stats.variance[stats.starts >= start, li].mean())
+    if not before:
+        return []
+    ratio = np.mean(before) / np.mean(after)
+    return [(f"windowed variance, transient / stable phase (mean of {len(before)} layers)",
+             f"{np.mean(before):.2e} / {np.mean(after):.2e} = {ratio:.1f}x")]
 
 
 def predictor_table(analysis: Analysis) -> list[dict[str, Any]]:
@@ -578,7 +630,17 @@ def write_report(analysis: Analysis, out_dir: str | os.PathLike) -> list[Path]:
     run = analysis.run
     lines = [f"# moe-trace report: {run.name}", "",
              f"Trace: `{run.path}` (model {run.trace.meta['model']}, seed {run.trace.meta['seed']}).", "",
-             "## Findings", "", markdown_table(findings(analysis)), "", "## Figures", ""]
+             "## Findings", "", markdown_table(findings(analysis)), ""]
+    predictor_rows = [{k: r[k] for k in ("predictor", "horizon", "phase", "step_wape", "step_floor", "ratio",
+                                         "mean_wape", "n_origins")} for r in predictor_table(analysis)]
+    placement_rows = [{k: r[k] for k in ("policy", "phase", "mean_imbalance", "p99_imbalance", "migrations",
+                                         "moved_bytes", "step_time_vs_static") if k in r}
+                      for r in placement_table(analysis)]
+    for title, rows in (("Predictors (DESIGN.md protocol; errors as fractions)", predictor_rows),
+                        ("Placement (simulated)", placement_rows)):
+        if rows:
+            lines += [f"## {title}", "", markdown_table(rows), ""]
+    lines += ["## Figures", ""]
     lines += [f"![{p.stem}]({p.name})" for p in written]
     if run.metrics is None:
         lines += ["", "No metrics.parquet beside the trace: no loss curve."]

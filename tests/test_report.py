@@ -99,7 +99,7 @@ def test_report_command_writes_every_figure(run_dir, tmp_path, capsys):
         _assert_png(out / f"{name}.png")
         assert f"({name}.png)" in summary
     assert capsys.readouterr().out.split() == [*(str(out / f"{n}.png") for n in promised), str(out / "summary.md")]
-    assert "best predictor of the next 400 steps" in summary and "placement 'oracle'" in summary
+    assert "best predictor of the next 400 steps" in summary and "| oracle | all |" in summary
 
 
 def test_report_without_metrics_or_evaluations(run_dir, tmp_path):
