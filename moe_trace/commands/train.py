@@ -1,0 +1,127 @@
+"""``moe-trace train``: train a GPT-MoE preset and record its per-step expert load."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+from moe_trace.errors import UsageError
+
+PRESET_NAMES = ("gpt-tiny-moe", "gpt-125m-moe", "gpt-350m-moe")  # moe_trace.model.PRESETS, without torch
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a GPT-MoE model and record per-step expert load",
+                              description="Train a GPT-MoE preset; writes OUT/trace/, OUT/metrics.parquet, "
+                                          "OUT/config.json and OUT/checkpoints/.")
+    p.add_argument("--model", help=f"preset: {', '.join(PRESET_NAMES)} (not needed with --resume)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<model>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its saved settings "
+                        "(only --steps and --device may change)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    p.add_argument("--data", help="text file, directory of text files, or token ids (.bin uint16 / .npy); "
+                                  "default: this Python installation's source files")
+    p.add_argument("--corpus-mb", type=float, help="size cap of the default corpus (default 8, or 128 for "
+                                                   "GPT-2-sized vocabularies)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--attention", choices=("auto", "int8", "sdpa"), default="auto")
+    p.add_argument("--moe-backend", choices=("auto", "torch", "megablocks"), default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-record", dest="record", action="store_false", help="do not write the expert-load trace")
+
+    model = p.add_argument_group("model (override the preset)")
+    model.add_argument("--blocks", type=int, dest="n_blocks")
+    model.add_argument("--hidden", type=int)
+    model.add_argument("--heads", type=int)
+    model.add_argument("--experts", type=int, dest="num_experts")
+    model.add_argument("--top-k", type=int)
+    model.add_argument("--moe-every", type=int)
+    model.add_argument("--seq-len", type=int)
+    model.add_argument("--vocab-size", type=int)
+    model.add_argument("--lb-weight", type=float, dest="load_balancing_weight", help="load-balancing loss weight")
+    model.add_argument("--z-loss-weight", type=float)
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the preset's)")
+    opt.add_argument("--micro-batch", type=int, help="sequences per forward on one rank")
+    opt.add_argument("--lr", type=float)
+    opt.add_argument("--warmup", type=int, help="warm-up steps")
+    opt.add_argument("--eval-every", type=int)
+    opt.add_argument("--checkpoint-every", type=int)
+    opt.add_argument("--flush-every", type=int, help="steps between trace part files")
+    p.set_defaults(run=run)
+
+
+MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_every", "seq_len", "vocab_size",
+                "load_balancing_weight", "z_loss_weight")
+TRAIN_FIELDS = ("steps", "global_batch", "micro_batch", "lr", "warmup", "eval_every", "checkpoint_every",
+                "flush_every", "data", "corpus_mb")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moe_trace import model as model_lib
+    from moe_trace import train as train_lib
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    if device == "auto":
+        device = "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch")
+    _check_backend(args.moe_backend)
+
+    if args.resume:
+        out = Path(args.out or f"runs/{args.model}")
+        model_config, config = train_lib.read_run_config(out)
+        if args.steps is not None:
+            config = dataclasses.replace(config, steps=args.steps)
+    else:
+        if args.model is None:
+            raise UsageError("--model is required (one of " + ", ".join(PRESET_NAMES) + ")")
+        if args.model not in model_lib.PRESETS:
+            raise UsageError(f"unknown model {args.model!r}; presets: {', '.join(model_lib.PRESETS)}")
+        if args.data is not None and not Path(args.data).exists():
+            raise UsageError(f"--data {args.data}: no such file or directory")
+        overrides = {f: getattr(args, f) for f in MODEL_FIELDS}
+        overrides["attention"] = model_lib.resolve_attention(args.attention, device)
+        try:
+            model_config = model_lib.make_config(args.model, **overrides)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        train_fields = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
+        train_fields.setdefault("global_batch", model_config.global_batch)
+        train_fields.setdefault("warmup", min(100, train_fields.get("steps", 1000) // 10))
+        train_fields.setdefault("corpus_mb", 8.0 if model_config.vocab_size <= 8192 else 128.0)
+        config = train_lib.TrainConfig(out=args.out or f"runs/{args.model}", seed=args.seed, record=args.record,
+                                       moe_backend="torch", compile=args.compile, **train_fields)
+    _check_positive(config)
+
+    summary = train_lib.train(model_config, config, device, resume=args.resume)
+    print(f"{model_config.name}: steps {summary['start_step']}..{summary['steps'] - 1}"
+          f"{' (stopped early)' if summary['stopped_early'] else ''}, "
+          f"{summary['tokens_per_s']:,.0f} tokens/s, final loss {summary['final_loss']:.3f}, "
+          f"val loss {summary['val_loss']:.3f}, {summary['elapsed_s']:.0f} s")
+    print(f"wrote {config.out}/trace/, {config.out}/metrics.parquet, {config.out}/config.json, "
+          f"{config.out}/checkpoints/")
+    return 0
+
+
+def _check_backend(name: str) -> None:
+    if name != "megablocks":
+        return
+    if importlib.util.find_spec("megablocks") is None:
+        raise UsageError("--moe-backend megablocks needs the megablocks GPU extra "
+                         "(pip install 'moe-trace[gpu]' on a CUDA machine); use --moe-backend torch")
+    raise UsageError("--moe-backend megablocks is not wired into training yet; use --moe-backend torch")
+
+
+def _check_positive(config) -> None:  # a train.TrainConfig
+    for name in ("steps", "global_batch", "eval_every", "checkpoint_every", "flush_every", "warmup"):
+        value = getattr(config, name)
+        if value is None or value < (0 if name == "warmup" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")

@@ -1,0 +1,362 @@
+"""The training loop: AdamW with warm-up + cosine decay, gradient accumulation, bf16 autocast on GPU,
+periodic validation, atomic checkpoints, resume, clean stop on SIGINT/SIGTERM, and expert-load recording.
+
+Data parallel under ``torchrun`` (``WORLD_SIZE > 1``): DDP over ranks, counts summed over ranks before
+they are recorded, only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from moe_trace import __version__, trace
+from moe_trace.data import TokenData, load_data
+from moe_trace.errors import UsageError
+from moe_trace.model import GPT, ModelConfig
+from moe_trace.recorder import CountRecorder, MetricsLog
+
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    steps: int = 1000
+    global_batch: int = 16  # sequences per optimizer step, over all ranks
+    micro_batch: int | None = None  # sequences per forward on one rank; default: up to 16k tokens
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 500
+    flush_every: int = 100
+    record: bool = True
+    seed: int = 0
+    data: str | None = None
+    corpus_mb: float = 8.0
+    moe_backend: str = "torch"
+    compile: bool = False
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_kind: str) -> tuple[Distributed, torch.device]:
+    world = Distributed(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                        int(os.environ.get("WORLD_SIZE", 1)))
+    if device_kind == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def _optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Weight decay on matrices (and stacked expert weights); none on LayerNorm parameters.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically (tmp + fsync + rename), the last CHECKPOINTS_KEPT kept
+
+
+def _checkpoint_paths(run_dir: Path) -> list[Path]:
+    directory = run_dir / "checkpoints"
+    return sorted(directory.glob("step-*.pt")) if directory.is_dir() else []
+
+
+def save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> Path:
+    """Save everything needed to continue at ``step`` (the next step to run)."""
+    directory = run_dir / "checkpoints"
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    path = directory / f"step-{step:010d}.pt"
+    trace._atomic_write(path, lambda tmp: torch.save(state, tmp))
+    for old in _checkpoint_paths(run_dir)[:-CHECKPOINTS_KEPT]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+    """Restore the latest checkpoint into the given objects; return the step to continue from."""
+    paths = _checkpoint_paths(run_dir)
+    if not paths:
+        raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    state = torch.load(paths[-1], map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class _StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: TokenData, config: TrainConfig, micro_batch: int, device: torch.device,
+             autocast: contextlib.AbstractContextManager, world: Distributed) -> float:
+    """Mean validation cross-entropy over ``eval_batches`` fixed batches of this rank."""
+    model.eval()
+    losses = []
+    for i in range(config.eval_batches):
+        x, y = data.batch("val", config.seed, 0, i, micro_batch, model.config.seq_len, world.rank)
+        with autocast:
+            losses.append(model(x.to(device), y.to(device))[1])
+    model.train()
+    loss = torch.stack(losses).mean()
+    if world.world_size > 1:
+        dist.all_reduce(loss)
+        loss /= world.world_size
+    return loss.item()
+
+
+def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resume: bool = False) -> dict[str, Any]:
+    """Train, record and checkpoint into ``config.out``; return a summary of the run."""
+    world, device = _setup_distributed(device_kind)
+    run_dir = Path(config.out)
+    _check_run_dir(run_dir, resume)
+    micro_batch = _micro_batch(model_config, config, world)
+    accumulation = config.global_batch // (micro_batch * world.world_size)
+
+    data = _load_data_once(model_config, config, world)
+    torch.manual_seed(config.seed)
+    model = GPT(model_config).to(device)
+    _check_memory(model, device)
+    optimizer = _optimizer(model, config, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
+    start = load_checkpoint(run_dir, model, optimizer, scheduler) if resume else 0
+    ddp_model = DistributedDataParallel(model) if world.world_size > 1 else model
+    forward = torch.compile(ddp_model) if config.compile else ddp_model
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    tokens_per_step = config.global_batch * model_config.seq_len
+    meta = trace.make_meta(
+        model=model_config.name, num_experts=model_config.num_experts, top_k=model_config.top_k,
+        moe_layers=model_config.moe_blocks, tokens_per_step=tokens_per_step, seq_len=model_config.seq_len,
+        global_batch=config.global_batch, seed=config.seed, moe_backend=config.moe_backend,
+        attention=model_config.attention, world_size=world.world_size)
+    if world.is_main:
+        _write_config(run_dir, model_config, config, data, world, device)
+        if config.record:
+            trace.truncate(run_dir / "trace", start)
+    recorder = CountRecorder(run_dir / "trace", meta, device, block=min(25, config.flush_every),
+                             write=world.is_main and config.record)
+    metrics = MetricsLog(run_dir / "metrics.parquet", start, write=world.is_main)
+
+    from tqdm import tqdm
+
+    progress = tqdm(total=config.steps, initial=start, unit="step", disable=not world.is_main, dynamic_ncols=True)
+    val_loss = float("nan")
+    step, last_checkpoint, started = start, start, time.perf_counter()
+
+    def flush_and_checkpoint() -> None:
+        nonlocal last_checkpoint
+        recorder.flush()
+        metrics.flush()
+        if world.is_main and step > last_checkpoint:
+            save_checkpoint(run_dir, step, model, optimizer, scheduler)
+        last_checkpoint = step
+
+    with _StopRequest() as stop:
+        while step < config.steps and not stop.requested:
+            step_started = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            aux_sum = torch.zeros((), device=device)
+            for micro in range(accumulation):
+                x, y = data.batch("train", config.seed, step, micro, micro_batch, model_config.seq_len, world.rank)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                # DDP all-reduces gradients on the last micro-batch only.
+                sync = micro == accumulation - 1 or world.world_size == 1
+                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast:
+                    _, loss = forward(x, y)
+                    aux = model.aux_loss()
+                ((loss + aux) / accumulation).backward()
+                recorder.add(model.tokens_per_expert())
+                loss_sum += loss.detach()
+                aux_sum += aux.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world.world_size > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world.world_size
+            recorder.end_step(step)
+            metrics.add(step=step, loss=loss_sum / accumulation, lr=lr, grad_norm=grad_norm,
+                        aux_loss=aux_sum / accumulation, step_time_s=time.perf_counter() - step_started,
+                        tokens=tokens_per_step)
+            step += 1
+
+            if step % config.eval_every == 0 or step == config.steps:
+                val_loss = evaluate(model, data, config, micro_batch, device, autocast, world)
+            if step % config.checkpoint_every == 0:
+                flush_and_checkpoint()
+            elif step % config.flush_every == 0:
+                recorder.flush()
+                metrics.flush()
+            if world.is_main and (step % 10 == 0 or step == config.steps):
+                elapsed = time.perf_counter() - started
+                progress.set_postfix(loss=f"{metrics.last('loss'):.3f}", val=f"{val_loss:.3f}",
+                                     tok_s=f"{(step - start) * tokens_per_step / elapsed:,.0f}", refresh=False)
+            progress.update(1)
+        flush_and_checkpoint()
+    progress.close()
+    elapsed = time.perf_counter() - started
+    if world.is_main and config.record:
+        trace.compact(run_dir / "trace")
+    if world.world_size > 1:
+        dist.destroy_process_group()
+    return {
+        "run_dir": str(run_dir), "steps": step, "start_step": start, "stopped_early": step < config.steps,
+        "tokens_per_s": (step - start) * tokens_per_step / elapsed if step > start else float("nan"),
+        "final_loss": metrics.last("loss") if step > start else float("nan"), "val_loss": val_loss,
+        "elapsed_s": elapsed,
+    }
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not _checkpoint_paths(run_dir):
+            raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def _micro_batch(model_config: ModelConfig, config: TrainConfig, world: Distributed) -> int:
+    per_rank, remainder = divmod(config.global_batch, world.world_size)
+    if remainder:
+        raise UsageError(f"--global-batch {config.global_batch} is not divisible by {world.world_size} ranks")
+    micro = config.micro_batch or max(1, min(per_rank, 16384 // model_config.seq_len))
+    while per_rank % micro:  # the largest divisor of the per-rank batch not above the request
+        micro -= 1
+    if config.micro_batch and micro != config.micro_batch:
+        raise UsageError(f"--micro-batch {config.micro_batch} does not divide the per-rank batch {per_rank}")
+    return micro
+
+
+def _load_data_once(model_config: ModelConfig, config: TrainConfig, world: Distributed) -> TokenData:
+    """Rank 0 builds the tokenizer and token cache; the other ranks wait for it and then read it."""
+    def load() -> TokenData:
+        return load_data(config.data, model_config.vocab_size, model_config.seq_len,
+                         max_corpus_bytes=int(config.corpus_mb * (1 << 20)))
+
+    if world.world_size == 1:
+        return load()
+    data = load() if world.is_main else None
+    dist.barrier()
+    return data if data is not None else load()
+
+
+def _check_memory(model: GPT, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and AdamW state (16 bytes/parameter) cannot fit the GPU."""
+    if device.type != "cuda":
+        return
+    needed = 16 * sum(p.numel() for p in model.parameters())
+    available = torch.cuda.get_device_properties(device).total_memory
+    if needed > 0.9 * available:
+        raise UsageError(f"{model.config.name} with {model.config.num_experts} experts needs about "
+                         f"{needed / 2**30:.0f} GiB for weights, gradients and optimizer state, more than this "
+                         f"GPU's {available / 2**30:.0f} GiB: use fewer --experts (expert parallelism comes later)")
+
+
+def _write_config(run_dir: Path, model_config: ModelConfig, config: TrainConfig, data: TokenData,
+                  world: Distributed, device: torch.device) -> None:
+    payload = {
+        "model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config),
+        "data": {"source": data.source, "tokenizer": str(data.tokenizer_path) if data.tokenizer_path else None,
+                 "train_tokens": len(data.train), "val_tokens": len(data.val)},
+        "world_size": world.world_size, "device": str(device), "torch": torch.__version__,
+        "moe_trace": __version__, "python": sys.version.split()[0],
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, indent=2) + "\n"
+    trace._atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(text))
+
+
+def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings a run was started with (what ``--resume`` continues)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise UsageError(f"--resume: {path} does not exist")
+    payload = json.loads(path.read_text())
+    return ModelConfig(**payload["model"]), TrainConfig(**payload["train"])
