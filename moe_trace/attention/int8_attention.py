@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -175,31 +176,50 @@ def int8_flash_attention(
         from moe_trace.attention.reference import emulate_int8_attention
 
         return emulate_int8_attention(q, k, v, causal, sm_scale, mode, block_n=config["block_n"])
-    return _launch(q, k, v, causal, sm_scale, mode, **config)
+    quantized = quantize_inputs(q, k, v, sm_scale, mode, config["block_n"])
+    return attend_quantized(quantized, q.dtype, causal, **config)
 
 
-def _launch(q, k, v, causal, sm_scale, mode, block_m, block_n, num_warps, num_stages) -> torch.Tensor:
+class QuantizedInputs(NamedTuple):
+    """Q, K and V as the kernel reads them (see :mod:`moe_trace.attention.quantize`)."""
+
+    q8: torch.Tensor
+    q_scale: torch.Tensor
+    k8: torch.Tensor
+    k_scale: torch.Tensor
+    v: torch.Tensor  # INT8 transposed V with its block scales and offsets, or the input V
+    v_scale: torch.Tensor | None
+    v_offset: torch.Tensor | None
+
+
+def quantize_inputs(q, k, v, sm_scale: float, mode: str, block_n: int) -> QuantizedInputs:
+    """The quantization kernels' half of the work (separate so benchmarks can time the attention alone)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    batch, heads, seq_q, head_dim = q.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
     q8, q_scale = quantize_per_token(q, sm_scale * LOG2E)
     k8, k_scale = quantize_per_token(k, mean=k.mean(dim=2, dtype=torch.float32))
     if MODES[mode].int8_pv:
-        v_in, v_scale, v_offset = quantize_v_blocks(v, block_n)
-        v_strides = (v_in.stride(0), v_in.stride(1), 1, v_in.stride(2))  # (batch, head, key, channel)
-        num_v_blocks = v_scale.shape[2]
+        return QuantizedInputs(q8, q_scale, k8, k_scale, *quantize_v_blocks(v, block_n))
+    return QuantizedInputs(q8, q_scale, k8, k_scale, v, None, None)
+
+
+def attend_quantized(
+    x: QuantizedInputs, out_dtype: torch.dtype, causal: bool, block_m: int, block_n: int, num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:  # fmt: skip
+    """The attention kernel's half of the work, on :func:`quantize_inputs`' output."""
+    batch, heads, seq_q, head_dim = x.q8.shape
+    kv_heads, seq_k = x.k8.shape[1], x.k8.shape[2]
+    int8_pv = x.v_scale is not None
+    if int8_pv:
+        v_strides = (x.v.stride(0), x.v.stride(1), 1, x.v.stride(2))  # (batch, head, key, channel)
     else:
-        v_in, v_scale, v_offset = v, None, None
-        v_strides = (v.stride(0), v.stride(1), v.stride(2), 1)
-        num_v_blocks = 0
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    grid = (triton.cdiv(seq_q, block_m), batch * heads)
-    _int8_attention_kernel[grid](
-        q8, q_scale, k8, k_scale, v_in, v_scale, v_offset, out,
+        v_strides = (x.v.stride(0), x.v.stride(1), x.v.stride(2), 1)
+    out = torch.empty(x.q8.shape, dtype=out_dtype, device=x.q8.device)
+    _int8_attention_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](
+        x.q8, x.q_scale, x.k8, x.k_scale, x.v, x.v_scale, x.v_offset, out,
         *v_strides, out.stride(0), out.stride(1), out.stride(2),
-        heads, heads // kv_heads, seq_q, seq_k, num_v_blocks,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, INT8_PV=MODES[mode].int8_pv,
-        UPCAST_DOT=interpreting(),
-        num_warps=num_warps, num_stages=num_stages,
+        heads, heads // kv_heads, seq_q, seq_k, x.v_scale.shape[2] if int8_pv else 0,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, INT8_PV=int8_pv,
+        UPCAST_DOT=interpreting(), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

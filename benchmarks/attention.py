@@ -1,0 +1,180 @@
+"""Attention forward on one GPU: INT8 Triton kernel (every mode, with and without quantization) against
+SDPA (flash, cuDNN), the bf16 Triton kernel built the same way, and SageAttention 1.0.6, in one run.
+
+    PYTHONPATH=. python benchmarks/attention.py [--sweep] [--out benchmarks/results/attention.json]
+
+Shapes: 16k tokens per batch, H=16, S in {1k..16k}, D in {64, 128}, causal and not, plus the training
+shapes of gpt-125m-moe (12 heads) and gpt-350m-moe (16 heads), S=2048, D=64, causal. Times are medians of
+``triton.testing.do_bench``; TFLOP/s counts 4·B·H·S²·D (halved when causal). Accuracy is measured against
+float64 on the first batch element's first two heads. ``--sweep`` first times tile configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from moe_trace.attention import MODES
+from moe_trace.attention.bf16_attention import bf16_flash_attention
+from moe_trace.attention.int8_attention import attend_quantized, block_config, quantize_inputs
+from moe_trace.attention.reference import accuracy, attention_float64
+
+TOKENS = 16384
+SHAPES = [(TOKENS // s, 16, s, d, causal, "") for d in (64, 128) for causal in (False, True)
+          for s in (1024, 2048, 4096, 8192, 16384)]  # fmt: skip
+SHAPES += [(8, 12, 2048, 64, True, "gpt-125m-moe"), (8, 16, 2048, 64, True, "gpt-350m-moe")]
+SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3), (128, 64, 4, 4)]
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def implementations(q, k, v, causal, configs):
+    """name -> zero-argument callable returning the attention output."""
+    impls = {}
+    for mode in MODES:
+        cfg = configs.get((mode, q.shape[-1], causal)) or block_config(q.shape[-1], causal)
+        sm = 1.0 / math.sqrt(q.shape[-1])
+        impls[mode] = lambda mode=mode, cfg=cfg, sm=sm: attend_quantized(
+            quantize_inputs(q, k, v, sm, mode, cfg["block_n"]), q.dtype, causal, **cfg
+        )
+        pre = quantize_inputs(q, k, v, sm, mode, cfg["block_n"])
+        impls[f"{mode} (no quant)"] = lambda pre=pre, cfg=cfg: attend_quantized(pre, q.dtype, causal, **cfg)
+    bf16_cfg = configs.get(("bf16", q.shape[-1], causal)) or {}
+    impls["triton bf16"] = lambda: bf16_flash_attention(q, k, v, causal, **bf16_cfg)
+    for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
+
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        impls[name] = run
+    try:
+        from sageattention import sageattn
+
+        k_copy = k.clone()  # SageAttention 1.0.6 subtracts the mean of K in place
+        impls["sageattention"] = lambda: sageattn(q, k_copy, v, tensor_layout="HND", is_causal=causal)
+    except ImportError:
+        pass
+    return impls
+
+
+def sweep(results: list) -> dict:
+    """Best tile configuration per (mode, head_dim) at S=4096, non-causal; causal runs use it too."""
+    best = {}
+    for d in (64, 128):
+        for causal in (False,):
+            q, k, v = (torch.randn(4, 16, 4096, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            for mode in [*MODES, "bf16"]:
+                for bm, bn, warps, stages in SWEEP:
+                    cfg = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+                    try:
+                        if mode == "bf16":
+                            fn = functools.partial(bf16_flash_attention, q, k, v, causal, **cfg)
+                        else:
+                            x = quantize_inputs(q, k, v, d**-0.5, mode, bn)
+                            fn = functools.partial(attend_quantized, x, q.dtype, causal, **cfg)
+                        ms = bench(fn)
+                    except Exception as e:  # a tile that does not fit in shared memory
+                        print(f"sweep {mode} d={d} causal={causal} {cfg}: {type(e).__name__}")
+                        continue
+                    results.append({"mode": mode, "head_dim": d, "causal": causal, **cfg, "ms": ms})
+                    key = (mode, d, causal)
+                    if key not in best or ms < best[key][0]:
+                        best[key] = (ms, cfg)
+            print({k: v for k, v in best.items() if k[1] == d and k[2] == causal}, flush=True)
+    return {(m, d, c): cfg for (m, d, _), (_, cfg) in best.items() for c in (False, True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/attention.json")
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    sweep_results: list = []
+    configs = sweep(sweep_results) if args.sweep else {}
+
+    records: list = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for batch, heads, seq, d, causal, label in SHAPES:
+        q, k, v = (torch.randn(batch, heads, seq, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ref = attention_float64(q[:1, :2], k[:1, :2], v[:1, :2], causal)
+        flops = 4 * batch * heads * seq * seq * d / (2 if causal else 1)
+        for name, fn in implementations(q, k, v, causal, configs).items():
+            acc = accuracy(fn()[:1, :2], ref)
+            ms = bench(fn)
+            records.append({"batch": batch, "heads": heads, "seq": seq, "head_dim": d, "causal": causal,
+                            "label": label, "impl": name, "ms": ms, "tflops": flops / ms / 1e9, **acc})  # fmt: skip
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+        shape_recs = [r for r in records if (r["batch"], r["heads"], r["seq"], r["head_dim"], r["causal"])
+                      == (batch, heads, seq, d, causal)]  # fmt: skip
+        summary = "  ".join(f"{r['impl']}={r['tflops']:.0f}/{100 * r['rel_l1']:.2f}%" for r in shape_recs)
+        print(f"B={batch} H={heads} S={seq} D={d} causal={causal} {label}: {summary}", flush=True)
+        write_json(out, configs, sweep_results, records)  # after every shape: a cut-off run keeps its numbers
+    plot(records, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def write_json(out: Path, configs: dict, sweep_results: list, records: list) -> None:
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "sageattention": _version("sageattention"),
+        },
+        "configs": {f"{m}/d{d}/{'causal' if c else 'full'}": cfg for (m, d, c), cfg in configs.items()},
+        "sweep": sweep_results,
+        "records": records,
+    }
+    out.write_text(json.dumps(result, indent=1))
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def plot(records: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    for ax, (d, causal) in zip(axes.flat, [(64, False), (64, True), (128, False), (128, True)], strict=True):
+        rows = [r for r in records if r["head_dim"] == d and r["causal"] == causal and not r["label"]]
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["seq"], r["tflops"]) for r in rows if r["impl"] == impl)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=impl, linestyle="--" if "no quant" in impl else "-")
+        ax.set(title=f"D={d}, {'causal' if causal else 'non-causal'}, H=16, 16k tokens", xscale="log",
+               xlabel="sequence length", ylabel="TFLOP/s")  # fmt: skip
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"Attention forward on {torch.cuda.get_device_name()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
