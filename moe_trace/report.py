@@ -353,22 +353,26 @@ def load_distance(a: WindowStats, b: WindowStats) -> np.ndarray:
     return np.abs(a.mean[:n] - b.mean[:n]).sum(axis=-1)
 
 
-def self_drift(stats: WindowStats) -> np.ndarray:
-    """``[layers]`` median L1 distance between a run's consecutive window-mean loads: its own noise + drift."""
-    return np.median(np.abs(np.diff(stats.mean, axis=0)).sum(axis=-1), axis=0)
+def window_drift(stats: WindowStats) -> np.ndarray:
+    """``[windows, layers]`` L1 distance of each window-mean load from the previous window's (NaN for the
+    first): how much a run moves by itself in one window, noise included."""
+    drift = np.abs(np.diff(stats.mean, axis=0)).sum(axis=-1)
+    return np.concatenate([np.full((1, drift.shape[1]), np.nan), drift])
 
 
 def plot_load_distance(a: WindowStats, b: WindowStats, names: tuple[str, str],
                        layer_labels: Sequence[str]) -> Figure:
-    """Per layer, how far apart the two runs' expert loads are, against each run's own window-to-window drift."""
+    """Per layer, how far apart the two runs' expert loads are, against how far each run moves by itself."""
     plt = _pyplot()
     distance = load_distance(a, b)
-    reference = np.maximum(self_drift(a), self_drift(b))
-    centres = a.starts[: len(distance)] + a.window / 2
+    n = len(distance)
+    reference = np.fmax(window_drift(a)[:n], window_drift(b)[:n])
+    centres = a.starts[:n] + a.window / 2
     fig, axes = _layer_grid(plt, len(layer_labels), f"Expert load difference: {names[0]} vs {names[1]}")
     for li, ax in enumerate(axes):
-        ax.plot(centres, distance[:, li], color=OKABE_ITO[3], label="between runs")
-        ax.axhline(reference[li], color="black", linestyle=":", label="within a run (window to window)")
+        ax.plot(centres, distance[:, li], color=OKABE_ITO[3], label="between the runs")
+        ax.plot(centres, reference[:, li], color="black", linestyle=":", label="within a run, window to window")
+        ax.set_yscale("log")
         ax.set_title(layer_labels[li], fontsize=9)
         if ax.get_subplotspec().is_first_col():
             ax.set_ylabel("L1 distance of\nwindow-mean loads")
@@ -683,7 +687,7 @@ def compare_findings(a: Analysis, b: Analysis) -> list[dict[str, Any]]:
     quarter = max(1, n // 4)
     same_shape = a.stats.mean.shape[1:] == b.stats.mean.shape[1:]
     distance = load_distance(a.stats, b.stats) if same_shape else None
-    drift = np.maximum(self_drift(a.stats), self_drift(b.stats)) if same_shape else None
+    drift = np.fmax(window_drift(a.stats)[:n], window_drift(b.stats)[:n])
     rows = []
     for li, label in enumerate(a.run.layer_labels()):
         row: dict[str, Any] = {"layer": label}
@@ -696,6 +700,7 @@ def compare_findings(a: Analysis, b: Analysis) -> list[dict[str, Any]]:
         row["skew late (a, b)"] = (f"{a.stats.skew[n - quarter:n, li].mean():.2f}, "
                                    f"{b.stats.skew[n - quarter:n, li].mean():.2f}")
         if distance is not None:
-            row["load distance late / within-run drift"] = float(distance[n - quarter:, li].mean() / drift[li])
+            late = slice(max(1, n - quarter), n)  # the first window has no drift of its own
+            row["load distance late / within-run drift"] = float(distance[late, li].mean() / drift[late, li].mean())
         rows.append(row)
     return rows
