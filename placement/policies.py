@@ -13,7 +13,8 @@ from its step until the next one. Policies other than the oracle read only the s
   recent history alone, with the movement statistic of ``predictors.phases`` (whose change-point split
   needs the whole trace, which a running job does not have).
 * ``oracle`` -- hindsight: every ``every`` steps (100), plan on the actual mean load of the next ``every``
-  steps. What a perfect predictor would buy at that cadence.
+  steps and keep it only where replaying those very steps says it pays for its migration. What perfect
+  knowledge of the future buys at that cadence; the phase-aware policy makes the same decision from forecasts.
 """
 
 from __future__ import annotations
@@ -147,19 +148,14 @@ class PhaseAware:
                   setting: Setting) -> np.ndarray:
         """Per layer: does the candidate's forecast time saving over ``horizon`` steps exceed its migration stall?
 
-        The saving is measured by replaying the recent counts rescaled to the forecast mean, so per-step
-        noise (which replicas must absorb) is in the estimate, not only the mean skew.
+        The saving is measured by replaying the recent counts rescaled to the forecast mean (and stretched to
+        ``horizon`` steps), so per-step noise, which replicas must absorb, is in the estimate, not only the
+        mean skew.
         """
         recent_mean = recent.mean(axis=0)
         scale = np.divide(forecast * recent_mean.sum(axis=-1, keepdims=True), recent_mean,
                           out=np.ones_like(forecast), where=recent_mean > 0)
-        replay = recent * scale
-        busiest_now = gpu_tokens(replay, current, setting.dispatch).max(axis=-1).mean(axis=0)
-        busiest_new = gpu_tokens(replay, candidate, setting.dispatch).max(axis=-1).mean(axis=0)
-        gain_s = (busiest_now - busiest_new) * setting.cost.seconds_per_token(setting.gpus) * horizon
-        moved = arrivals(current, candidate)
-        stall_s = moved.max(axis=1) * setting.cost.bytes_per_expert / setting.cost.link_bandwidth
-        return gain_s > stall_s
+        return _saves_time(recent * scale * (horizon / len(recent)), current, candidate, setting)
 
 
 @dataclass(frozen=True)
@@ -168,11 +164,28 @@ class Oracle:
     name: str = "oracle"
 
     def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
-        schedule: Schedule = []
-        for t in range(0, len(props), self.every):
-            schedule.append((t, setting.plan(props[t: t + self.every].mean(axis=0),
-                                             schedule[-1][1] if schedule else None)))
+        """Every ``every`` steps, in hindsight: plan on the next ``every`` steps' actual mean load, and keep
+        that plan or the current one per layer, whichever makes those steps faster, migration included."""
+        current = setting.plan(props[: self.every].mean(axis=0))
+        schedule = [(0, current)]
+        for t in range(self.every, len(props), self.every):
+            future = counts[t: t + self.every]
+            candidate = setting.plan(props[t: t + self.every].mean(axis=0), current)
+            take = _saves_time(future, current, candidate, setting)
+            if take.any():
+                current = current.select(take, candidate)
+                schedule.append((t, current))
         return schedule
+
+
+def _saves_time(counts: np.ndarray, current: Plan, candidate: Plan, setting: Setting) -> np.ndarray:
+    """Per layer: would replaying ``counts`` under ``candidate`` instead of ``current`` save more time than
+    the migration stall costs?"""
+    busiest_now = gpu_tokens(counts, current, setting.dispatch).max(axis=-1).sum(axis=0)
+    busiest_new = gpu_tokens(counts, candidate, setting.dispatch).max(axis=-1).sum(axis=0)
+    gain_s = (busiest_now - busiest_new) * setting.cost.seconds_per_token(setting.gpus)
+    stall_s = arrivals(current, candidate).max(axis=1) * setting.cost.bytes_per_expert / setting.cost.link_bandwidth
+    return gain_s > stall_s
 
 
 POLICIES = {"static": Static, "history": History, "predict": Predict, "phase": PhaseAware, "oracle": Oracle}

@@ -1,0 +1,148 @@
+"""Planners and dispatcher: plans are valid, greedy is measured against the exact solver, tokens are conserved."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from moe_trace.errors import UsageError
+from placement import planners
+from placement.dispatch import gpu_tokens, imbalance, water_fill
+from placement.migration import align, arrivals
+from placement.planners import PlacementError, Plan
+
+
+def skewed_loads(layers: int, experts: int, seed: int, concentration: float = 0.5) -> np.ndarray:
+    return np.random.default_rng(seed).dirichlet(np.full(experts, concentration), size=layers) * 1e4
+
+
+def makespan(loads: np.ndarray, plan: Plan, rule: str = "even") -> np.ndarray:
+    """Per layer: the busiest GPU's load when each layer's mean loads are dispatched under ``plan``."""
+    return gpu_tokens(loads[None], plan, rule)[0].max(axis=-1)
+
+
+def assert_valid(plan: Plan, loads: np.ndarray, gpus: int, slots_per_gpu: int, n_replicas: int | None) -> None:
+    """Shapes, every expert placed, replica counts equal to slot counts; ``n_replicas`` per layer if given."""
+    layers, experts = loads.shape
+    assert plan.slot_expert.shape == (layers, gpus * slots_per_gpu)
+    assert plan.replicas.shape == (layers, experts)
+    for row, replicas in zip(plan.slot_expert, plan.replicas, strict=True):
+        hosted = row[row >= 0]
+        assert n_replicas is None or len(hosted) == n_replicas
+        np.testing.assert_array_equal(np.bincount(hosted, minlength=experts), replicas)  # counts consistent
+    assert (plan.replicas >= 1).all()  # every expert placed
+    assert (plan.replicas <= gpus).all()
+
+
+@pytest.mark.parametrize("experts,gpus,redundant", [(16, 4, 0), (16, 4, 4), (16, 8, 8), (128, 32, 32),
+                                                    (12, 5, 3), (16, 32, 32), (64, 8, 24)])
+@pytest.mark.parametrize("method", ["contiguous", "greedy", "eplb"])
+def test_plans_are_valid(method, experts, gpus, redundant):
+    loads = skewed_loads(3, experts, seed=experts + gpus)
+    slots = planners.slots_per_gpu_for(experts, gpus, redundant)
+    plan = planners.plan(loads, gpus, redundant=redundant, method=method)
+    assert_valid(plan, loads, gpus, slots, experts + redundant if method == "eplb" else experts)
+    if method == "eplb":  # replicas of an expert sit on distinct GPUs
+        assert (plan.slot_counts() <= 1).all()
+
+
+def test_eplb_replicates_the_heaviest_expert():
+    loads = np.array([[100.0, 10, 10, 10, 10, 10, 10, 10]])
+    plan = planners.eplb(loads, gpus=4, slots_per_gpu=3, redundant=4)
+    assert plan.replicas[0, 0] == 4  # 100 / 4 = 25 per replica is still the heaviest; the rest keep one
+    assert makespan(loads, plan)[0] == pytest.approx(45.0)  # 25 + 2 x 10 on each GPU
+
+
+def brute_force_makespan(load: np.ndarray, gpus: int, slots_per_gpu: int) -> float:
+    best = np.inf
+    for assignment in itertools.product(range(gpus), repeat=len(load)):
+        per_gpu = np.bincount(assignment, minlength=gpus)
+        if per_gpu.max() <= slots_per_gpu:
+            best = min(best, np.bincount(assignment, weights=load, minlength=gpus).max())
+    return best
+
+
+@pytest.mark.parametrize("experts,gpus,slots", [(6, 3, 2), (7, 3, 3), (8, 2, 8)])
+def test_exact_solver_matches_brute_force_and_bounds_greedy(experts, gpus, slots):
+    loads = skewed_loads(4, experts, seed=experts * gpus, concentration=1.0)
+    exact = makespan(loads, planners.exact(loads, gpus, slots))
+    greedy = makespan(loads, planners.greedy(loads, gpus, slots))
+    for layer, load in enumerate(loads):
+        assert exact[layer] == pytest.approx(brute_force_makespan(load, gpus, slots), rel=1e-6)
+    assert (greedy >= exact - 1e-6).all()
+
+
+def test_greedy_within_graham_bound_of_exact():
+    # Without a binding slot limit, longest-first packing is within 4/3 - 1/(3 gpus) of optimal (Graham 1969).
+    gpus, experts = 3, 9
+    loads = skewed_loads(6, experts, seed=7, concentration=2.0)
+    exact = makespan(loads, planners.exact(loads, gpus, experts))
+    greedy = makespan(loads, planners.greedy(loads, gpus, experts))
+    assert (greedy <= (4 / 3 - 1 / (3 * gpus)) * exact + 1e-6).all()
+
+
+def test_exact_with_replicas_is_a_lower_bound_for_eplb():
+    loads = skewed_loads(3, 6, seed=3, concentration=0.3)
+    exact = planners.exact(loads, gpus=3, slots_per_gpu=3, redundant=3)
+    assert_valid(exact, loads, 3, 3, n_replicas=None)
+    assert (exact.replicas.sum(axis=1) <= 6 + 3).all()
+    # The solver's split of tokens over replicas is free; its optimum is the total load over GPUs when it can
+    # level them, which every planner + dispatcher pair is at least.
+    eplb = planners.eplb(loads, gpus=3, slots_per_gpu=3, redundant=3)
+    for rule in ("even", "balanced"):
+        assert (makespan(loads, eplb, rule) >= loads.sum(axis=1) / 3 - 1e-6).all()
+    assert (makespan(loads, exact, "balanced") <= makespan(loads, planners.greedy(loads, 3, 3), "even") + 1e-6).all()
+
+
+def test_water_fill_levels_the_lowest_bins():
+    level = np.array([[5.0, 1.0, 3.0, 10.0], [0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 9.0, 9.0]])
+    amount = np.array([6.0, 8.0, 0.0])
+    share = water_fill(level, amount)
+    assert (share >= 0).all()
+    np.testing.assert_allclose(share.sum(axis=1), amount)
+    np.testing.assert_allclose(level[0] + share[0], [5.0, 5.0, 5.0, 10.0])
+    np.testing.assert_allclose(level[1] + share[1], [2.0, 2.0, 2.0, 2.0])
+    np.testing.assert_allclose(share[2], 0.0)
+
+
+def test_dispatch_conserves_tokens_and_balanced_never_worse_than_even():
+    rng = np.random.default_rng(0)
+    loads = skewed_loads(4, 32, seed=1)
+    counts = rng.poisson(loads / loads.sum(axis=1, keepdims=True) * 5000, size=(300, 4, 32))
+    plan = planners.eplb(loads, gpus=8, slots_per_gpu=5, redundant=8)
+    even, balanced = gpu_tokens(counts, plan, "even"), gpu_tokens(counts, plan, "balanced")
+    for tokens in (even, balanced):
+        np.testing.assert_allclose(tokens.sum(axis=-1), counts.sum(axis=-1))
+        assert (tokens >= -1e-9).all()
+    assert (imbalance(balanced) <= imbalance(even) + 1e-12).all()
+    assert imbalance(balanced).mean() < imbalance(even).mean()
+
+
+def test_align_keeps_loads_and_reduces_migrations():
+    loads = skewed_loads(3, 32, seed=5)
+    before = planners.eplb(loads, gpus=8, slots_per_gpu=5, redundant=8)
+    drifted = loads * np.random.default_rng(6).uniform(0.8, 1.2, size=loads.shape)
+    after = planners.eplb(drifted, gpus=8, slots_per_gpu=5, redundant=8)
+    shuffled = Plan(after.slot_expert.reshape(3, 8, 5)[:, ::-1].reshape(3, 40), after.replicas, 8)
+    aligned = align(before, shuffled)
+    np.testing.assert_allclose(np.sort(gpu_tokens(drifted[None], aligned)[0], axis=-1),
+                               np.sort(gpu_tokens(drifted[None], shuffled)[0], axis=-1))
+    assert arrivals(before, aligned).sum() <= arrivals(before, shuffled).sum()
+    assert arrivals(before, align(before, before)).sum() == 0
+
+
+@pytest.mark.parametrize("call", [
+    lambda: planners.plan(np.ones((2, 16)), gpus=4, slots_per_gpu=4, redundant=1),  # 17 replicas > 16 slots
+    lambda: planners.plan(-np.ones((2, 8)), gpus=2),
+    lambda: planners.plan(np.ones(8), gpus=2, slots_per_gpu=4),
+    lambda: planners.plan(np.ones((2, 8)), gpus=0),
+    lambda: planners.plan(np.ones((2, 8)), gpus=2, method="magic"),
+    lambda: planners.exact(np.ones((1, 128)), gpus=64, slots_per_gpu=3),
+    lambda: gpu_tokens(np.ones((3, 2, 7)), planners.plan(np.ones((2, 8)), gpus=2)),
+])
+def test_bad_input_is_a_usage_error(call):
+    with pytest.raises(PlacementError) as info:
+        call()
+    assert isinstance(info.value, UsageError) and "\n" not in str(info.value)

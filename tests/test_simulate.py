@@ -1,0 +1,136 @@
+"""Trace replay: hand-computed imbalance and step time, no peeking, the oracle unbeaten, the CLI contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moe_trace import synth, trace
+from moe_trace.cli import main
+from placement import policies, simulator
+from placement.cost import CostModel
+from placement.dispatch import gpu_tokens
+from placement.planners import Plan
+from placement.policies import Setting
+
+COST = CostModel(hidden=64, n_blocks=2, n_moe_blocks=1, seq_len=16, tokens_per_step=8)
+
+
+def test_static_imbalance_and_step_time_by_hand():
+    # 4 experts on 2 GPUs, contiguous: GPU 0 hosts experts 0, 1 and GPU 1 hosts 2, 3.
+    counts = np.array([[[3, 1, 2, 2]], [[5, 1, 1, 1]]])  # [steps, layers=1, experts]
+    setting = Setting(gpus=2, redundant=0, cost=COST)
+    [record] = simulator.simulate(counts, [policies.Static()], setting)
+    # step 0: GPUs 4 and 4 -> 1.0; step 1: GPUs 6 and 2, mean 4 -> 1.5
+    assert record["mean_imbalance"] == pytest.approx(1.25)
+    assert record["p99_imbalance"] == pytest.approx(1.0 + 0.5 * 0.99)  # linear interpolation between the two
+    busiest = np.array([4.0, 6.0])
+    hand = COST.dense_time_s(2) + busiest * COST.seconds_per_token(2) + 4 * COST.a2a_latency
+    assert record["est_step_time_s"] == pytest.approx(hand.mean())
+    assert record["migrations"] == 0 and record["moved_bytes"] == 0 and record["step_time_vs_static"] == 1.0
+
+
+def test_replicated_expert_split_by_hand():
+    # Expert 0 on both GPUs, expert 1 on GPU 0, expert 2 on GPU 1; counts [4, 3, 1].
+    plan = Plan(np.array([[0, 1, 0, 2]]), np.array([[2, 1, 1]]), gpus=2)
+    counts = np.array([[[4, 3, 1]]])
+    np.testing.assert_allclose(gpu_tokens(counts, plan, "even")[0, 0], [3 + 2, 1 + 2])
+    np.testing.assert_allclose(gpu_tokens(counts, plan, "balanced")[0, 0], [4, 4])  # 1 to GPU 0, 3 to GPU 1
+
+
+def test_migrations_are_counted_and_charged():
+    counts = np.array([[[9, 1, 1, 1]]] * 4 + [[[1, 1, 1, 9]]] * 4)
+    setting = Setting(gpus=2, redundant=0, cost=COST)
+    # Longest-first on 2 GPUs x 2 slots: [9, 1, 1, 1] -> {0, 3} {1, 2}; [1, 1, 1, 9] -> {3, 2} {0, 1}.
+    first, second = setting.plan(np.array([[9.0, 1, 1, 1]])), setting.plan(np.array([[1.0, 1, 1, 9]]))
+    assert [set(g) for g in first.slot_expert.reshape(2, 2)] == [{0, 3}, {1, 2}]
+    outcome = simulator.replay(counts, [(0, first), (4, setting.plan(np.array([[1.0, 1, 1, 9]]), first))], setting)
+    np.testing.assert_allclose(outcome["imbalance"], 10 / 6)  # 10 tokens vs 2 at every step
+    assert outcome["migrations"].tolist() == [0, 0, 0, 0, 2, 0, 0, 0]  # each GPU receives one expert
+    stall = outcome["step_time_s"][4] - outcome["step_time_s"][5]
+    assert stall == pytest.approx(COST.bytes_per_expert / COST.link_bandwidth)
+    assert {frozenset(g) for g in second.slot_expert.reshape(2, 2)} == {frozenset({2, 3}), frozenset({0, 1})}
+
+
+@pytest.fixture(scope="module")
+def drifting():
+    counts, meta = synth.generate(layers=3, experts=16, steps=2400, tokens_per_step=65536, switch_step=1200,
+                                  concentration=2.0, drift=0.8, seed=3)
+    return counts, meta
+
+
+def test_oracle_never_beaten(drifting):
+    counts, meta = drifting
+    setting = Setting(gpus=4, redundant=4, cost=CostModel.from_meta(meta))
+    records = {r["policy"]: r for r in simulator.simulate(counts, policies.get("all"), setting, stable_from=1200)}
+    for phase in ("transient", "stable"):
+        oracle = records["oracle"]["phases"][phase]["mean_imbalance"]
+        for name in ("static", "history", "predict", "phase"):
+            assert oracle <= records[name]["phases"][phase]["mean_imbalance"], (phase, name)
+    assert records["oracle"]["mean_imbalance"] <= min(r["mean_imbalance"] for r in records.values())
+    assert records["static"]["replans"] == 0 and records["history"]["replans"] == 2  # steps 1000 and 2000
+
+
+@pytest.mark.parametrize("policy", [policies.History(every=300, window=300), policies.Predict(every=100),
+                                    policies.PhaseAware(transient_every=100, stable_every=300)])
+def test_policies_do_not_read_the_future(drifting, policy):
+    counts, meta = drifting
+    setting = Setting(gpus=4, redundant=4, cost=CostModel.from_meta(meta))
+    cut = 1000
+    altered = counts.copy()
+    altered[cut:] = altered[cut:, :, ::-1]  # a different future
+
+    def schedule(c):
+        p = c / c.sum(axis=2, keepdims=True)
+        return [(t, plan.slot_expert) for t, plan in policy.schedule(c, p, setting) if t <= cut]
+
+    for (t1, a), (t2, b) in zip(schedule(counts), schedule(altered), strict=True):
+        assert t1 == t2 and np.array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def trace_path(tmp_path_factory, drifting):
+    counts, meta = drifting
+    return str(trace.write(tmp_path_factory.mktemp("t") / "trace", counts, meta))
+
+
+def test_simulate_cli_json(trace_path, tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    assert main(["simulate", trace_path, "--gpus", "4", "--policy", "static,history,oracle", "--json", str(out)]) == 0
+    assert "static" in capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert [r["policy"] for r in records] == ["static", "history", "oracle"]
+    for r in records:
+        assert {"policy", "gpus", "redundant", "mean_imbalance", "p99_imbalance", "migrations", "moved_bytes",
+                "est_step_time_s"} <= r.keys()
+        assert r["gpus"] == 4 and r["redundant"] == 4
+
+
+def test_place_cli_json(trace_path, tmp_path):
+    out = tmp_path / "place.json"
+    assert main(["place", trace_path, "--gpus", "4", "--redundant", "4", "--at", "1500", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["slots_per_gpu"] == 5 and len(result["layers"]) == 3
+    for layer in result["layers"]:
+        hosted = [e for gpu in layer["gpus"] for e in gpu]
+        assert sorted(set(hosted)) == list(range(16)) and len(hosted) == 20
+        assert layer["history_imbalance"] <= layer["static_imbalance"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["simulate", "{trace}", "--gpus", "0"],
+    ["simulate", "{trace}", "--gpus", "4", "--policy", "nope"],
+    ["simulate", "{trace}", "--gpus", "4", "--predictor", "nope"],
+    ["simulate", "{trace}", "--gpus", "4", "--replan-every", "0"],
+    ["simulate", "{trace}", "--gpus", "4", "--link-gbps", "-1"],
+    ["simulate", "/no/such/trace", "--gpus", "4"],
+    ["place", "{trace}", "--gpus", "4", "--at", "99999"],
+    ["place", "{trace}", "--gpus", "4", "--at", "100", "--window", "0"],
+    ["place", "{trace}", "--gpus", "2", "--redundant", "-3", "--at", "100"],
+])
+def test_bad_input_exits_2_with_one_line(trace_path, capsys, argv):
+    assert main([a.format(trace=trace_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error" in err and "Traceback" not in err
