@@ -70,7 +70,7 @@ def score(predictor: Predictor, proportions: np.ndarray, horizons: Sequence[int]
     out: dict[int, list[tuple[int, np.ndarray]]] = {h: [] for h in horizons}
     for t0 in at:
         predictor.fit(proportions[:t0])
-        for h in horizons:
+        for h in sorted(horizons, reverse=True):  # longest first: a predictor may reuse its longest forecast
             if t0 + h > n_steps:
                 continue
             actual = proportions[t0:t0 + h]

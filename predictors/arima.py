@@ -1,0 +1,113 @@
+"""ARIMA (statsmodels), one model per (layer, expert) series, fitted on block means.
+
+Per-step proportions are mostly noise (ANCHORS.md: ~16-20 % per step at 16k tokens), so each series is
+averaged over blocks of ``block`` steps first: a fit then sees ``history / block`` points instead of
+``history`` (50x fewer at the default) and costs ~20-50 ms instead of seconds, and a horizon of 1000-2000
+steps is 20-40 block steps ahead. The block forecast is held for the steps of each block.
+
+Cost control for evaluation, where one predictor is fitted at origin after origin: orders and parameters
+are estimated when the history has grown by ``refit_every`` steps since the last estimation; in between,
+a fit only takes the new data, and the forecast runs the Kalman filter with the old parameters (~3 ms a
+series). With ``order=None`` the order is chosen per layer from ``orders`` by the information criterion
+``criterion``, summed over the layer's ``select_series`` most variable experts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+
+from predictors.base import Predictor, register
+from predictors.linear import block_means, repeat_blocks
+
+DEFAULT_ORDERS = ((1, 0, 0), (2, 0, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
+
+
+@register("arima")
+class Arima(Predictor):
+    """Per-series ARIMA on ``block``-step means of the last ``history`` steps."""
+
+    parallel = True
+
+    def __init__(self, order: tuple[int, int, int] | None = None, block: int = 50, history: int = 5000,
+                 orders: tuple[tuple[int, int, int], ...] = DEFAULT_ORDERS, criterion: str = "aic",
+                 select_series: int = 2, refit_every: int = 5000):
+        if int(block) < 1 or int(history) < 2 * int(block) or criterion not in ("aic", "bic", "hqic"):
+            raise ValueError("need block >= 1, history >= 2 * block and criterion in aic, bic, hqic")
+        self.order = None if order is None else tuple(int(x) for x in order)
+        self.block, self.history = int(block), int(history)
+        self.orders = tuple(tuple(int(x) for x in o) for o in orders)
+        self.criterion, self.select_series, self.refit_every = criterion, int(select_series), int(refit_every)
+        self._estimated_at: int | None = None
+
+    def _fit(self, history: np.ndarray) -> None:
+        self._series = block_means(history, self.block, self.history)  # [n, layers, experts]
+        self._forecast = np.empty((0, *self._series.shape[1:]))
+        n_layers, n_experts = self._series.shape[1:]
+        stale = (self._estimated_at is None or not 0 <= len(history) - self._estimated_at < self.refit_every
+                 or self._params.shape != (n_layers, n_experts))
+        if not stale:
+            return
+        with _quiet_single_threaded():
+            self._orders = [self.order or self._select_order(self._series[:, layer]) for layer in range(n_layers)]
+            self._params = np.empty((n_layers, n_experts), dtype=object)
+            for (layer, expert), _ in np.ndenumerate(self._params):
+                y = self._series[:, layer, expert]
+                if len(y) > sum(self._orders[layer]) + 2 and np.ptp(y) > 0:  # else: hold the last block mean
+                    self._params[layer, expert] = _try(lambda y=y, o=self._orders[layer]: _model(y, o).fit(
+                        cov_type="none", low_memory=True).params)
+        self._estimated_at = len(history)
+
+    def _select_order(self, layer_series: np.ndarray) -> tuple[int, int, int]:
+        """The order from ``orders`` with the least summed criterion over the most variable experts."""
+        picks = np.argsort(layer_series.var(axis=0))[::-1][:self.select_series]
+        scores = [sum(_try(lambda e=e, o=o: getattr(_model(layer_series[:, e], o).fit(cov_type="none",
+                                                                                      low_memory=True),
+                                                    self.criterion), default=np.inf) for e in picks)
+                  for o in self.orders]
+        return self.orders[int(np.argmin(scores))]
+
+    def _predict(self, horizon: int) -> np.ndarray:
+        n_blocks = -(-horizon // self.block)
+        if len(self._forecast) < n_blocks:  # forecast once for the longest horizon asked
+            forecast = np.broadcast_to(self._series[-1], (n_blocks, *self._series.shape[1:])).copy()
+            # The Kalman filter over the series padded with missing values forecasts in the same pass.
+            padding = np.full(n_blocks, np.nan)
+            with _quiet_single_threaded():
+                for (layer, expert), params in np.ndenumerate(self._params):
+                    if params is not None:
+                        padded = np.concatenate([self._series[:, layer, expert], padding])
+                        filtered = _try(lambda y=padded, o=self._orders[layer], p=params: _model(y, o).filter(
+                            p, cov_type="none").fittedvalues[-n_blocks:])
+                        if filtered is not None:
+                            forecast[:, layer, expert] = filtered
+            self._forecast = forecast
+        return repeat_blocks(self._forecast[:n_blocks], self.block, horizon)
+
+
+def _model(y: np.ndarray, order: tuple[int, int, int]):
+    from statsmodels.tsa.arima.model import ARIMA
+
+    return ARIMA(y, order=order, trend="c" if order[1] == 0 else "n")
+
+
+def _try(compute, default=None):
+    """``compute()``, or ``default`` where statsmodels gives up on a degenerate series."""
+    try:
+        return compute()
+    except (np.linalg.LinAlgError, ValueError):
+        return default
+
+
+@contextmanager
+def _quiet_single_threaded():
+    """Silence statsmodels' per-fit warnings and hold BLAS to one thread (tiny matrices: threads only spin,
+    and slow fits 20x on a busy machine)."""
+    import statsmodels.tsa.arima.model  # noqa: F401  (its import adds "always" filters: import before ignoring)
+    from threadpoolctl import threadpool_limits
+
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
+        warnings.simplefilter("ignore")
+        yield
