@@ -11,6 +11,7 @@ deficiencies and in greyscale print.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -134,16 +135,30 @@ def binned_mean(p: np.ndarray, steps: np.ndarray, bins: int) -> tuple[np.ndarray
 
 
 def _pyplot():
-    """matplotlib's pyplot with a headless backend when no display is there (CLI, CI)."""
-    import matplotlib
-
-    if "MPLBACKEND" not in os.environ and not os.environ.get("DISPLAY"):
-        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"axes.prop_cycle": plt.cycler(color=OKABE_ITO), "figure.dpi": 100,
-                         "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
     return plt
+
+
+def _styled(plot):
+    """Draw ``plot`` in the report's style without touching the caller's matplotlib settings."""
+
+    @functools.wraps(plot)
+    def draw(*args, **kwargs):
+        import matplotlib
+
+        _pyplot()
+        style = {"axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO), "axes.grid": True, "grid.alpha": 0.3,
+                 "font.size": 9}
+        with matplotlib.rc_context(style):
+            fig = plot(*args, **kwargs)
+            # Jupyter's inline backend switches interactive mode on at its first figure; leaving the context
+            # would switch it off again and later figures would no longer show, so carry it out.
+            interactive = matplotlib.is_interactive()
+        matplotlib.interactive(interactive)
+        return fig
+
+    return draw
 
 
 def _mark_stable(ax, stable_from: int | None, label: bool = False) -> None:
@@ -152,6 +167,7 @@ def _mark_stable(ax, stable_from: int | None, label: bool = False) -> None:
                    label="stable phase starts" if label else None)
 
 
+@_styled
 def plot_loss(metrics: dict[str, np.ndarray], smooth: int | None = None) -> Figure:
     """Training loss (raw and smoothed) and the load-balancing loss against the optimizer step."""
     plt = _pyplot()
@@ -171,6 +187,7 @@ def plot_loss(metrics: dict[str, np.ndarray], smooth: int | None = None) -> Figu
     return fig
 
 
+@_styled
 def plot_proportion_heatmaps(run: Run, stable_from: Sequence[int | None] | None = None,
                              bins: int = HEATMAP_BINS) -> Figure:
     """One heatmap per MoE layer: expert (rows) by step (columns), colour = load proportion (bin mean)."""
@@ -195,6 +212,7 @@ def plot_proportion_heatmaps(run: Run, stable_from: Sequence[int | None] | None 
     return fig
 
 
+@_styled
 def plot_window_stats(stats: WindowStats, layer_labels: Sequence[str],
                       stable_from: Sequence[int | None] | None = None, title: str = "") -> Figure:
     """Windowed variance (top) and range (bottom) of the load proportions, one line per layer, log scale."""
@@ -228,6 +246,7 @@ def _stable_summary(stable_from: Sequence[int | None] | None) -> int | None:
     return int(np.median(starts)) if starts else None
 
 
+@_styled
 def plot_predictor_error(scores: Mapping[str, Mapping[int, Scores]],
                          stable_from: Sequence[int | None] | None = None) -> Figure:
     """Predictor error against the forecast origin, one row per horizon, mean over layers.
@@ -268,6 +287,7 @@ def plot_predictor_error(scores: Mapping[str, Mapping[int, Scores]],
     return fig
 
 
+@_styled
 def plot_imbalance(outcomes: Mapping[str, Mapping[str, np.ndarray]], steps: np.ndarray, smooth: int,
                    stable_from: Sequence[int | None] | None = None, setting: str = "") -> Figure:
     """Per placement policy over the run: imbalance (busiest GPU over the mean, mean over layers) and the
@@ -312,6 +332,7 @@ def _common_windows(a: WindowStats, b: WindowStats) -> int:
     return min(len(a.starts), len(b.starts))
 
 
+@_styled
 def plot_compare_metric(a: WindowStats, b: WindowStats, metric: str, names: tuple[str, str],
                         layer_labels: Sequence[str], stable_from: tuple[Sequence | None, Sequence | None]
                         = (None, None)) -> Figure:
@@ -360,6 +381,7 @@ def window_drift(stats: WindowStats) -> np.ndarray:
     return np.concatenate([np.full((1, drift.shape[1]), np.nan), drift])
 
 
+@_styled
 def plot_load_distance(a: WindowStats, b: WindowStats, names: tuple[str, str],
                        layer_labels: Sequence[str]) -> Figure:
     """Per layer, how far apart the two runs' expert loads are, against how far each run moves by itself."""

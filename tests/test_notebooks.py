@@ -15,7 +15,6 @@ SMALL_TRACE = ROOT / "traces" / "ci-small"
 def execute(name: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> nbformat.NotebookNode:
     for key, value in env.items():
         monkeypatch.setenv(key, value)  # the kernel inherits the test's environment
-    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     book = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     NotebookClient(book, timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
@@ -36,7 +35,7 @@ def test_committed_notebooks_have_no_outputs():
 
 def test_analysis_notebook_runs(monkeypatch):
     book = execute("analysis.ipynb", monkeypatch, MOE_TRACE_PATH=str(SMALL_TRACE))
-    assert images(book) >= 2  # heatmap and spread; the loss needs metrics.parquet
+    assert images(book) == 4  # heatmap, spread, predictor error, placement; the loss needs metrics.parquet
 
 
 def test_compare_notebook_runs(monkeypatch, tmp_path):

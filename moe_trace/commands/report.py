@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no window, even where a display exists
+
     from moe_trace import report
     from predictors import split_specs
 
