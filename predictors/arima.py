@@ -6,9 +6,10 @@ averaged over blocks of ``block`` steps first: a fit then sees ``history / block
 steps is 20-40 block steps ahead. The block forecast is held for the steps of each block.
 
 Cost control for evaluation, where one predictor is fitted at origin after origin: orders and parameters
-are estimated when the history has grown by ``refit_every`` steps since the last estimation; in between,
-a fit only takes the new data, and the forecast runs the Kalman filter with the old parameters (~3 ms a
-series). With ``order=None`` the order is chosen per layer from ``orders`` by the information criterion
+are estimated on the history up to the last multiple of ``refit_every`` steps (``0``: always all of it),
+so they are re-estimated only when the history crosses such a multiple; in between, a fit only takes the
+new data, and the forecast runs the Kalman filter over all of it with those parameters (~3 ms a series).
+With ``order=None`` the order is chosen per layer from ``orders`` by the information criterion
 ``criterion``, summed over the layer's ``select_series`` most variable experts.
 """
 
@@ -45,20 +46,23 @@ class Arima(Predictor):
     def _fit(self, history: np.ndarray) -> None:
         self._series = block_means(history, self.block, self.history)  # [n, layers, experts]
         self._forecast = np.empty((0, *self._series.shape[1:]))
-        n_layers, n_experts = self._series.shape[1:]
-        stale = (self._estimated_at is None or not 0 <= len(history) - self._estimated_at < self.refit_every
-                 or self._params.shape != (n_layers, n_experts))
-        if not stale:
+        # Parameters come from the history up to the last multiple of refit_every steps (all of it while it
+        # is shorter), so they do not depend on which origins one process happened to fit before.
+        cut = len(history) // self.refit_every * self.refit_every if self.refit_every else 0
+        cut = cut or len(history)
+        if cut == self._estimated_at and self._params.shape == self._series.shape[1:]:
             return
+        estimation = block_means(history[:cut], self.block, self.history)
+        n_layers, n_experts = estimation.shape[1:]
         with _quiet_single_threaded():
-            self._orders = [self.order or self._select_order(self._series[:, layer]) for layer in range(n_layers)]
+            self._orders = [self.order or self._select_order(estimation[:, layer]) for layer in range(n_layers)]
             self._params = np.empty((n_layers, n_experts), dtype=object)
             for (layer, expert), _ in np.ndenumerate(self._params):
-                y = self._series[:, layer, expert]
+                y = estimation[:, layer, expert]
                 if len(y) > sum(self._orders[layer]) + 2 and np.ptp(y) > 0:  # else: hold the last block mean
                     self._params[layer, expert] = _try(lambda y=y, o=self._orders[layer]: _model(y, o).fit(
                         cov_type="none", low_memory=True).params)
-        self._estimated_at = len(history)
+        self._estimated_at = cut
 
     def _select_order(self, layer_series: np.ndarray) -> tuple[int, int, int]:
         """The order from ``orders`` with the least summed criterion over the most variable experts."""

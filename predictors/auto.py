@@ -85,7 +85,7 @@ class BacktestSelected(Predictor):
         error = np.abs(forecast - actual[:, None, None]).sum(axis=-1)  # [ends, windows, damping, layers]
         # Scale-free: errors shrink by 10x from the transient to the stable phase, and the large old ones
         # must not outvote the recent ones; so score the log of each error relative to the origin's best.
-        regret = np.log(error / error.min(axis=(1, 2), keepdims=True).clip(1e-12))
+        regret = np.log((error + 1e-12) / (error.min(axis=(1, 2), keepdims=True) + 1e-12))
         weights = 0.5 ** ((ends[-1] - ends) / self.memory)
         score = np.tensordot(weights, regret, axes=1)  # [windows, damping, layers]
         return score.reshape(-1, score.shape[-1]).argmin(axis=0)

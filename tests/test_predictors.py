@@ -1,0 +1,138 @@
+"""Predictors on series with known answers, the metrics against hand-computed values, the protocol."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import predictors
+from moe_trace import synth
+from predictors import evaluate
+
+FAST = [s for s in predictors.available() if s != "lstm"]  # the LSTM has its own test file
+
+
+def _line(steps: int, start=(0.3, 0.7), slope=(1e-4, -1e-4)) -> np.ndarray:
+    t = np.arange(steps)[:, None]
+    return np.asarray(start) + t * np.asarray(slope)
+
+
+def _ar1(steps: int, phi: float, mean: float = 0.5, std: float = 0.02, seed: int = 0) -> np.ndarray:
+    """Two experts' proportions ``[x, 1 - x]`` with ``x`` an AR(1) around ``mean``."""
+    rng = np.random.default_rng(seed)
+    x = np.empty(steps)
+    x[0] = mean
+    for t in range(1, steps):
+        x[t] = mean + phi * (x[t - 1] - mean) + rng.normal(0, std)
+    return np.stack([x, 1 - x], axis=1)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_forecasts_are_proportions_of_the_right_shape(name):
+    history = np.random.default_rng(0).dirichlet(np.ones(5), size=(600, 3))
+    forecast = predictors.get(name).fit(history).predict(70)
+    assert forecast.shape == (70, 3, 5) and (forecast >= 0).all()
+    np.testing.assert_allclose(forecast.sum(axis=-1), 1.0)
+    assert predictors.get(name).fit(history[:, 0]).predict(4).shape == (4, 5)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_constant_load_is_forecast_exactly(name):
+    level = np.array([0.1, 0.2, 0.3, 0.4])
+    history = np.broadcast_to(level, (800, 4)) + 0.0
+    np.testing.assert_allclose(predictors.get(name).fit(history).predict(50), np.broadcast_to(level, (50, 4)),
+                               atol=1e-6)
+
+
+def test_sliding_window_and_ema_by_hand():
+    history = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    np.testing.assert_allclose(predictors.get("sw_avg", window=2).fit(history).predict(1), [[0.25, 0.75]])
+    w = np.array([0.25, 0.5, 1.0])  # halflife 1: weights halve per step back
+    expected = (w[:, None] * history).sum(axis=0) / w.sum()
+    np.testing.assert_allclose(predictors.get("ema", halflife=1).fit(history).predict(2), [expected, expected])
+
+
+@pytest.mark.parametrize("spec", ["linear:window=3000", "auto"])
+def test_a_linear_drift_is_extrapolated(spec):
+    history = _line(3000)
+    truth = _line(3400)[3000:]
+    np.testing.assert_allclose(predictors.from_spec(spec).fit(history).predict(400), truth, atol=1e-9)
+
+
+def test_autoregressive_predictors_recover_an_ar1_process():
+    phi, mean, h = 0.8, 0.5, 5
+    history = _ar1(3000, phi, mean)
+    last = history[-1, 0]
+    truth = mean + phi ** np.arange(1, h + 1) * (last - mean)  # the optimal forecast of x
+    for spec in ["arima:order=(1,0,0):block=1:history=3000", "linear:window=3000:lags=1"]:
+        forecast = predictors.from_spec(spec).fit(history).predict(h)[:, 0]
+        np.testing.assert_allclose(forecast, truth, atol=0.1 * abs(last - mean) + 2e-3, err_msg=spec)
+
+
+def test_arima_chooses_an_order_by_information_criterion():
+    model = predictors.get("arima", block=1, history=2000, orders=((0, 1, 1), (1, 0, 0))).fit(_ar1(2000, 0.8))
+    assert model._orders == [(1, 0, 0)]
+
+
+def test_metrics_by_hand():
+    actual = np.array([[[0.5, 0.5]], [[1.0, 0.0]]])  # 2 steps, 1 layer, 2 experts
+    forecast = np.array([[[0.6, 0.4]], [[0.6, 0.4]]])
+    np.testing.assert_allclose(evaluate.step_wape(forecast, actual), [(0.2 + 0.8) / 2])
+    np.testing.assert_allclose(evaluate.step_floor(actual), [(0.5 + 0.5) / 2])  # oracle: mean [0.75, 0.25]
+    np.testing.assert_allclose(evaluate.mean_wape(forecast, actual), [0.15 + 0.15])
+    assert evaluate.origins(3000, 1000, 250, 1000).tolist() == [1000, 1250, 1500, 1750, 2000]
+
+
+def test_records_split_origins_by_phase():
+    s = evaluate.Scores(origins=np.array([100, 200, 300]), step_wape=np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+                        step_floor=np.ones((3, 2)), mean_wape=np.zeros((3, 2)))
+    rows = {(r["phase"], r["layer"]): r for r in evaluate.records("x", {10: s}, [200, None], per_layer=True)}
+    assert rows[("all", "all")]["step_wape"] == pytest.approx(3.5)
+    assert rows[("stable", "all")]["step_wape"] == pytest.approx(4.0)  # layer 0 at origins 200, 300
+    assert rows[("stable", "all")]["n_origins"] == 2
+    assert rows[("transient", "all")]["step_wape"] == pytest.approx((1 + 2 + 4 + 6) / 4)
+    assert rows[("transient", 1)]["step_wape"] == pytest.approx(4.0)
+    assert ("stable", 1) not in rows
+
+
+@pytest.fixture(scope="module")
+def small_trace():
+    counts, _ = synth.generate(layers=2, experts=6, steps=2400, tokens_per_step=2048, seq_len=256,
+                               switch_step=800, seed=11)
+    return counts / counts.sum(axis=2, keepdims=True)
+
+
+def test_no_predictor_beats_the_floor_on_average(small_trace):
+    cheap_arima = "arima:order=(1,0,1):block=20:refit_every=800"
+    for spec in [*(s for s in FAST if s != "arima"), cheap_arima, "sw_avg:window=50", "linear:window=300:block=20:lags=2"]:
+        scores = evaluate.evaluate(small_trace, spec, [200, 400], stride=100, min_history=400)
+        for h, s in scores.items():
+            assert s.step_wape.mean() >= s.step_floor.mean(), (spec, h)
+            assert len(s.origins) == len(evaluate.origins(2400, h, 100, 400))
+
+
+def test_processes_give_the_same_scores_as_one(small_trace):
+    spec = "arima:order=(1,0,0):block=20:history=1000"
+    serial = evaluate.evaluate(small_trace, spec, [400], stride=200, min_history=400, workers=1)[400]
+    parallel = evaluate.evaluate(small_trace, spec, [400], stride=200, min_history=400, workers=2)[400]
+    np.testing.assert_array_equal(serial.origins, parallel.origins)
+    np.testing.assert_allclose(serial.mean_wape, parallel.mean_wape, rtol=1e-6)
+
+
+def test_registry_and_specs():
+    assert {"sw_avg", "ema", "linear", "arima", "auto", "lstm"} <= set(predictors.available())
+    assert predictors.from_spec("sw_avg:window=100").window == 100
+    assert predictors.from_spec("arima:order=(2,0,1)").order == (2, 0, 1)
+    assert predictors.split_specs("sw_avg,arima:order=(1,0,1),ema:halflife=5") == [
+        "sw_avg", "arima:order=(1,0,1)", "ema:halflife=5"]
+    for bad in ["nope", "sw_avg:window", "sw_avg:colour=3", "sw_avg:window=0"]:
+        with pytest.raises(ValueError):
+            predictors.from_spec(bad)
+    with pytest.raises(ValueError):
+        predictors.get("sw_avg").fit(np.ones(5))
+
+
+def test_importing_predictors_does_not_import_torch():
+    code = "import sys, predictors, predictors.evaluate, predictors.phases; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
