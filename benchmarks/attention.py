@@ -45,7 +45,7 @@ def implementations(q, k, v, causal, configs):
     """name -> zero-argument callable returning the attention output."""
     impls = {}
     for mode in MODES:
-        cfg = configs.get((mode, q.shape[-1], causal)) or block_config(q.shape[-1], causal)
+        cfg = configs.get((mode, q.shape[-1], causal)) or block_config(q.shape[-1], mode)
         sm = 1.0 / math.sqrt(q.shape[-1])
         impls[mode] = lambda mode=mode, cfg=cfg, sm=sm: attend_quantized(
             quantize_inputs(q, k, v, sm, mode, cfg["block_n"]), q.dtype, causal, **cfg
@@ -88,7 +88,7 @@ def sweep(results: list) -> dict:
                             fn = functools.partial(attend_quantized, x, q.dtype, causal, **cfg)
                         ms = bench(fn)
                     except Exception as e:  # a tile that does not fit in shared memory
-                        print(f"sweep {mode} d={d} causal={causal} {cfg}: {type(e).__name__}")
+                        print(f"sweep {mode} d={d} causal={causal} {cfg}: {type(e).__name__} {str(e)[-200:]}")
                         continue
                     results.append({"mode": mode, "head_dim": d, "causal": causal, **cfg, "ms": ms})
                     key = (mode, d, causal)

@@ -47,15 +47,16 @@ SHAPES = [  # batch, heads, kv_heads, seq_q, seq_k, head_dim: ragged tails, GQA,
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_kernel_equals_emulation(mode, causal, shape, dtype):
-    q, k, v = _qkv(*shape, dtype=dtype, seed=hash((mode, causal, shape)) % 1000)
+    q, k, v = _qkv(*shape, dtype=dtype, seed=sum(shape) + 2 * causal + len(mode))
     sm_scale = 0.7 / shape[-1] ** 0.5
     out = int8_flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, mode=mode).float()
-    block_n = block_config(shape[-1], causal)["block_n"]
+    block_n = block_config(shape[-1], mode)["block_n"]
     expected = emulate_int8_attention(q, k, v, causal, sm_scale, mode, block_n).float()
-    # Float rounding may move a value across a rounding boundary of the INT8 grid now and then: one step
-    # of one P entry moves an output by at most |v| / 255 (atol); on average the two agree to rounding.
+    # Float rounding may move a value across a rounding boundary of the INT8 grid now and then: one step of
+    # one P entry moves an output by about |v_i - v_j| / 255 / l, most in rows with few keys (atol); on
+    # average the two agree to rounding.
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    torch.testing.assert_close(out, expected, rtol=2 * ulp, atol=1e-2)
+    torch.testing.assert_close(out, expected, rtol=2 * ulp, atol=3e-2)
     assert (out - expected).abs().mean() <= 0.5 * ulp * expected.abs().mean()
 
 

@@ -23,7 +23,7 @@ from moe_trace.attention.modes import MODES
 from moe_trace.attention.quantize import quantize_per_token, quantize_v_blocks
 
 LOG2E = math.log2(math.e)
-NEG_LARGE = -1.0e30  # a finite "-inf" for running maxima: exp2(m_old - m_new) stays defined over masked blocks
+NEG_LARGE = tl.constexpr(-1.0e30)  # a finite "-inf" for running maxima: exp2(m_old - m_new) stays defined
 
 
 @triton.jit
@@ -131,9 +131,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_config(head_dim: int, causal: bool) -> dict[str, int]:
-    """Tile sizes and launch parameters; ``block_n`` also sets the V-scale blocks (and the emulation's)."""
-    return {"block_m": 128, "block_n": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 3}
+def block_config(head_dim: int, mode: str) -> dict[str, int]:
+    """Tiles and launch parameters, the fastest of benchmarks/attention.py's sweep on an H100 (S=4096).
+
+    ``block_n`` also sets the blocks of V's scales and of P's row maxima, so the emulation takes it too.
+    """
+    if MODES[mode].int8_pv:
+        return {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
+    if head_dim <= 64:
+        return {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
+    return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> None:
@@ -171,7 +178,7 @@ def int8_flash_attention(
     """
     check_inputs(q, k, v, mode)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    config = block_config(q.shape[-1], causal)
+    config = block_config(q.shape[-1], mode)
     if not q.is_cuda and not interpreting():
         from moe_trace.attention.reference import emulate_int8_attention
 
