@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
           f"val loss {summary['val_loss']:.3f}, {summary['elapsed_s']:.0f} s")
     print(f"wrote {config.out}/trace/, {config.out}/metrics.parquet, {config.out}/config.json, "
           f"{config.out}/checkpoints/")
-    return 0
+    return 130 if summary["stopped_early"] else 0  # the shell's code for "interrupted", as the CLI uses
 
 
 def _check_backend(name: str) -> None:

@@ -1,0 +1,54 @@
+"""Data sources, the tokenizer cache and deterministic batches."""
+
+import numpy as np
+import pytest
+
+from moe_trace.data import load_data
+from moe_trace.errors import UsageError
+
+
+def test_default_corpus_batches_are_a_function_of_seed_and_step(corpus_cache):
+    data = load_data(None, 4096, 128)
+    assert data.tokenizer_path is not None and data.tokenizer_path.is_relative_to(corpus_cache)
+    assert len(data.val) > 128 and len(data.train) > 19 * len(data.val) * 0.9
+    x, y = data.batch("train", seed=0, step=7, micro=1, batch_size=4, seq_len=128)
+    assert x.shape == y.shape == (4, 128) and int(x.max()) < 4096
+    assert (x[:, 1:] == y[:, :-1]).all()  # targets are the inputs shifted by one
+    again, _ = data.batch("train", seed=0, step=7, micro=1, batch_size=4, seq_len=128)
+    other, _ = data.batch("train", seed=0, step=8, micro=1, batch_size=4, seq_len=128)
+    assert (x == again).all() and not (x == other).all()
+
+
+def test_text_directory_is_tokenized_once_and_cached_beside_it(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 40)
+    (corpus / "image.bin").write_bytes(b"\0\1\2" * 100)  # binary: skipped
+    first = load_data(corpus, vocab_size=300, seq_len=16)
+    assert first.tokenizer_path.parent.parent == tmp_path / "corpus.moe-trace-cache"
+    stamp = first.tokenizer_path.stat().st_mtime_ns
+    second = load_data(corpus, vocab_size=300, seq_len=16)
+    assert second.tokenizer_path == first.tokenizer_path and second.tokenizer_path.stat().st_mtime_ns == stamp
+    assert np.array_equal(first.train, second.train)
+
+
+def test_pretokenized_bin_and_npy(tmp_path):
+    ids = np.arange(5000, dtype=np.uint16) % 1000
+    ids.tofile(tmp_path / "ids.bin")
+    np.save(tmp_path / "ids.npy", ids.astype(np.int32))
+    for name in ("ids.bin", "ids.npy"):
+        data = load_data(tmp_path / name, vocab_size=1000, seq_len=32)
+        assert data.tokenizer_path is None
+        assert np.array_equal(np.concatenate([data.train, data.val]), ids)
+
+
+def test_bad_data_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        load_data(tmp_path / "missing.txt", 4096, 128)
+    np.save(tmp_path / "big.npy", np.array([0, 70000] * 100, dtype=np.int32))
+    with pytest.raises(UsageError, match="does not fit"):
+        load_data(tmp_path / "big.npy", 50257, 8)
+    np.save(tmp_path / "short.npy", np.arange(50, dtype=np.int32))
+    with pytest.raises(UsageError, match="too few"):
+        load_data(tmp_path / "short.npy", 100, 32)

@@ -1,0 +1,49 @@
+"""The count recorder and metrics log: blocks, flushes and resume truncation."""
+
+import numpy as np
+import torch
+
+from moe_trace import trace
+from moe_trace.recorder import CountRecorder, MetricsLog
+
+META = trace.make_meta(model="test", num_experts=3, top_k=1, moe_layers=[1, 3], tokens_per_step=6, seq_len=2,
+                       global_batch=3, seed=0, moe_backend="torch", attention="sdpa", world_size=1)
+
+
+def test_micro_batches_sum_and_parts_cover_every_step(tmp_path):
+    recorder = CountRecorder(tmp_path / "trace", META, torch.device("cpu"), block=4)
+    rng = np.random.default_rng(0)
+    expected = rng.integers(0, 10, size=(11, 2, 2, 3))  # steps, micro-batches, layers, experts
+    for step in range(11):
+        for micro in range(2):
+            recorder.add(torch.from_numpy(expected[step, micro]))
+        recorder.end_step(step)
+        if step in (5, 10):  # flushes mid-block and at a block boundary
+            recorder.flush()
+    loaded = trace.load(tmp_path / "trace")
+    assert loaded.steps.tolist() == list(range(11))
+    assert np.array_equal(loaded.counts, expected.sum(axis=1))
+    assert len(list((tmp_path / "trace").glob("part-*.parquet"))) == 2
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    recorder = CountRecorder(tmp_path / "trace", META, torch.device("cpu"), block=2, write=False)
+    recorder.add(torch.ones(2, 3, dtype=torch.int64))
+    recorder.end_step(0)
+    recorder.flush()
+    assert not (tmp_path / "trace").exists()
+
+
+def test_metrics_log_keeps_rows_before_the_resume_step(tmp_path):
+    path = tmp_path / "metrics.parquet"
+    log = MetricsLog(path)
+    for step in range(6):
+        log.add(step=step, loss=torch.tensor(float(step)), lr=0.1, grad_norm=torch.tensor(1.0),
+                aux_loss=torch.tensor(0.01), step_time_s=0.5, tokens=6)
+    log.flush()
+    resumed = MetricsLog(path, resume_step=4)
+    resumed.add(step=4, loss=40.0, lr=0.1, grad_norm=1.0, aux_loss=0.01, step_time_s=0.5, tokens=6)
+    resumed.flush()
+    columns = trace.load_metrics(path)
+    assert columns["step"].tolist() == [0, 1, 2, 3, 4]
+    assert columns["loss"].tolist() == [0.0, 1.0, 2.0, 3.0, 40.0]

@@ -1,0 +1,121 @@
+"""Training end to end: loss, token conservation, config, crash/resume with SIGKILL, Ctrl-C, bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moe_trace import cli, trace
+from moe_trace.model import make_config
+from moe_trace.train import TrainConfig, train
+
+# A model small enough that a subprocess run is dominated by its start-up, on the session's corpus cache.
+SMALL = ["--model", "gpt-tiny-moe", "--blocks", "2", "--hidden", "32", "--heads", "2", "--experts", "4",
+         "--moe-every", "1", "--seq-len", "32", "--global-batch", "4", "--device", "cpu", "--eval-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(corpus_cache, tmp_path_factory):
+    """100 steps of gpt-tiny-moe on the default corpus (half the preset's batch, to keep CI fast)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    config = TrainConfig(out=str(out), steps=100, global_batch=8, warmup=10, eval_every=50, flush_every=30)
+    summary = train(make_config("gpt-tiny-moe"), config, "cpu")
+    return out, summary
+
+
+def test_loss_goes_down(tiny_run):
+    out, summary = tiny_run
+    loss = trace.load_metrics(out / "metrics.parquet")["loss"]
+    assert loss[0] > 8.0  # ln(4096) = 8.3 at initialisation
+    assert loss[-10:].mean() < loss[0] - 1.5
+    assert summary["val_loss"] < loss[0] - 1.5
+
+
+def test_every_row_of_the_trace_conserves_tokens(tiny_run):
+    out, _ = tiny_run
+    loaded = trace.load(out)
+    meta = loaded.meta
+    assert loaded.steps.tolist() == list(range(100))
+    assert loaded.layers == [1, 3] and meta["tokens_per_step"] == 8 * 128 and meta["top_k"] == 2
+    assert (loaded.counts.sum(axis=2) == meta["tokens_per_step"] * meta["top_k"]).all()
+    assert len(list((out / "trace").glob("part-*.parquet"))) == 1  # compacted at the end
+    assert trace.load_metrics(out)["step"].tolist() == list(range(100))
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["tokenizer"].endswith("tokenizer.json")
+
+
+def _train_process(*args):
+    return subprocess.Popen([sys.executable, "-m", "moe_trace", "train", *SMALL, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_sigkill_then_resume_records_every_step_exactly_once(corpus_cache, tmp_path):
+    out = tmp_path / "run"
+    process = _train_process("--out", str(out), "--steps", "2000", "--checkpoint-every", "20", "--flush-every", "10")
+    _wait_for(out / "checkpoints" / "step-0000000040.pt", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    killed = trace.load(out)  # readable: ends at the last flush, which is at or past the last checkpoint
+    assert killed.steps.tolist() == list(range(len(killed))) and len(killed) >= 40
+
+    resumed = subprocess.run([sys.executable, "-m", "moe_trace", "train", "--out", str(out), "--resume",
+                              "--steps", "70"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    final = trace.load(out)
+    assert final.steps.tolist() == list(range(70))
+    assert (final.counts.sum(axis=2) == 4 * 32 * 2).all()
+    assert trace.load_metrics(out)["step"].tolist() == list(range(70))
+
+
+def test_sigint_stops_with_a_checkpoint_and_a_readable_trace(corpus_cache, tmp_path):
+    out = tmp_path / "run"
+    process = _train_process("--out", str(out), "--steps", "2000", "--flush-every", "10")
+    _wait_for(out / "metrics.parquet", process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    (checkpoint,) = (out / "checkpoints").glob("step-*.pt")
+    stopped_at = int(checkpoint.stem.split("-")[1])
+    assert 10 <= stopped_at < 2000
+    assert trace.load(out).steps.tolist() == list(range(stopped_at))
+    assert trace.load_metrics(out)["step"].tolist() == list(range(stopped_at))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "gpt-huge"], "unknown model"),
+    (["--model", "gpt-tiny-moe", "--data", "/nonexistent/corpus.txt"], "no such file"),
+    (["--model", "gpt-tiny-moe", "--moe-backend", "megablocks"], "megablocks"),
+    (["--model", "gpt-tiny-moe", "--top-k", "9"], "top_k"),
+    (["--resume"], "--resume"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_existing_run_without_resume_is_refused(corpus_cache, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *SMALL]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_unknown_preset_through_the_console_script():
+    result = subprocess.run([sys.executable, "-m", "moe_trace", "train", "--model", "nope"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unknown model" in result.stderr
