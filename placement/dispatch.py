@@ -4,8 +4,9 @@ An expert hosted on one GPU sends all its tokens there. An expert with replicas 
 by one of two rules, applied per step and layer:
 
 * ``even`` -- equal shares per replica (what EPLB's random choice among replicas gives on average);
-* ``balanced`` -- least-loaded replica first (water-filling): replicated experts, heaviest first, pour
-  their tokens into their GPUs from the least loaded up, so those GPUs end as level as the tokens allow.
+* ``balanced`` -- least-loaded replica first (water-filling): starting from the even split, replicated
+  experts, heaviest first, re-pour their tokens into their GPUs from the least loaded up, so those GPUs end
+  as level as the tokens allow; two such passes.
   It needs this step's per-expert counts before the all-to-all, which dropless MoE exchanges anyway to
   size its buffers. This is the default: replicas can then absorb per-step noise, not only mean skew.
 
@@ -56,11 +57,12 @@ def _even(counts: np.ndarray, plan: Plan) -> np.ndarray:
     return per_slot.reshape(*per_slot.shape[:2], plan.gpus, -1).sum(axis=-1)
 
 
-def _balanced(counts: np.ndarray, plan: Plan, even: np.ndarray) -> np.ndarray:
+def _balanced(counts: np.ndarray, plan: Plan, even: np.ndarray, passes: int = 2) -> np.ndarray:
     """Start from the even split, then re-pour each replicated expert's tokens (heaviest first) by water-filling.
 
-    Each re-pour minimises the busiest of that expert's GPUs with every other share fixed and leaves the
-    other GPUs alone, so no step ends more imbalanced than under the even split.
+    Two passes over the replicated experts. Each re-pour minimises the busiest of that expert's GPUs with
+    every other share fixed and leaves the other GPUs alone, so no step ends more imbalanced than under the
+    even split.
     """
     slot_counts = plan.slot_counts()  # [layers, gpus, experts]
     hosts = slot_counts > 0
@@ -86,12 +88,14 @@ def _balanced(counts: np.ndarray, plan: Plan, even: np.ndarray) -> np.ndarray:
     ) / plan.replicas[np.arange(layers)[:, None], order][..., None]  # [layers, K, width]
 
     rows = np.arange(layers)
-    for k in range(order.shape[1]):
-        experts = order[:, k]
-        poured = counts[:, rows, experts] * valid[:, k]  # [steps, layers]
-        ids = gpu_ids[:, k, :]  # [layers, width]
-        level = np.where(ids == gpus, _FULL, tokens[:, rows[:, None], ids] - poured[..., None] * even_fraction[:, k])
-        tokens[:, rows[:, None], ids] = level + water_fill(level, poured)
+    poured = counts[:, rows[:, None], order] * valid  # [steps, layers, K]
+    shares = poured[..., None] * even_fraction  # [steps, layers, K, width]: where each expert's tokens go now
+    for _ in range(passes):
+        for k in range(order.shape[1]):
+            ids = gpu_ids[:, k, :]  # [layers, width]
+            level = np.where(ids == gpus, _FULL, tokens[:, rows[:, None], ids] - shares[:, :, k])
+            shares[:, :, k] = water_fill(level, poured[:, :, k])
+            tokens[:, rows[:, None], ids] = level + shares[:, :, k]
     return tokens[:, :, :gpus]
 
 

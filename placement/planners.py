@@ -68,6 +68,18 @@ class Plan:
                     np.where(take_other, other.replicas, self.replicas), self.gpus)
 
 
+def stack(plans: list[Plan]) -> Plan:
+    """One plan holding the layers of ``plans`` one after another (to dispatch several plans in one call)."""
+    return Plan(np.concatenate([p.slot_expert for p in plans]), np.concatenate([p.replicas for p in plans]),
+                plans[0].gpus)
+
+
+def unstack(plan: Plan, layers: int) -> list[Plan]:
+    """Split a plan into consecutive plans of ``layers`` layers each (the inverse of :func:`stack`)."""
+    return [Plan(plan.slot_expert[i: i + layers], plan.replicas[i: i + layers], plan.gpus)
+            for i in range(0, len(plan.replicas), layers)]
+
+
 def slots_per_gpu_for(experts: int, gpus: int, redundant: int) -> int:
     """The fewest slots per GPU that hold ``experts + redundant`` replicas."""
     if gpus < 1 or redundant < 0:

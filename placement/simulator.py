@@ -7,24 +7,32 @@ A re-plan adds its migration stall to the step it happens at.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
 from placement.dispatch import gpu_tokens, imbalance
 from placement.migration import arrivals
+from placement.planners import Plan, stack
 from placement.policies import Setting
 
-CHUNK_STEPS = 2048
+CHUNK_STEPS = 2048  # longest stretch of steps dispatched at once
+BATCH_ROWS = 1 << 15  # steps x layers per dispatch call when short stretches are batched together
 
 
 def replay(counts: np.ndarray, schedule: list, setting: Setting) -> dict[str, np.ndarray]:
     """Per-step outcome of a schedule: ``imbalance[steps, layers]``, ``step_time_s[steps]`` (migration
-    stalls included) and ``migrations[steps]`` (experts moved at each step)."""
-    steps = len(counts)
-    result = {"imbalance": np.empty(counts.shape[:2]), "step_time_s": np.empty(steps),
+    stalls included) and ``migrations[steps]`` (experts moved at each step).
+
+    Stretches of equal length under different plans are dispatched in one call, their plans stacked as
+    extra layers: a policy that re-plans every few dozen steps costs few calls.
+    """
+    steps, layers = counts.shape[:2]
+    result = {"imbalance": np.empty((steps, layers)), "step_time_s": np.empty(steps),
               "migrations": np.zeros(steps, dtype=np.int64)}
     stall = np.zeros(steps)
+    stretches: dict[int, list[tuple[int, Plan]]] = defaultdict(list)  # length -> [(first step, plan)]
     bounds = [start for start, _ in schedule[1:]] + [steps]
     previous = None
     for (start, plan), end in zip(schedule, bounds, strict=True):
@@ -34,10 +42,19 @@ def replay(counts: np.ndarray, schedule: list, setting: Setting) -> dict[str, np
             stall[start] = setting.cost.migration_time_s(moved)
         previous = plan
         for lo in range(start, end, CHUNK_STEPS):
-            hi = min(end, lo + CHUNK_STEPS)
-            tokens = gpu_tokens(counts[lo:hi], plan, setting.dispatch)
-            result["imbalance"][lo:hi] = imbalance(tokens)
-            result["step_time_s"][lo:hi] = setting.cost.step_time_s(tokens.max(axis=-1), setting.gpus)
+            stretches[min(end, lo + CHUNK_STEPS) - lo].append((lo, plan))
+
+    for length, group in stretches.items():
+        per_call = max(1, BATCH_ROWS // (length * layers))
+        for i in range(0, len(group), per_call):
+            batch = group[i: i + per_call]
+            stacked = np.concatenate([counts[lo: lo + length] for lo, _ in batch], axis=1)
+            tokens = gpu_tokens(stacked, stack([plan for _, plan in batch]), setting.dispatch)
+            imb = imbalance(tokens).reshape(length, len(batch), layers)
+            time_s = setting.cost.step_time_s(tokens.max(axis=-1).reshape(length, len(batch), layers), setting.gpus)
+            for j, (lo, _) in enumerate(batch):
+                result["imbalance"][lo: lo + length] = imb[:, j]
+                result["step_time_s"][lo: lo + length] = time_s[:, j]
     result["step_time_s"] += stall
     return result
 

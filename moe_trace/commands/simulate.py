@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma list of static, history, predict, phase, oracle, or all (default: %(default)s)")
     p.add_argument("--replan-every", type=int, default=None, help="steps between EPLB-history re-plans (1000)")
     p.add_argument("--predictor", default=None,
-                   help="predictor spec for 'predict' and the transient phase of 'phase' (default ema:halflife=100)")
+                   help="predictor spec for 'predict' and the transient phase of 'phase' "
+                        "(defaults: ema:halflife=50 and ema:halflife=25)")
     p.set_defaults(run=run)
 
 
