@@ -54,10 +54,11 @@ def test_kernel_equals_emulation(mode, causal, shape, dtype):
     expected = emulate_int8_attention(q, k, v, causal, sm_scale, mode, block_n).float()
     # Float rounding may move a value across a rounding boundary of the INT8 grid now and then: one step of
     # one P entry moves an output by about |v_i - v_j| / 255 / l, most in rows with few keys (atol); on
-    # average the two agree to rounding.
+    # average the two agree to rounding. In bfloat16 the interpreter also truncates the 16-bit P of mode
+    # int8_qk (and the output), a bias of up to one unit that the GPU, rounding to nearest, does not have.
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
     torch.testing.assert_close(out, expected, rtol=2 * ulp, atol=3e-2)
-    assert (out - expected).abs().mean() <= 0.5 * ulp * expected.abs().mean()
+    assert (out - expected).abs().mean() <= (1.5 if dtype == torch.bfloat16 else 0.5) * ulp * expected.abs().mean()
 
 
 # Relative L1 bounds against float64. Issue 4's goals are for normal inputs (int8 <= 1.5 %, training mode

@@ -25,15 +25,15 @@ def _attend_blocks(
         else:
             kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None])
             v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :])
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt)  # the scale is applied inside exp2's argument: one FMA per score
         if MASKED:
             visible = cols[None, :] < seq_k
             if CAUSAL:
                 visible &= cols[None, :] <= offs_m[:, None]
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new

@@ -24,6 +24,17 @@ from moe_trace.attention.quantize import quantize_per_token, quantize_v_blocks
 
 LOG2E = math.log2(math.e)
 NEG_LARGE = tl.constexpr(-1.0e30)  # a finite "-inf" for running maxima: exp2(m_old - m_new) stays defined
+# 1.5 * 2**23: a float32 of this size has unit spacing, so adding an integer below 2**22 to it puts the integer in
+# the low mantissa bits. Integer <-> float conversions run at a quarter of the FP32 rate on Hopper (the same
+# pipe as exp2), so the kernel converts through these bit patterns with full-rate adds instead.
+MAGIC = tl.constexpr(12582912.0)
+MAGIC_BITS = tl.constexpr(0x4B400000)
+
+
+@triton.jit
+def _int32_to_float(x):
+    """Exact for |x| < 2**22; an integer add and a float add instead of a conversion."""
+    return (x + MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC
 
 
 @triton.jit
@@ -44,37 +55,43 @@ def _attend_blocks(
         else:
             kt = tl.load(K + cols[None, :] * HEAD_DIM + offs_d[:, None])
             k_scale = tl.load(K_scale + cols)
-        s = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+        # Scores without Q's (positive) scale; it is applied inside exp2's argument, one FMA per score.
+        s = _int32_to_float(tl.dot(q, kt, out_dtype=tl.int32)) * k_scale[None, :]
         if MASKED:
             visible = cols[None, :] < seq_k
             if CAUSAL:
                 visible &= cols[None, :] <= offs_m[:, None]
             s = tl.where(visible, s, float("-inf"))
-        m_block = tl.maximum(tl.max(s, axis=1), NEG_LARGE)
+        m_block = tl.maximum(tl.max(s, axis=1) * q_scale, NEG_LARGE)
         m_new = tl.maximum(m_i, m_block)
         alpha = tl.math.exp2(m_i - m_new)
         if INT8_PV:
-            p = tl.math.exp2(s - m_block[:, None])  # in [0, 1], each row's largest entry exactly 1
-            p_centered = tl.floor(p * 255.0 - 127.5)  # masked keys: p = 0 -> -128, i.e. uint8 0
+            p = tl.math.exp2(s * q_scale[:, None] - m_block[:, None])  # in [0, 1], each row's largest entry 1
+            # p * 255 rounded to the nearest integer u lands in the low bits of p_bits; their low byte, read as
+            # a signed byte, is u - 128 (the unsigned range shifted into int8). Masked keys: u = 0.
+            p_bits = p * 255.0 + (MAGIC + 128.0)
+            p_centered = p_bits.to(tl.int32, bitcast=True).to(tl.int8)
             # V as [BLOCK_N, HEAD_DIM] from the transposed copy: contiguous along keys, K-major again.
             v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd)
             block = n // BLOCK_N
             v_scale = tl.load(V_scale + block * HEAD_DIM + offs_d)
-            pv = tl.dot(p_centered.to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
-            pv += tl.load(V_offset + block * HEAD_DIM + offs_d)[None, :]
+            # sum_j u_j v_j = (P·V with u - 128) + 128 * sum_j v_j, the second term precomputed per block.
+            pv_bits = (tl.dot(p_centered, v, out_dtype=tl.int32) + MAGIC_BITS).to(tl.float32, bitcast=True)
+            v_offset = tl.load(V_offset + block * HEAD_DIM + offs_d)
+            pv = pv_bits - (MAGIC - v_offset[None, :])
             row_weight = tl.math.exp2(m_block - m_new) * (1.0 / 255.0)
             acc = acc * alpha[:, None] + pv * (row_weight[:, None] * v_scale[None, :])
-            # sum(p_uint8) = sum(p_centered) + 128 * BLOCK_N, exact in FP32: the same weights as P·V used.
-            l_i = l_i * alpha + (tl.sum(p_centered, axis=1) + 128.0 * BLOCK_N) * row_weight
+            # sum(u), exact in FP32: the normaliser uses the same quantized weights as P·V.
+            l_i = l_i * alpha + tl.sum(p_bits - (MAGIC + 128.0), axis=1) * row_weight
         else:
-            p = tl.math.exp2(s - m_new[:, None])
+            p = tl.math.exp2(s * q_scale[:, None] - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
             v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
             v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0) if MASKED else tl.load(v_ptrs)
             p = p.to(v.dtype)
             if UPCAST_DOT:  # Triton's interpreter multiplies bfloat16 wrongly (3.9); the values are the same
                 p, v = p.to(tl.float32), v.to(tl.float32)
             acc = tl.dot(p, v, acc * alpha[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -95,7 +112,7 @@ def _int8_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = offs_m < seq_q
     q = tl.load(Q + (bh * seq_q + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], mask=in_seq[:, None], other=0)
-    q_scale = tl.load(Q_scale + bh * seq_q + offs_m, mask=in_seq, other=0.0)
+    q_scale = tl.load(Q_scale + bh * seq_q + offs_m, mask=in_seq, other=1.0)
 
     K += bh_kv * seq_k * HEAD_DIM
     K_scale += bh_kv * seq_k

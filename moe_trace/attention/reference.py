@@ -46,23 +46,22 @@ def emulate_int8_attention(
     acc = torch.zeros(q.shape, device=q.device)
     for n in range(0, seq_k, block_n):
         cols = torch.arange(n, min(n + block_n, seq_k), device=q.device)
-        s = (q_int @ k_int[:, :, cols].transpose(-1, -2)) * q_scale * k_scale[:, :, cols].transpose(-1, -2)
+        s = (q_int @ k_int[:, :, cols].transpose(-1, -2)) * k_scale[:, :, cols].transpose(-1, -2)
         if causal:
             s = s.masked_fill(cols[None, :] > rows, float("-inf"))
-        m_block = s.amax(dim=-1).clamp_min(NEG_LARGE)
+        m_block = (s.amax(dim=-1) * q_scale[..., 0]).clamp_min(NEG_LARGE)
         m_new = torch.maximum(m_i, m_block)
         alpha = torch.exp2(m_i - m_new)
         v_block = v[:, :, cols].float()
         if MODES[mode].int8_pv:
-            p_uint8 = torch.floor(torch.exp2(s - m_block[..., None]) * 255.0 - 127.5) + 128.0
+            p_uint8 = torch.round(torch.exp2(s * q_scale - m_block[..., None]) * 255.0)
             v_amax = v_block.abs().amax(dim=2, keepdim=True).clamp_min(1e-12)
             v_int = torch.floor(v_block * (127.0 / v_amax) + 0.5)
             row_weight = torch.exp2(m_block - m_new) * (1.0 / 255.0)
-            pv = p_uint8 @ v_int
-            acc = acc * alpha[..., None] + pv * (row_weight[..., None] * (v_amax / 127.0))
+            acc = acc * alpha[..., None] + (p_uint8 @ v_int) * (row_weight[..., None] * (v_amax / 127.0))
             l_i = l_i * alpha + p_uint8.sum(dim=-1) * row_weight
         else:
-            p = torch.exp2(s - m_new[..., None])
+            p = torch.exp2(s * q_scale - m_new[..., None])
             acc = acc * alpha[..., None] + p.to(out_dtype).float() @ v_block
             l_i = l_i * alpha + p.sum(dim=-1)
         m_i = m_new
