@@ -29,6 +29,7 @@ class CostModel:
     tokens_per_step: int
     ffn_mult: int = 4
     matmul_flops: float = 180e12  # achieved bf16 rate of grouped expert GEMMs (ANCHORS.md: 124-185 TFLOP/s, H100)
+    dense_flops: float = 400e12  # achieved rate of attention + dense GEMMs (ANCHORS.md: GEMM 776, flash attn ~300)
     a2a_bandwidth: float = 50e9  # bytes/s one GPU receives in an all-to-all (a 400 Gb/s NIC per GPU)
     a2a_latency: float = 30e-6  # seconds per all-to-all call
     link_bandwidth: float = 50e9  # bytes/s for moving an expert's state to its new GPU
@@ -64,7 +65,7 @@ class CostModel:
         h = self.hidden
         params_per_token = 4 * h * h * self.n_blocks + self.expert_params * (self.n_blocks - self.n_moe_blocks)
         flops_per_token = 6 * params_per_token + 6 * self.n_blocks * h * self.seq_len  # causal attention
-        return self.tokens_per_step / gpus * flops_per_token / self.matmul_flops
+        return self.tokens_per_step / gpus * flops_per_token / self.dense_flops
 
     def seconds_per_token(self, gpus: int) -> float:
         """MoE-layer time per token on the busiest GPU: expert matmuls (fwd + bwd) and 4 all-to-all transfers."""

@@ -129,6 +129,7 @@ class PhaseAware:
     transient_predictor: str = "ema:halflife=25"
     stable_predictor: str = "sw_avg:window=1000"
     history: int = 2000
+    phase_history: int = 1000  # steps the online phase rule looks at
     replay: int = 100  # recent steps replayed to estimate a candidate plan's gain
     payback: int = 200  # steps a new plan has to repay its migration (at least the check interval)
     first: int = 10  # the first check, as soon as a few steps of history exist
@@ -140,7 +141,7 @@ class PhaseAware:
         t = max(self.first, 1)
         while t < len(props):
             history = props[max(0, t - self.history): t]
-            stable = stable_layers(history).all()
+            stable = stable_layers(history[-self.phase_history:]).all()
             horizon = self.stable_every if stable else self.transient_every
             spec = self.stable_predictor if stable else self.transient_predictor
             forecast = _predict_mean(spec, history, horizon)

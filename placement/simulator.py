@@ -93,11 +93,11 @@ def simulate(counts: np.ndarray, policies: list, setting: Setting, stable_from: 
         if len(phases) > 1:
             record["phases"] = {name: figures for name, figures in per_phase.items() if name != "all"}
         records.append(record)
-    _relative_to_static(records)
+    relative_to_static(records)
     return records
 
 
-def _relative_to_static(records: list[dict[str, Any]]) -> None:
+def relative_to_static(records: list[dict[str, Any]]) -> None:
     static = next((r for r in records if r["policy"] == "static"), None)
     if static is None:
         return
