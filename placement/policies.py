@@ -8,10 +8,10 @@ from its step until the next one. Policies other than the oracle read only the s
 * ``predict`` -- every ``every`` steps (50), plan on a predictor's forecast of the next ``every`` steps.
 * ``phase`` -- phase-aware: check often (``transient_every``) while loads move and rarely
   (``stable_every``) once they settle, forecasting with a short-memory predictor in the transient phase and
-  a long window in the stable one; a layer is re-planned only when the forecast gain over the check
-  interval exceeds its migration stall. The phase is decided online by :func:`stable_layers` from the
-  recent history alone, with the movement statistic of ``predictors.phases`` (whose change-point split
-  needs the whole trace, which a running job does not have).
+  a long window in the stable one; a layer is re-planned only when the forecast gain over the next
+  ``payback`` steps (200, or the check interval if longer) exceeds its migration stall. The phase is
+  decided online by :func:`stable_layers` from the recent history alone, with the movement statistic of
+  ``predictors.phases`` (whose change-point split needs the whole trace, which a running job lacks).
 * ``oracle`` -- hindsight: every ``every`` steps (50), plan on the actual mean load of the next 50 and of
   the next 1000 steps, and per layer keep whichever of these and the current plan makes the next 50 steps
   fastest, migration included. What knowing the future buys at that cadence. It is not a bound: at the
