@@ -16,12 +16,13 @@ With ``order=None`` the order is chosen per layer from ``orders`` by the informa
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 
 from predictors.base import Predictor, register
-from predictors.linear import block_means, repeat_blocks
+from predictors.series import block_means, estimation_cut, one_thread, repeat_blocks
 
 DEFAULT_ORDERS = ((1, 0, 0), (2, 0, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
 
@@ -46,10 +47,7 @@ class Arima(Predictor):
     def _fit(self, history: np.ndarray) -> None:
         self._series = block_means(history, self.block, self.history)  # [n, layers, experts]
         self._forecast = np.empty((0, *self._series.shape[1:]))
-        # Parameters come from the history up to the last multiple of refit_every steps (all of it while it
-        # is shorter), so they do not depend on which origins one process happened to fit before.
-        cut = len(history) // self.refit_every * self.refit_every if self.refit_every else 0
-        cut = cut or len(history)
+        cut = estimation_cut(len(history), self.refit_every)
         if cut == self._estimated_at and self._params.shape == self._series.shape[1:]:
             return
         estimation = block_means(history[:cut], self.block, self.history)
@@ -106,12 +104,10 @@ def _try(compute, default=None):
 
 
 @contextmanager
-def _quiet_single_threaded():
-    """Silence statsmodels' per-fit warnings and hold BLAS to one thread (tiny matrices: threads only spin,
-    and slow fits 20x on a busy machine)."""
+def _quiet_single_threaded() -> Iterator[None]:
+    """One BLAS thread (see ``one_thread``) and no statsmodels warnings: thousands of small fits chatter."""
     import statsmodels.tsa.arima.model  # noqa: F401  (its import adds "always" filters: import before ignoring)
-    from threadpoolctl import threadpool_limits
 
-    with warnings.catch_warnings(), threadpool_limits(limits=1):
+    with warnings.catch_warnings(), one_thread():
         warnings.simplefilter("ignore")
         yield

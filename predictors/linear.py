@@ -5,22 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from predictors.base import Predictor, register
-
-
-def block_means(history: np.ndarray, block: int, window: int | None = None) -> np.ndarray:
-    """Means of consecutive ``block``-step blocks over the last ``window`` steps, aligned to the newest step.
-
-    ``[steps, ...] -> [blocks, ...]``; a partial oldest block is dropped (at least one block is kept).
-    """
-    recent = history if window is None else history[-window:]
-    n_blocks = max(1, len(recent) // block)
-    recent = recent[-n_blocks * block:]
-    return recent.reshape(n_blocks, len(recent) // n_blocks, *recent.shape[1:]).mean(axis=1)
-
-
-def repeat_blocks(block_forecast: np.ndarray, block: int, horizon: int) -> np.ndarray:
-    """Expand a ``[blocks, ...]`` forecast to ``[horizon, ...]`` steps (each block value held ``block`` steps)."""
-    return np.repeat(block_forecast, block, axis=0)[:horizon]
+from predictors.series import block_means, repeat_blocks
 
 
 @register("linear")
