@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("concentration", float, "Dirichlet concentration of the stable loads (small = skewed)"),
         ("drift", float, "std of the transient's logit excursion"),
         ("drift_timescale", float, "correlation time of the transient's excursion, steps"),
+        ("fade", float, "std of the transient's initial logit deviation, fading to 0 at the switch (default: drift)"),
         ("seq_concentration", float, "per-sequence routing concentration (small = more overdispersed)"),
         ("seed", int, "random seed"),
     ]:
