@@ -147,12 +147,18 @@ def pack(loads: np.ndarray, replicas: np.ndarray, gpus: int, slots_per_gpu: int)
     expert_of = np.take_along_axis(expert_of, order, axis=1)
     weight = np.take_along_axis(weight, order, axis=1)
 
+    # The heaviest `gpus` replicas go one to each (empty) GPU, all at once; the rest one by one.
+    first = min(gpus, expert_of.shape[1])
     gpu_load = np.zeros((layers, gpus))
+    gpu_load[:, :first] = weight[:, :first]
     filled = np.zeros((layers, gpus), dtype=np.int64)
-    holds_current = np.zeros((layers, gpus), dtype=bool)  # GPUs holding the expert being placed
+    filled[:, :first] = 1
     slot_expert = np.full((layers, gpus * slots_per_gpu), -1, dtype=np.int64)
-    previous = np.full(layers, -1)
-    for j in range(expert_of.shape[1]):
+    slot_expert[:, np.arange(first) * slots_per_gpu] = expert_of[:, :first]
+    previous = expert_of[:, first - 1]
+    holds_current = np.zeros((layers, gpus), dtype=bool)  # GPUs holding the expert being placed
+    holds_current[:, :first] = expert_of[:, :first] == previous[:, None]
+    for j in range(first, expert_of.shape[1]):
         expert = expert_of[:, j]
         holds_current[expert != previous] = False
         with_room = np.where(filled < slots_per_gpu, gpu_load, np.inf)
