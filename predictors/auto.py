@@ -6,9 +6,12 @@ window's linear trend. From prefix sums of ``p`` and ``t * p`` every candidate's
 origin is a handful of array operations, so the whole grid is backtested at once, vectorised over origins,
 candidates, layers and experts.
 
-At ``predict(H)`` the backtest origins ``s`` run every ``stride`` steps up to ``t0 - H`` (so each target
-``[s, s + H)`` is history), each scored by the horizon-mean error ``mean_wape``; per layer the candidate with
-the least error, weighted to favour recent origins (weights halve every ``memory`` steps back), is used.
+At ``predict(H)`` the backtest origins ``s`` run every ``stride`` steps up to ``t0 - min_target``; each
+candidate is scored by its horizon-mean error (``mean_wape``) on the target ``[s, s + H)`` cut at ``t0``, so
+the latest origins, with partial targets, let the choice follow a change of regime (the start of the stable
+phase) within ``min_target`` steps rather than ``H``. Per layer, the candidate with the least log error
+relative to each origin's best (scale-free: transient errors are 10x the stable ones), weighted to favour
+recent origins (weights halve every ``memory`` steps back), is used.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ class BacktestSelected(Predictor):
 
     def __init__(self, windows: tuple[int, ...] = DEFAULT_WINDOWS, damping: tuple[float, ...] = DEFAULT_DAMPING,
                  stride: int = 100, memory: float = 2000.0, min_target: int = 100, fallback_window: int = 1000):
-        if min(windows) < 2 or stride < 1 or memory <= 0:
-            raise ValueError("windows must be >= 2, stride >= 1, memory > 0")
+        if min(windows) < 2 or stride < 1 or memory <= 0 or 0.0 not in damping:
+            raise ValueError("windows must be >= 2, stride >= 1, memory > 0, and damping must include 0")
         self.windows = tuple(int(w) for w in windows)
         self.damping = tuple(float(k) for k in damping)
         self.stride, self.memory, self.min_target = int(stride), float(memory), int(min_target)
@@ -57,8 +60,7 @@ class BacktestSelected(Predictor):
 
     def _predict(self, horizon: int) -> np.ndarray:
         n_steps = len(self._sum) - 1
-        damping = np.array(self.damping)[None, None, :, None, None]
-        choice = self._select(horizon, damping)  # [layers] flat index into (windows, damping)
+        choice = self._select(horizon)  # [layers] flat index into (windows, damping)
         mean, slope, w = (a[0] for a in self._window_fit(np.array([n_steps])))  # [windows, layers, experts]
         n_layers = mean.shape[1]
         wi, ki = np.unravel_index(choice, (len(self.windows), len(self.damping)))
@@ -67,24 +69,19 @@ class BacktestSelected(Predictor):
         offset = (w[wi, 0] + 1) / 2 + np.arange(horizon)[:, None, None]  # steps from the window's centre
         return level[None] + trend[None] * offset
 
-    def _select(self, horizon: int, damping: np.ndarray) -> np.ndarray:
-        n_steps = len(self._sum) - 1
+    def _select(self, horizon: int) -> np.ndarray:
+        n_steps, n_layers = len(self._sum) - 1, self._sum.shape[1]
         ends = np.arange(n_steps - self.min_target, 1, -self.stride)[::-1]
-        if len(ends) == 0:  # no backtest possible yet: the fallback sliding average
-            fallback = int(np.argmin(np.abs(np.array(self.windows) - self.fallback_window)))
-            n_layers = self._sum.shape[1]
-            return np.full(n_layers, fallback * len(self.damping) + self.damping.index(0.0)
-                           if 0.0 in self.damping else fallback * len(self.damping))
-        # Targets are [s, s + H) cut at the present: recent origins with partial targets let the choice
-        # follow a change of regime within min_target steps instead of H.
+        if len(ends) == 0:  # no backtest possible yet: the sliding average closest to fallback_window
+            window = int(np.argmin(np.abs(np.array(self.windows) - self.fallback_window)))
+            return np.full(n_layers, window * len(self.damping) + self.damping.index(0.0))
+        damping = np.array(self.damping)[None, None, :, None, None]
         length = np.minimum(horizon, n_steps - ends).astype(np.float64)
         mean, slope, w = self._window_fit(ends)
         lead = (w + length[:, None, None, None]) / 2
         forecast = mean[:, :, None] + damping * (slope * lead)[:, :, None]
         actual = (self._sum[ends + length.astype(np.int64)] - self._sum[ends]) / length[:, None, None]
         error = np.abs(forecast - actual[:, None, None]).sum(axis=-1)  # [ends, windows, damping, layers]
-        # Scale-free: errors shrink by 10x from the transient to the stable phase, and the large old ones
-        # must not outvote the recent ones; so score the log of each error relative to the origin's best.
         regret = np.log((error + 1e-12) / (error.min(axis=(1, 2), keepdims=True) + 1e-12))
         weights = 0.5 ** ((ends[-1] - ends) / self.memory)
         score = np.tensordot(weights, regret, axes=1)  # [windows, damping, layers]
