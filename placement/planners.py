@@ -61,12 +61,6 @@ class Plan:
         """bool ``[layers, gpus, experts]``: GPU ``g`` holds at least one replica of expert ``e``."""
         return self.slot_counts() > 0
 
-    def select(self, take_other: np.ndarray, other: Plan) -> Plan:
-        """A plan with ``other``'s layers where ``take_other[layer]`` is true and this plan's elsewhere."""
-        take_other = np.asarray(take_other, dtype=bool)[:, None]
-        return Plan(np.where(take_other, other.slot_expert, self.slot_expert),
-                    np.where(take_other, other.replicas, self.replicas), self.gpus)
-
 
 def stack(plans: list[Plan]) -> Plan:
     """One plan holding the layers of ``plans`` one after another (to dispatch several plans in one call)."""

@@ -130,7 +130,7 @@ class PhaseAware:
     stable_predictor: str = "sw_avg:window=1000"
     history: int = 2000
     phase_history: int = 1000  # steps the online phase rule looks at
-    replay: int = 100  # recent steps replayed to estimate a candidate plan's gain
+    replay: int = 50  # recent steps replayed to estimate a candidate plan's gain
     payback: int = 200  # steps a new plan has to repay its migration (at least the check interval)
     first: int = 10  # the first check, as soon as a few steps of history exist
     name: str = "phase"
@@ -146,18 +146,19 @@ class PhaseAware:
             spec = self.stable_predictor if stable else self.transient_predictor
             forecast = _predict_mean(spec, history, horizon)
             candidate = setting.plan(forecast, current)
-            take = self._worth_it(counts[max(0, t - self.replay): t], forecast, current, candidate,
-                                  max(horizon, self.payback), setting)
-            if take.any():
-                current = current.select(take, candidate)
+            choice = self._fastest(counts[max(0, t - self.replay): t], forecast, current, candidate,
+                                   max(horizon, self.payback), setting)
+            if choice.any():
+                current = _pick([current, candidate], choice)
                 schedule.append((t, current))
             t = (t // horizon + 1) * horizon  # checks on multiples of the cadence
         return schedule
 
     @staticmethod
-    def _worth_it(recent: np.ndarray, forecast: np.ndarray, current: Plan, candidate: Plan, horizon: int,
-                  setting: Setting) -> np.ndarray:
-        """Per layer: does the candidate's forecast time saving over ``horizon`` steps exceed its migration stall?
+    def _fastest(recent: np.ndarray, forecast: np.ndarray, current: Plan, candidate: Plan, horizon: int,
+                 setting: Setting) -> np.ndarray:
+        """Per layer: 1 where the candidate's forecast time saving over ``horizon`` steps exceeds its migration
+        stall, else 0.
 
         The saving is measured by replaying the recent counts rescaled to the forecast mean (and stretched to
         ``horizon`` steps), so per-step noise, which replicas must absorb, is in the estimate, not only the
@@ -166,7 +167,7 @@ class PhaseAware:
         recent_mean = recent.mean(axis=0)
         scale = np.divide(forecast * recent_mean.sum(axis=-1, keepdims=True), recent_mean,
                           out=np.ones_like(forecast), where=recent_mean > 0)
-        return _saves_time(recent * scale * (horizon / len(recent)), current, candidate, setting)
+        return _fastest(recent * scale * (horizon / len(recent)), current, [candidate], setting)
 
 
 @dataclass(frozen=True)
@@ -186,25 +187,30 @@ class Oracle:
         schedule = [(0, plans[0])]
         for i, t in enumerate(starts[1:], start=1):
             current = schedule[-1][1]
-            best = current
-            for candidate in plans[i * n: (i + 1) * n]:
-                candidate = align(current, candidate)
-                best = best.select(_saves_time(counts[t: t + self.every], best, candidate, setting), candidate)
-            if best is not current:
-                schedule.append((t, best))
+            candidates = [align(current, candidate) for candidate in plans[i * n: (i + 1) * n]]
+            choice = _fastest(counts[t: t + self.every], current, candidates, setting)
+            if choice.any():
+                schedule.append((t, _pick([current, *candidates], choice)))
         return schedule
 
 
-def _saves_time(counts: np.ndarray, current: Plan, candidate: Plan, setting: Setting) -> np.ndarray:
-    """Per layer: would replaying ``counts`` under ``candidate`` instead of ``current`` save more time than
-    the migration stall costs?"""
+def _fastest(counts: np.ndarray, current: Plan, candidates: list[Plan], setting: Setting) -> np.ndarray:
+    """Per layer, the index into ``[current, *candidates]`` of the plan that replays ``counts`` fastest,
+    counting each candidate's migration stall from ``current`` (ties keep the current plan)."""
+    plans = [current, *candidates]
     layers = counts.shape[1]
-    both = gpu_tokens(np.concatenate([counts, counts], axis=1), planners.stack([current, candidate]),
-                      setting.dispatch)
-    busiest = both.max(axis=-1).sum(axis=0)
-    gain_s = (busiest[:layers] - busiest[layers:]) * setting.cost.seconds_per_token(setting.gpus)
-    stall_s = arrivals(current, candidate).max(axis=1) * setting.cost.bytes_per_expert / setting.cost.link_bandwidth
-    return gain_s > stall_s
+    tokens = gpu_tokens(np.concatenate([counts] * len(plans), axis=1), planners.stack(plans), setting.dispatch)
+    busiest = tokens.max(axis=-1).sum(axis=0).reshape(len(plans), layers)
+    stall_s = np.stack([arrivals(current, plan).max(axis=1) for plan in plans]) * (
+        setting.cost.bytes_per_expert / setting.cost.link_bandwidth)
+    return np.argmin(busiest * setting.cost.seconds_per_token(setting.gpus) + stall_s, axis=0)
+
+
+def _pick(plans: list[Plan], choice: np.ndarray) -> Plan:
+    """Layer ``l`` from ``plans[choice[l]]``."""
+    layers = np.arange(len(choice))
+    return Plan(np.stack([p.slot_expert for p in plans])[choice, layers],
+                np.stack([p.replicas for p in plans])[choice, layers], plans[0].gpus)
 
 
 POLICIES = {"static": Static, "history": History, "predict": Predict, "phase": PhaseAware, "oracle": Oracle}

@@ -120,7 +120,8 @@ def whole_model_stable_from(proportions: np.ndarray) -> int | None:
 
 def format_table(records: list[dict[str, Any]], setting: Setting, stable_from: int | None) -> str:
     """The records as a plain-text table, one block of rows per phase."""
-    split = f"stable phase from step {stable_from}" if stable_from is not None else "no stable phase found"
+    split = ("no stable phase found" if stable_from is None else "stable throughout" if stable_from == 0
+             else f"stable phase from step {stable_from}")
     lines = [f"{setting.gpus} GPUs, {setting.redundant} redundant slots, planner {setting.planner}, "
              f"dispatch {setting.dispatch}; {split}",
              f"{'phase':<10} {'policy':<8} {'mean imb':>8} {'p99 imb':>8} {'migrations':>10} {'moved GB':>9} "
