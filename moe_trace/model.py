@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from moe_trace.moe import MoELayer
 
 ATTENTION_IMPLS = ("sdpa", "int8")
+MOE_BACKENDS = ("torch", "megablocks")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ModelConfig:
     z_loss_weight: float = 0.0
     normalize_topk: bool = False
     attention: str = "sdpa"
+    moe_backend: str = "torch"  # "megablocks": moe_trace.moe_megablocks (CUDA only), same interface
     global_batch: int = 16  # sequences per optimizer step: the preset's training default
 
     def __post_init__(self) -> None:
@@ -46,6 +48,8 @@ class ModelConfig:
             raise ValueError(f"moe_every={self.moe_every} must lie in 1..blocks={self.n_blocks}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(f"moe_backend={self.moe_backend!r} is not one of {MOE_BACKENDS}")
 
     @property
     def moe_blocks(self) -> list[int]:
@@ -120,15 +124,24 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+def _moe_layer_class(backend: str) -> type[nn.Module]:
+    if backend == "megablocks":
+        from moe_trace.moe_megablocks import MegablocksMoELayer
+
+        return MegablocksMoELayer
+    return MoELayer
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, moe: bool, out_init_std: float):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.hidden)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.hidden)
-        self.mlp = (MoELayer(config.hidden, config.ffn_mult * config.hidden, config.num_experts, config.top_k,
-                             config.load_balancing_weight, config.z_loss_weight, config.normalize_topk,
-                             out_init_std=out_init_std)
+        self.mlp = (_moe_layer_class(config.moe_backend)(
+                        config.hidden, config.ffn_mult * config.hidden, config.num_experts, config.top_k,
+                        config.load_balancing_weight, config.z_loss_weight, config.normalize_topk,
+                        out_init_std=out_init_std)
                     if moe else MLP(config))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -155,8 +168,9 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, std=std)
 
     @property
-    def moe_layers(self) -> list[MoELayer]:
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE layers, in block order (any backend: they share MoELayer's attributes)."""
+        return [b.mlp for b in self.blocks if not isinstance(b.mlp, MLP)]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits ``[batch, seq, vocab]`` and, given targets, the mean cross-entropy (without aux losses)."""
@@ -183,7 +197,7 @@ def num_parameters(model: GPT, active: bool = False) -> int:
     if not active:
         return total
     config = model.config
-    inactive_experts = sum(layer.w1.numel() + layer.w2.numel() for layer in model.moe_layers)
+    inactive_experts = sum(p.numel() for layer in model.moe_layers for p in layer.expert_parameters())
     inactive_experts = inactive_experts * (config.num_experts - config.top_k) // config.num_experts
     return total - inactive_experts - model.wpe.weight.numel()
 

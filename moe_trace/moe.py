@@ -95,6 +95,10 @@ class MoELayer(nn.Module):
         self.tokens_per_expert: Tensor | None = None
         self.aux_loss: Tensor | None = None
 
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The stacked expert weights (what a token uses k/E of)."""
+        return [self.w1, self.w2]
+
     def forward(self, x: Tensor) -> Tensor:
         x_flat = x.reshape(-1, x.shape[-1])
         routing = route(self.router(x_flat), self.top_k, self.normalize_weights)

@@ -54,7 +54,6 @@ class TrainConfig:
     seed: int = 0
     data: str | None = None
     corpus_mb: float = 8.0
-    moe_backend: str = "torch"
     compile: bool = False
 
 
@@ -212,7 +211,7 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
     meta = trace.make_meta(
         model=model_config.name, num_experts=model_config.num_experts, top_k=model_config.top_k,
         moe_layers=model_config.moe_blocks, tokens_per_step=tokens_per_step, seq_len=model_config.seq_len,
-        global_batch=config.global_batch, seed=config.seed, moe_backend=config.moe_backend,
+        global_batch=config.global_batch, seed=config.seed, moe_backend=model_config.moe_backend,
         attention=model_config.attention, world_size=world.world_size)
     if world.is_main:
         _write_config(run_dir, model_config, config, data, world, device)

@@ -73,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
         device = "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-    _check_backend(args.moe_backend)
 
     if args.resume:
         out = Path(args.out or f"runs/{args.model}")
@@ -89,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--data {args.data}: no such file or directory")
         overrides = {f: getattr(args, f) for f in MODEL_FIELDS}
         overrides["attention"] = model_lib.resolve_attention(args.attention, device)
+        overrides["moe_backend"] = _moe_backend(args.moe_backend, device)
         try:
             model_config = model_lib.make_config(args.model, **overrides)
         except ValueError as e:
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         train_fields.setdefault("warmup", min(100, train_fields.get("steps", 1000) // 10))
         train_fields.setdefault("corpus_mb", 8.0 if model_config.vocab_size <= 8192 else 128.0)
         config = train_lib.TrainConfig(out=args.out or f"runs/{args.model}", seed=args.seed, record=args.record,
-                                       moe_backend="torch", compile=args.compile, **train_fields)
+                                       compile=args.compile, **train_fields)
     _check_positive(config)
 
     summary = train_lib.train(model_config, config, device, resume=args.resume)
@@ -111,13 +111,14 @@ def run(args: argparse.Namespace) -> int:
     return 130 if summary["stopped_early"] else 0  # the shell's code for "interrupted", as the CLI uses
 
 
-def _check_backend(name: str) -> None:
-    if name != "megablocks":
-        return
-    if importlib.util.find_spec("megablocks") is None:
-        raise UsageError("--moe-backend megablocks needs the megablocks GPU extra "
-                         "(pip install 'moe-trace[gpu]' on a CUDA machine); use --moe-backend torch")
-    raise UsageError("--moe-backend megablocks is not wired into training yet; use --moe-backend torch")
+def _moe_backend(requested: str, device: str) -> str:
+    """``auto`` is the torch backend (faster than megablocks at these shapes, see ANCHORS.md)."""
+    if requested != "megablocks":
+        return "torch"
+    if device != "cuda" or importlib.util.find_spec("megablocks") is None:
+        raise UsageError("--moe-backend megablocks needs a CUDA GPU and the megablocks GPU extra "
+                         "(pip install 'moe-trace[gpu]'); use --moe-backend torch")
+    return "megablocks"
 
 
 def _check_positive(config) -> None:  # a train.TrainConfig
