@@ -108,6 +108,11 @@ def _atomic_write(path: Path, write: Any) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Crash-safe file replacement for other run files (checkpoints, config): see :func:`_atomic_write`."""
+    _atomic_write(Path(path), write)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -119,7 +119,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer: torch.optim
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
     path = directory / f"step-{step:010d}.pt"
-    trace._atomic_write(path, lambda tmp: torch.save(state, tmp))
+    trace.atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in _checkpoint_paths(run_dir)[:-CHECKPOINTS_KEPT]:
         old.unlink()
     return path
@@ -349,7 +349,7 @@ def _write_config(run_dir: Path, model_config: ModelConfig, config: TrainConfig,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, indent=2) + "\n"
-    trace._atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(text))
+    trace.atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(text))
 
 
 def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
