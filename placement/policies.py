@@ -52,6 +52,8 @@ class Setting:
     def plan_many(self, loads: np.ndarray) -> list[Plan]:
         """Plans for ``loads[n, layers, experts]`` in one vectorised planner call (not yet aligned)."""
         n, layers, experts = loads.shape
+        if n == 0:
+            return []
         flat = planners.plan(loads.reshape(n * layers, experts), self.gpus, self.slots_per_gpu, self.redundant,
                              method=self.planner)
         return planners.unstack(flat, layers)

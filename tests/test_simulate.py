@@ -76,6 +76,13 @@ def test_oracle_never_beaten(drifting):
     assert records["static"]["replans"] == 0 and records["history"]["replans"] == 2  # steps 1000 and 2000
 
 
+def test_every_policy_runs_on_a_trace_shorter_than_its_cadence():
+    counts = np.random.default_rng(0).poisson(50, size=(5, 2, 8))
+    records = simulator.simulate(counts, policies.get("all"), Setting(gpus=2, redundant=2, cost=COST))
+    assert [r["policy"] for r in records] == list(policies.POLICIES)
+    assert all(1.0 <= r["mean_imbalance"] <= r["p99_imbalance"] for r in records)
+
+
 @pytest.mark.parametrize("policy", [policies.History(every=300, window=300), policies.Predict(every=100),
                                     policies.PhaseAware(transient_every=100, stable_every=300)])
 def test_policies_do_not_read_the_future(drifting, policy):
