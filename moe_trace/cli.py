@@ -45,3 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"moe-trace {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`moe-trace ... | head`): stop quietly, as Unix tools do.
+        sys.stderr.close()
+        return 0
