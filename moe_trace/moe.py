@@ -109,10 +109,14 @@ class MoELayer(nn.Module):
         # Sort the T*k (token, expert) assignments by expert; a stable sort keeps token order per expert.
         order = routing.expert_indices.flatten().argsort(stable=True)
         token_of_row = order // self.top_k
-        y_sorted = expert_forward(x_flat[token_of_row], routing.tokens_per_expert, self.w1, self.w2)
+        y_sorted = self.run_experts(x_flat[token_of_row], routing.tokens_per_expert)
         gates = routing.expert_weights.flatten()[order].unsqueeze(-1)
         out = torch.zeros_like(x_flat).index_add_(0, token_of_row, (y_sorted * gates).to(x_flat.dtype))
         return out.reshape(x.shape)
+
+    def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """Expert outputs for rows sorted by expert (what expert parallelism replaces with an exchange)."""
+        return expert_forward(x_sorted, tokens_per_expert, self.w1, self.w2)
 
     def extra_repr(self) -> str:
         e, h, f = self.w1.shape

@@ -1,0 +1,75 @@
+"""Expert parallelism on CPU: two gloo processes against one process that sees both ranks' batches."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_trace import expert_parallel
+from moe_trace.model import GPT, make_config
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss(model: GPT, forward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, loss = forward(x[:, :-1], x[:, 1:])
+    return logits, loss + model.aux_loss()
+
+
+def _worker(rank: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = make_config("gpt-tiny-moe", n_blocks=2, hidden=32, heads=2, num_experts=4, top_k=2, seq_len=16,
+                         vocab_size=64)
+    model = GPT(config)
+    reference = copy.deepcopy(model)
+    tokens = torch.randint(0, config.vocab_size, (2 * WORLD, config.seq_len + 1),
+                           generator=torch.Generator().manual_seed(1))
+    batches = tokens.chunk(WORLD)
+
+    # Reference: one process, the ranks' batches as micro-batches of one step (what DDP averages over).
+    ref_counts, ref_logits = 0, []
+    for batch in batches:
+        logits, loss = _loss(reference, reference, batch)
+        (loss / WORLD).backward()
+        ref_counts = ref_counts + reference.tokens_per_expert()
+        ref_logits.append(logits.detach())
+    ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+
+    expert_names = expert_parallel.shard_experts(model)
+    ddp = expert_parallel.data_parallel(model, expert_names)
+    logits, loss = _loss(model, ddp, batches[rank])
+    loss.backward()
+    counts = model.tokens_per_expert()
+    dist.all_reduce(counts)
+    norm = expert_parallel.clip_grad_norm_(model, 0.5)
+
+    assert torch.equal(counts, ref_counts), "global counts differ from the single-process run"
+    assert counts.sum() == 2 * WORLD * config.seq_len * config.top_k * len(config.moe_blocks)
+    torch.testing.assert_close(logits, ref_logits[rank], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=1e-6)
+    ref_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        expected = ref_params[name].grad
+        if name in expert_names:
+            layer = model.get_submodule(name.rsplit(".", 1)[0])
+            expected = expected[layer.first_expert:layer.first_expert + layer.local_experts]
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_expert_parallel_matches_one_process():
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD)
