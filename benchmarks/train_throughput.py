@@ -1,0 +1,174 @@
+"""Training throughput and MFU of the GPT-MoE presets per MoE backend, and the trace recorder's overhead.
+
+    python benchmarks/train_throughput.py [--steps 10] [--rounds 3] [--backends torch,megablocks] [--compile MODELS]
+
+For each (model, backend): one optimizer step per micro-batch of 8 x 2048 tokens (bf16 autocast, fused
+AdamW, gradient clipping: what ``moe-trace train`` does per step), timed with CUDA events over blocks of
+``--steps`` steps, with the recorder on and off in alternating blocks of the same run (medians over
+``--rounds``). The optimizer step is also timed alone, to give the throughput at the preset's global batch
+(256 sequences = 32 micro-batches per optimizer step). MFU = FLOPs/token (``moe_trace.model.flops_per_token``:
+6 x active parameters + causal attention) x tokens/s / the GPU's dense bf16 peak.
+Writes benchmarks/results/train_throughput.json with the device, library versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moe_trace import trace
+from moe_trace.model import GPT, flops_per_token, make_config, num_parameters
+from moe_trace.recorder import CountRecorder
+from moe_trace.train import TrainConfig, _optimizer
+
+MODELS = {"gpt-125m-moe": {}, "gpt-350m-moe --experts 16": {"num_experts": 16}}
+MICRO_BATCH = 8
+DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM
+
+
+def peak_flops(name: str) -> float:
+    return next((peak for key, peak in DENSE_BF16_PEAK.items() if key in name), float("nan"))
+
+
+def measure(model_name: str, backend: str, steps: int, rounds: int, compile_model: bool) -> dict:
+    preset = model_name.split()[0]
+    config = make_config(preset, attention="sdpa", moe_backend=backend, **MODELS[model_name])
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    optimizer = _optimizer(model, TrainConfig(out="unused"), device)
+    forward = torch.compile(model) if compile_model else model
+    tokens = torch.randint(0, config.vocab_size, (MICRO_BATCH, config.seq_len + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    meta = trace.make_meta(model=preset, num_experts=config.num_experts, top_k=config.top_k,
+                           moe_layers=config.moe_blocks, tokens_per_step=x.numel(), seq_len=config.seq_len,
+                           global_batch=MICRO_BATCH, seed=0, moe_backend=backend, attention="sdpa", world_size=1)
+
+    def step(recorder: CountRecorder | None, index: int) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = forward(x, y)
+            loss = loss + model.aux_loss()
+        loss.backward()
+        if recorder is not None:
+            recorder.add(model.tokens_per_expert())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if recorder is not None:
+            recorder.end_step(index)
+            if (index + 1) % 100 == 0:
+                recorder.flush()
+
+    def timed(fn, n: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(n):
+            fn(i)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder = CountRecorder(Path(tmp) / "trace", meta, device)
+        recorded = 0
+
+        def with_recorder(i: int) -> None:
+            nonlocal recorded
+            step(recorder, recorded)
+            recorded += 1
+
+        timed(lambda i: step(None, i), 3 if not compile_model else 10)  # warm-up (and compilation)
+        on, off = [], []
+        for _ in range(rounds):
+            on.append(timed(with_recorder, steps))
+            off.append(timed(lambda i: step(None, i), steps))
+        recorder.flush()
+
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer_s = timed(lambda i: (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), optimizer.step()), steps)
+
+    step_on, step_off = statistics.median(on), statistics.median(off)
+    tokens_per_step = x.numel()
+    flops = flops_per_token(model)
+    peak = peak_flops(torch.cuda.get_device_name())
+    accumulation = config.global_batch // MICRO_BATCH
+    preset_step = accumulation * (step_off - optimizer_s) + optimizer_s
+    result = {
+        "model": model_name, "backend": backend, "compile": compile_model,
+        "params_total": num_parameters(model), "params_active": num_parameters(model, active=True),
+        "flops_per_token": flops, "tokens_per_step": tokens_per_step,
+        "step_s_recorder_off": step_off, "step_s_recorder_on": step_on,
+        "recorder_overhead": step_on / step_off - 1, "optimizer_step_s": optimizer_s,
+        "tokens_per_s": tokens_per_step / step_off, "mfu": flops * tokens_per_step / step_off / peak,
+        "preset_global_batch": config.global_batch,
+        "tokens_per_s_preset_batch": config.global_batch * config.seq_len / preset_step,
+        "mfu_preset_batch": flops * config.global_batch * config.seq_len / preset_step / peak,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    parser.add_argument("--backends", default="torch,megablocks")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=3, help="recorder on/off block pairs")
+    parser.add_argument("--compile", default="", help="comma list of models to time again with the torch backend "
+                                                       "under torch.compile")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
+    args = parser.parse_args()
+    backends = [b for b in args.backends.split(",")
+                if b != "megablocks" or importlib.util.find_spec("megablocks") is not None]
+    runs = [(m, b, False) for m in args.models.split(",") for b in backends]
+    runs += [(m, "torch", True) for m in args.compile.split(",") if m]
+
+    results = []
+    for model_name, backend, compile_model in runs:
+        r = measure(model_name, backend, args.steps, args.rounds, compile_model)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        results.append(r)
+        print(f"{model_name:26s} {backend:10s} compile={compile_model!s:5s} {r['tokens_per_s']:>10,.0f} tok/s "
+              f"MFU {r['mfu']:.1%} (preset batch {r['tokens_per_s_preset_batch']:,.0f} tok/s, "
+              f"{r['mfu_preset_batch']:.1%}) recorder {r['recorder_overhead']:+.2%} "
+              f"step {r['step_s_recorder_off'] * 1e3:.1f} ms opt {r['optimizer_step_s'] * 1e3:.1f} ms", flush=True)
+    for model_name in args.models.split(","):
+        speed = {r["backend"]: r["tokens_per_s"] for r in results if r["model"] == model_name and not r["compile"]}
+        if "megablocks" in speed:
+            print(f"{model_name}: torch / megablocks tokens/s = {speed['torch'] / speed['megablocks']:.2f}x")
+
+    import triton
+
+    payload = {
+        "device": torch.cuda.get_device_name(), "peak_bf16_flops": peak_flops(torch.cuda.get_device_name()),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "megablocks": _version("megablocks"), "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "micro_batch": MICRO_BATCH, "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
