@@ -132,12 +132,13 @@ def main() -> None:
     runs = [(m, b, False) for m in args.models.split(",") for b in backends]
     runs += [(m, "torch", True) for m in args.compile.split(",") if m]
 
-    results = []
+    results: list[dict] = []
     for model_name, backend, compile_model in runs:
         r = measure(model_name, backend, args.steps, args.rounds, compile_model)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         results.append(r)
+        write_results(Path(args.out), results)  # after every run: a later failure keeps the earlier numbers
         print(f"{model_name:26s} {backend:10s} compile={compile_model!s:5s} {r['tokens_per_s']:>10,.0f} tok/s "
               f"MFU {r['mfu']:.1%} (preset batch {r['tokens_per_s_preset_batch']:,.0f} tok/s, "
               f"{r['mfu_preset_batch']:.1%}) recorder {r['recorder_overhead']:+.2%} "
@@ -146,7 +147,10 @@ def main() -> None:
         speed = {r["backend"]: r["tokens_per_s"] for r in results if r["model"] == model_name and not r["compile"]}
         if "megablocks" in speed:
             print(f"{model_name}: torch / megablocks tokens/s = {speed['torch'] / speed['megablocks']:.2f}x")
+    print(f"wrote {args.out}")
 
+
+def write_results(path: Path, results: list[dict]) -> None:
     import triton
 
     payload = {
@@ -156,9 +160,8 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "micro_batch": MICRO_BATCH, "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _version(name: str) -> str | None:
