@@ -1,8 +1,9 @@
 """The training loop: AdamW with warm-up + cosine decay, gradient accumulation, bf16 autocast on GPU,
 periodic validation, atomic checkpoints, resume, clean stop on SIGINT/SIGTERM, and expert-load recording.
 
-Data parallel under ``torchrun`` (``WORLD_SIZE > 1``): DDP over ranks, counts summed over ranks before
-they are recorded, only rank 0 writes files.
+Under ``torchrun`` (``WORLD_SIZE > 1``) experts are sharded over the ranks (:mod:`moe_trace.expert_parallel`)
+and the dense weights are data parallel (DDP); counts are summed over ranks before they are recorded; rank 0
+writes the trace, metrics and config, every rank its own checkpoint shard.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from moe_trace import __version__, trace
+from moe_trace import __version__, expert_parallel, memory, trace
 from moe_trace.data import TokenData, load_data
 from moe_trace.errors import UsageError
 from moe_trace.model import GPT, ModelConfig
@@ -102,13 +102,18 @@ def _optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.o
 # Checkpoints: written atomically (tmp + fsync + rename), the last CHECKPOINTS_KEPT kept
 
 
-def _checkpoint_paths(run_dir: Path) -> list[Path]:
+def _checkpoint_paths(run_dir: Path, shard: str = "") -> list[Path]:
+    """``shard`` is ``".rank-R"`` under expert parallelism (each rank holds different experts), else empty."""
     directory = run_dir / "checkpoints"
-    return sorted(directory.glob("step-*.pt")) if directory.is_dir() else []
+    return sorted(directory.glob(f"step-{'[0-9]' * 10}{shard}.pt")) if directory.is_dir() else []
+
+
+def _shard(world: Distributed) -> str:
+    return f".rank-{world.rank}" if world.world_size > 1 else ""
 
 
 def save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> Path:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, shard: str = "") -> Path:
     """Save everything needed to continue at ``step`` (the next step to run)."""
     directory = run_dir / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
@@ -118,17 +123,17 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer: torch.optim
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    path = directory / f"step-{step:010d}.pt"
+    path = directory / f"step-{step:010d}{shard}.pt"
     trace.atomic_write(path, lambda tmp: torch.save(state, tmp))
-    for old in _checkpoint_paths(run_dir)[:-CHECKPOINTS_KEPT]:
+    for old in _checkpoint_paths(run_dir, shard)[:-CHECKPOINTS_KEPT]:
         old.unlink()
     return path
 
 
 def load_checkpoint(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, shard: str = "") -> int:
     """Restore the latest checkpoint into the given objects; return the step to continue from."""
-    paths = _checkpoint_paths(run_dir)
+    paths = _checkpoint_paths(run_dir, shard)
     if not paths:
         raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     state = torch.load(paths[-1], map_location="cpu", weights_only=False)
@@ -191,18 +196,20 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
     """Train, record and checkpoint into ``config.out``; return a summary of the run."""
     world, device = _setup_distributed(device_kind)
     run_dir = Path(config.out)
-    _check_run_dir(run_dir, resume)
+    _check_run_dir(run_dir, resume, _shard(world))
     micro_batch = _micro_batch(model_config, config, world)
     accumulation = config.global_batch // (micro_batch * world.world_size)
 
     data = _load_data_once(model_config, config, world)
     torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        memory.check_fits(model_config, torch.cuda.get_device_properties(device).total_memory, world.world_size)
     model = GPT(model_config).to(device)
-    _check_memory(model, device)
+    expert_names = _shard_experts(model, world)
     optimizer = _optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
-    start = load_checkpoint(run_dir, model, optimizer, scheduler) if resume else 0
-    ddp_model = DistributedDataParallel(model) if world.world_size > 1 else model
+    start = load_checkpoint(run_dir, model, optimizer, scheduler, _shard(world)) if resume else 0
+    ddp_model = expert_parallel.data_parallel(model, expert_names) if world.world_size > 1 else model
     forward = torch.compile(ddp_model) if config.compile else ddp_model
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
@@ -231,8 +238,8 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
         nonlocal last_checkpoint
         recorder.flush()
         metrics.flush()
-        if world.is_main and step > last_checkpoint:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler)
+        if (world.is_main or expert_names) and step > last_checkpoint:
+            save_checkpoint(run_dir, step, model, optimizer, scheduler, _shard(world))
         last_checkpoint = step
 
     with _StopRequest() as stop:
@@ -252,7 +259,8 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
                 recorder.add(model.tokens_per_expert())
                 loss_sum += loss.detach()
                 aux_sum += aux.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            grad_norm = (expert_parallel.clip_grad_norm_(model, config.grad_clip) if expert_names
+                         else torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -286,16 +294,16 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
     if world.world_size > 1:
         dist.destroy_process_group()
     return {
-        "run_dir": str(run_dir), "steps": step, "start_step": start, "stopped_early": step < config.steps,
+        "run_dir": str(run_dir), "rank": world.rank, "steps": step, "start_step": start, "stopped_early": step < config.steps,
         "tokens_per_s": (step - start) * tokens_per_step / elapsed if step > start else float("nan"),
         "final_loss": metrics.last("loss") if step > start else float("nan"), "val_loss": val_loss,
         "elapsed_s": elapsed,
     }
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
+def _check_run_dir(run_dir: Path, resume: bool, shard: str) -> None:
     if resume:
-        if not _checkpoint_paths(run_dir):
+        if not _checkpoint_paths(run_dir, shard):
             raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
@@ -326,16 +334,15 @@ def _load_data_once(model_config: ModelConfig, config: TrainConfig, world: Distr
     return data if data is not None else load()
 
 
-def _check_memory(model: GPT, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and AdamW state (16 bytes/parameter) cannot fit the GPU."""
-    if device.type != "cuda":
-        return
-    needed = 16 * sum(p.numel() for p in model.parameters())
-    available = torch.cuda.get_device_properties(device).total_memory
-    if needed > 0.9 * available:
-        raise UsageError(f"{model.config.name} with {model.config.num_experts} experts needs about "
-                         f"{needed / 2**30:.0f} GiB for weights, gradients and optimizer state, more than this "
-                         f"GPU's {available / 2**30:.0f} GiB: use fewer --experts (expert parallelism comes later)")
+def _shard_experts(model: GPT, world: Distributed) -> list[str]:
+    """Expert parallelism over all ranks (the torch backend's layers); the names of the sharded parameters."""
+    if world.world_size == 1:
+        return []
+    if model.config.moe_backend != "torch":
+        raise UsageError("expert parallelism under torchrun runs the torch MoE backend; use --moe-backend torch")
+    if model.config.num_experts % world.world_size:
+        raise UsageError(f"--experts {model.config.num_experts} does not divide over {world.world_size} ranks")
+    return expert_parallel.shard_experts(model)
 
 
 def _write_config(run_dir: Path, model_config: ModelConfig, config: TrainConfig, data: TokenData,

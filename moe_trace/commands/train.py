@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     _check_positive(config)
 
     summary = train_lib.train(model_config, config, device, resume=args.resume)
+    if summary["rank"] != 0:
+        return 0
     print(f"{model_config.name}: steps {summary['start_step']}..{summary['steps'] - 1}"
           f"{' (stopped early)' if summary['stopped_early'] else ''}, "
           f"{summary['tokens_per_s']:,.0f} tokens/s, final loss {summary['final_loss']:.3f}, "
