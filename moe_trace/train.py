@@ -294,7 +294,8 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
     if world.world_size > 1:
         dist.destroy_process_group()
     return {
-        "run_dir": str(run_dir), "rank": world.rank, "steps": step, "start_step": start, "stopped_early": step < config.steps,
+        "run_dir": str(run_dir), "rank": world.rank, "steps": step, "start_step": start,
+        "stopped_early": step < config.steps,
         "tokens_per_s": (step - start) * tokens_per_step / elapsed if step > start else float("nan"),
         "final_loss": metrics.last("loss") if step > start else float("nan"), "val_loss": val_loss,
         "elapsed_s": elapsed,
