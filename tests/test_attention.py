@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_trace.attention import MODES, TRAINING_MODE, flash_attention_train, int8_flash_attention
+from moe_trace.attention.bf16_attention import bf16_flash_attention
 from moe_trace.attention.int8_attention import block_config
 from moe_trace.attention.quantize import quantize_per_token, quantize_v_blocks
 from moe_trace.attention.reference import accuracy, attention_float64, emulate_int8_attention
@@ -156,3 +157,11 @@ def test_bad_inputs_raise(change, message):
     q, k, v, mode = change(*_qkv(1, 2, 2, 8, 8, 64))
     with pytest.raises(ValueError, match=message):
         int8_flash_attention(q, k, v, mode=mode)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_baseline_kernel_is_exact_to_half_precision(causal):
+    """The benchmarks' same-compiler baseline (float16 here: the interpreter's bfloat16 products are wrong)."""
+    q, k, v = _qkv(1, 4, 2, 150, 150, 64, dtype=torch.float16, seed=19)
+    stats = accuracy(bf16_flash_attention(q, k, v, causal, block_m=64, block_n=32), attention_float64(q, k, v, causal))
+    assert stats["rel_l1"] < 1e-3, stats

@@ -84,14 +84,19 @@ def bf16_flash_attention(
     causal: bool = False,
     sm_scale: float | None = None,
     block_m: int = 128,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
 ) -> torch.Tensor:
-    """16-bit attention, same interface as :func:`~moe_trace.attention.int8_flash_attention` (CUDA)."""
+    """16-bit attention, same interface as :func:`~moe_trace.attention.int8_flash_attention` (CUDA).
+
+    The default tiles are the fastest of benchmarks/attention.py's sweep on an H100 (``block_n`` 64 for
+    head_dim 64, 128 above).
+    """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, heads, seq_q, head_dim = q.shape
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    block_n = (64 if head_dim <= 64 else 128) if block_n is None else block_n
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     _bf16_attention_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](
         q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],

@@ -156,8 +156,8 @@ def block_config(head_dim: int, mode: str) -> dict[str, int]:
     if MODES[mode].int8_pv:
         return {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
     if head_dim <= 64:
-        return {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
-    return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
+        return {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}
+    return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 4}
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> None:

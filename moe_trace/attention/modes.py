@@ -31,5 +31,7 @@ MODES: dict[str, Mode] = {
     ),
 }
 
-# The most accurate mode that still beats bf16 attention on the H100 (benchmarks/NOTES_attention.md).
+# The most accurate INT8 mode, and the only one that ever beats the bf16 Triton kernel on the H100 (head_dim
+# 128, S >= 4096, up to 1.10x); at the models' training shapes (head_dim 64, S=2048, causal) it is 0.67-0.69x
+# of it. benchmarks/NOTES_attention.md has the figures.
 TRAINING_MODE = "int8_qk"
