@@ -44,7 +44,10 @@ def route(logits: Tensor, top_k: int, normalize_weights: bool = False) -> Routin
     weights, indices = probs.topk(top_k, dim=-1)
     if normalize_weights:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    tokens_per_expert = torch.bincount(indices.flatten(), minlength=num_experts)
+    # Not torch.bincount: on CUDA it reads the largest index on the host to size its output (a sync).
+    flat = indices.flatten()
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=logits.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
     assigned_fraction = tokens_per_expert.float() / (num_tokens * top_k)
     load_balancing_loss = num_experts * (assigned_fraction * probs.mean(dim=0)).sum()
     z_loss = torch.logsumexp(logits, dim=-1).square().mean()

@@ -1,6 +1,7 @@
 """The count recorder and metrics log: blocks, flushes and resume truncation."""
 
 import numpy as np
+import pytest
 import torch
 
 from moe_trace import trace
@@ -47,3 +48,29 @@ def test_metrics_log_keeps_rows_before_the_resume_step(tmp_path):
     columns = trace.load_metrics(path)
     assert columns["step"].tolist() == [0, 1, 2, 3, 4]
     assert columns["loss"].tolist() == [0.0, 1.0, 2.0, 3.0, 40.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
+def test_moe_step_and_recording_do_not_sync_with_the_host(tmp_path):
+    from moe_trace.moe import MoELayer
+
+    layer = MoELayer(hidden=64, ffn=128, num_experts=4, top_k=1).cuda()
+    meta = {**META, "moe_layers": [1], "num_experts": 4}
+    recorder = CountRecorder(tmp_path / "trace", meta, torch.device("cuda"), block=4)
+    x = torch.randn(256, 64, device="cuda")
+    layer(x)  # warm-up: first calls may allocate with syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):  # within one block: no copy to the host yet
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = layer(x)
+            (out.float().square().mean() + layer.aux_loss).backward()
+            recorder.add(layer.tokens_per_expert.unsqueeze(0))
+            recorder.end_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    recorder.flush()
+    assert (trace.load(tmp_path / "trace").counts.sum(axis=2) == 256).all()
