@@ -2,13 +2,13 @@
 
 Per-step proportions are mostly noise (ANCHORS.md: ~16-20 % per step at 16k tokens), so each series is
 averaged over blocks of ``block`` steps first: a fit then sees ``history / block`` points instead of
-``history`` (50x fewer at the default) and costs ~20-50 ms instead of seconds, and a horizon of 1000-2000
-steps is 20-40 block steps ahead. The block forecast is held for the steps of each block.
+``history`` (100x fewer at the default) and costs ~10-40 ms instead of seconds, and a horizon of 1000-2000
+steps is 10-20 block steps ahead. The block forecast is held for the steps of each block.
 
 Cost control for evaluation, where one predictor is fitted at origin after origin: orders and parameters
-are estimated on the history up to the last multiple of ``refit_every`` steps (``0``: always all of it),
-so they are re-estimated only when the history crosses such a multiple; in between, a fit only takes the
-new data, and the forecast runs the Kalman filter over all of it with those parameters (~3 ms a series).
+are re-estimated only when the history crosses a multiple of ``refit_every`` steps (see
+``series.estimation_cut``; ``0``: at every fit); in between, a fit only takes the new data, and the
+forecast runs the Kalman filter over all of it with the last parameters (~2-3 ms a series).
 With ``order=None`` the order is chosen per layer from ``orders`` by the information criterion
 ``criterion``, summed over the layer's ``select_series`` most variable experts.
 """
@@ -33,7 +33,7 @@ class Arima(Predictor):
 
     parallel = True
 
-    def __init__(self, order: tuple[int, int, int] | None = None, block: int = 50, history: int = 5000,
+    def __init__(self, order: tuple[int, int, int] | None = None, block: int = 100, history: int = 5000,
                  orders: tuple[tuple[int, int, int], ...] = DEFAULT_ORDERS, criterion: str = "aic",
                  select_series: int = 2, refit_every: int = 5000):
         if int(block) < 1 or int(history) < 2 * int(block) or criterion not in ("aic", "bic", "hqic"):

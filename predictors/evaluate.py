@@ -115,7 +115,9 @@ def evaluate(proportions: np.ndarray, spec: str, horizons: Sequence[int], stride
 
     workers = workers or os.cpu_count() or 1
     if predictor.parallel and workers > 1 and len(all_origins) > 1:
-        chunks = [c.tolist() for c in np.array_split(all_origins, min(len(all_origins), 4 * workers)) if len(c)]
+        # Two contiguous runs of origins per process: few enough that a warm-started model (ARIMA, LSTM)
+        # re-estimates rarely, enough to balance the load and to show progress.
+        chunks = [c.tolist() for c in np.array_split(all_origins, min(len(all_origins), 2 * workers)) if len(c)]
         with ProcessPoolExecutor(workers, initializer=_set_shared, initargs=(proportions,)) as pool:
             futures = {pool.submit(_score_in_worker, spec, horizons, c): len(c) for c in chunks}
             for future in as_completed(futures):

@@ -5,7 +5,8 @@ a series, as deviations from their mean scaled by the number of experts (so that
 look alike), and predicts the next block's deviation; forecasts are iterated block by block. The network is
 trained on windows of the history it is fitted on (every series, every position: strength is shared
 across experts and layers), or, with ``train_on=PATH``, once on another run's trace and then only applied.
-Like ARIMA it is re-trained only when the history crosses a multiple of ``refit_every`` steps.
+Like ARIMA it is re-trained only when the history crosses a multiple of ``refit_every`` steps
+(``series.estimation_cut``).
 """
 
 from __future__ import annotations

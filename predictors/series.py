@@ -28,12 +28,15 @@ def repeat_blocks(block_forecast: np.ndarray, block: int, horizon: int) -> np.nd
 def estimation_cut(n_steps: int, refit_every: int) -> int:
     """How much of an ``n_steps`` history a model's parameters are estimated on.
 
-    The history up to the last multiple of ``refit_every`` (all of it while shorter, or if ``refit_every``
-    is 0): parameters then change only when the history crosses a multiple, and do not depend on which
-    origins one evaluation process happened to fit before.
+    The history up to the last multiple of ``refit_every`` (of ``refit_every / 4`` while the history is
+    shorter than ``refit_every``; all of it while shorter still, or if ``refit_every`` is 0). Parameters then
+    change only when the history crosses such a point, and do not depend on which origins one evaluation
+    process happened to fit before.
     """
-    cut = n_steps // refit_every * refit_every if refit_every > 0 else 0
-    return cut or n_steps
+    if refit_every <= 0:
+        return n_steps
+    unit = refit_every if n_steps >= refit_every else max(1, refit_every // 4)
+    return n_steps // unit * unit or n_steps
 
 
 @contextmanager
