@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", choices=("auto", "int8", "sdpa"), default="auto")
     p.add_argument("--moe-backend", choices=("auto", "torch", "megablocks"), default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core); "
+                                               "1 is much faster on a machine shared with other jobs")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not write the expert-load trace")
 
     model = p.add_argument_group("model (override the preset)")
@@ -73,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         device = "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible to torch")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     if args.resume:
         out = Path(args.out or f"runs/{args.model}")
