@@ -51,7 +51,7 @@ class MegablocksMoELayer(nn.Module):
             output_layer_init_method=partial(nn.init.normal_, std=out_init_std or init_std))
         self.moe = dMoE(args).float()
         for name in ("w1", "w2"):
-            parametrize.register_parametrization(self.moe.experts.mlp, name, _ToBfloat16())
+            parametrize.register_parametrization(self.moe.experts.mlp, name, _ToBfloat16(), unsafe=True)
         self._register_state_dict_hook(_to_torch_layout)
         self._register_load_state_dict_pre_hook(self._from_torch_layout)
         self.tokens_per_expert: Tensor | None = None
