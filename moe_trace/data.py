@@ -2,10 +2,10 @@
 sources of the running interpreter's installation, which exist on every machine without a download.
 
 Text is tokenized with a byte-level BPE trained locally with the ``tokenizers`` library. The tokenizer and
-the token ids (``train.npy``, ``val.npy``) are cached beside the data (for the default corpus, under
-``$MOE_TRACE_CACHE`` or ``~/.cache/moe-trace``), keyed by a fingerprint of the corpus and the vocabulary
-size, so a second run starts at once. Batches depend only on ``(seed, step, micro-batch, rank)``: a
-resumed run sees exactly the data it would have seen.
+the token ids (``train.npy``, ``val.npy``) are cached beside the data (for the default corpus or a
+read-only location, under ``$MOE_TRACE_CACHE`` or ``~/.cache/moe-trace``), keyed by a fingerprint of
+the corpus and the vocabulary size, so a second run starts at once. Batches depend only on
+``(seed, step, micro-batch, rank)``: a resumed run sees exactly the data it would have seen.
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def load_data(data: str | os.PathLike | None, vocab_size: int, seq_len: int, *,
             token_data = _pretokenized(path, vocab_size)
         else:
             docs = _text_corpus(path)
-            cache = path.parent / f"{path.name}.moe-trace-cache" / f"{_fingerprint(docs)}-v{vocab_size}"
+            beside = path.parent / f"{path.name}.moe-trace-cache"
+            if not os.access(beside if beside.exists() else path.parent, os.W_OK):  # read-only data
+                beside = (cache_dir or default_cache_dir()) / "text"
+            cache = beside / f"{_fingerprint(docs)}-v{vocab_size}"
             token_data = _tokenized(lambda: (p.read_text(errors="replace") for p, _ in docs), cache,
                                     vocab_size, str(path))
     shortest = min(len(token_data.train), len(token_data.val))
