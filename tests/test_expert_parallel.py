@@ -73,3 +73,17 @@ def _worker(rank: int, port: int) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_expert_parallel_matches_one_process():
     mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD)
+
+
+def test_memory_estimate_refuses_with_a_way_out():
+    from moe_trace import memory
+    from moe_trace.errors import UsageError
+
+    config = make_config("gpt-350m-moe")  # 128 experts, ~13 B parameters
+    counts = memory.count_parameters(config)
+    assert 12.5e9 < counts.dense + counts.experts < 13.5e9
+    gpu = 80 * memory.GIB
+    with pytest.raises(UsageError, match=r"needs ~196 GiB per GPU.*torchrun --nproc-per-node 4.*--experts 32"):
+        memory.check_fits(config, gpu)
+    memory.check_fits(config, gpu, expert_parallel=4)
+    memory.check_fits(make_config("gpt-350m-moe", num_experts=32), gpu)
