@@ -248,7 +248,10 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
             loss_sum = torch.zeros((), device=device)
             aux_sum = torch.zeros((), device=device)
             for micro in range(accumulation):
-                x, y = data.batch("train", config.seed, step, micro, micro_batch, model_config.seq_len, world.rank)
+                # Micro-batch i of the step's global batch, whichever rank runs it: any world size sees the
+                # same data as one process (which expert parallelism's equal-counts promise needs).
+                global_micro = world.rank * accumulation + micro
+                x, y = data.batch("train", config.seed, step, global_micro, micro_batch, model_config.seq_len)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 # DDP all-reduces gradients on the last micro-batch only.
                 sync = micro == accumulation - 1 or world.world_size == 1
