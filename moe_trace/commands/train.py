@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _moe_backend(requested: str, device: str) -> str:
-    """``auto`` is the torch backend (faster than megablocks at these shapes, see ANCHORS.md)."""
+    """``auto`` is the torch backend: 1.20x megablocks on gpt-125m-moe, 1.06x on gpt-350m-moe/16 (H100, bf16,
+    benchmarks/results/train_throughput.json), and the one expert parallelism runs."""
     if requested != "megablocks":
         return "torch"
     if device != "cuda" or importlib.util.find_spec("megablocks") is None:
