@@ -19,7 +19,7 @@ import datetime as _dt
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +91,13 @@ def _arrow_schema(meta: Mapping[str, Any]) -> pa.Schema:
     return pa.schema(fields, metadata={META_KEY: json.dumps(dict(meta), sort_keys=True).encode()})
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, fsync the file, rename it over ``path`` and fsync the directory."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp_path)``, fsync the file, rename it over ``path`` and fsync the directory.
+
+    Readers see the old file or the complete new one, never a part: used for trace parts, metrics,
+    checkpoints and config files.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -106,11 +111,6 @@ def _atomic_write(path: Path, write: Any) -> None:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Crash-safe file replacement for other run files (checkpoints, config): see :func:`_atomic_write`."""
-    _atomic_write(Path(path), write)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -151,7 +151,7 @@ def write_part(directory: str | os.PathLike, steps: np.ndarray, counts: np.ndarr
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"part-{steps[0]:010d}-{steps[-1]:010d}.parquet"
     table = _part_table(steps, counts, meta)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return path
 
 
@@ -165,7 +165,7 @@ def write(path: str | os.PathLike, counts: np.ndarray, meta: Mapping[str, Any],
         return write_part(path, steps, counts, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = _part_table(steps, counts, meta)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return path
 
 
@@ -198,7 +198,7 @@ def truncate(directory: str | os.PathLike, from_step: int) -> None:
             kept = table.filter(pa.compute.less(table["step"], pa.scalar(from_step, pa.int64())))
             kept_last = int(pa.compute.max(kept["step"]).as_py())
             new = directory / f"part-{first:010d}-{kept_last:010d}.parquet"
-            _atomic_write(new, lambda tmp, kept=kept: pq.write_table(kept, tmp, compression="zstd"))
+            atomic_write(new, lambda tmp, kept=kept: pq.write_table(kept, tmp, compression="zstd"))
             p.unlink()
     for p in directory.glob(".part-*.tmp"):
         p.unlink()
@@ -359,7 +359,7 @@ def write_metrics(path: str | os.PathLike, columns: Mapping[str, Iterable[float]
     })
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def load_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
