@@ -491,16 +491,19 @@ def analyse(run: Run, window: int | None = None, protocol: Protocol | None = Pro
     return analysis
 
 
+def _setting(run: Run, cluster: Cluster):
+    from placement.cost import CostModel
+    from placement.policies import Setting
+
+    return Setting(gpus=cluster.gpus, redundant=cluster.spare_slots, cost=CostModel.from_meta(run.trace.meta))
+
+
 def replay_policies(run: Run, cluster: Cluster) -> dict[str, dict[str, np.ndarray]]:
     """Per-step outcome (imbalance, step time, migrations) of every policy, from ``placement``'s simulator."""
-    from placement.cost import CostModel
-    from placement.policies import Setting, get
-    from placement.simulator import replay
+    from placement.policies import get
+    from placement.simulator import replay_policies
 
-    counts = run.trace.counts
-    setting = Setting(gpus=cluster.gpus, redundant=cluster.spare_slots, cost=CostModel.from_meta(run.trace.meta))
-    return {policy.name: replay(counts, policy.schedule(counts, run.proportions, setting), setting)
-            for policy in get(cluster.policies)}
+    return replay_policies(run.trace.counts, get(cluster.policies), _setting(run, cluster))
 
 
 def evaluate_predictors(p: np.ndarray, protocol: Protocol) -> dict[str, dict[int, Scores]]:
@@ -566,24 +569,21 @@ def findings(analysis: Analysis) -> list[dict[str, Any]]:
 def placement_table(analysis: Analysis) -> list[dict[str, Any]]:
     """DESIGN.md's ``simulate`` figures per policy and phase (all, and transient/stable split where every
     layer stabilises), with the estimated step time relative to static."""
-    from placement.cost import CostModel
-    from placement.simulator import summarise
+    from placement.simulator import policy_records
 
     if not analysis.placement:
         return []
-    cluster = analysis.cluster
-    bytes_per_expert = CostModel.from_meta(analysis.run.trace.meta).bytes_per_expert
-    phases = {"all": slice(None)}
+    every_layer_stable = None
     if analysis.stable_from and all(s is not None for s in analysis.stable_from):
         every_layer_stable = max(analysis.stable_from)  # one split for the whole model: a re-plan is global
-        phases |= {"transient": slice(0, every_layer_stable), "stable": slice(every_layer_stable, None)}
     rows = []
-    for phase, span in phases.items():
-        phase_rows = [{"policy": name, "phase": phase, "gpus": cluster.gpus, "redundant": cluster.spare_slots,
-                       **summarise(outcome, span, bytes_per_expert)} for name, outcome in analysis.placement.items()]
-        static = next((r["est_step_time_s"] for r in phase_rows if r["policy"] == "static"), None)
-        rows += [{**r, "step_time_vs_static": r["est_step_time_s"] / static} if static else r for r in phase_rows]
-    return rows
+    for record in policy_records(analysis.placement, _setting(analysis.run, analysis.cluster), every_layer_stable):
+        common = {k: record[k] for k in ("policy", "gpus", "redundant")}
+        figures = {k: v for k, v in record.items() if k not in common and k != "phases"}
+        rows.append({**common, "phase": "all", **figures})
+        rows += [{**common, "phase": phase, **figures} for phase, figures in record.get("phases", {}).items()]
+    phase_order = {"all": 0, "transient": 1, "stable": 2}
+    return sorted(rows, key=lambda row: phase_order[row["phase"]])
 
 
 def _placement_findings(analysis: Analysis) -> list[tuple[str, str]]:

@@ -72,29 +72,42 @@ def summarise(outcome: dict[str, np.ndarray], steps: slice, bytes_per_expert: in
     }
 
 
-def simulate(counts: np.ndarray, policies: list, setting: Setting, stable_from: int | None = None
-             ) -> list[dict[str, Any]]:
-    """Replay ``counts[steps, layers, experts]`` under each policy; one record per policy (DESIGN.md's
-    simulate JSON) with ``replans``, ``step_time_vs_static`` (when ``static`` ran) and, when ``stable_from``
-    splits the trace, the same figures per phase under ``phases``."""
+def replay_policies(counts: np.ndarray, policies: list, setting: Setting) -> dict[str, dict[str, Any]]:
+    """Each policy's per-step outcome (:func:`replay`) by name, with its number of re-plans as ``replans``."""
     counts = np.asarray(counts)
     totals = counts.sum(axis=2, keepdims=True)
     props = np.divide(counts, totals, out=np.full(counts.shape, 1.0 / counts.shape[2]), where=totals > 0)
-    phases = {"all": slice(None)}
-    if stable_from is not None and 0 < stable_from < len(counts):
-        phases |= {"transient": slice(0, stable_from), "stable": slice(stable_from, None)}
-    records = []
+    outcomes = {}
     for policy in policies:
         schedule = policy.schedule(counts, props, setting)
-        outcome = replay(counts, schedule, setting)
-        per_phase = {name: summarise(outcome, span, setting.cost.bytes_per_expert) for name, span in phases.items()}
-        record = {"policy": policy.name, "gpus": setting.gpus, "redundant": setting.redundant, **per_phase["all"],
-                  "replans": len(schedule) - 1, "dispatch": setting.dispatch}
+        outcomes[policy.name] = {**replay(counts, schedule, setting), "replans": len(schedule) - 1}
+    return outcomes
+
+
+def policy_records(outcomes: dict[str, dict[str, Any]], setting: Setting, stable_from: int | None = None
+            ) -> list[dict[str, Any]]:
+    """One record per policy (DESIGN.md's simulate JSON) with ``replans``, ``step_time_vs_static`` (when
+    ``static`` ran) and, when ``stable_from`` splits the replay, the same figures per phase under ``phases``."""
+    steps = len(next(iter(outcomes.values()))["step_time_s"]) if outcomes else 0
+    phases = {"all": slice(None)}
+    if stable_from is not None and 0 < stable_from < steps:
+        phases |= {"transient": slice(0, stable_from), "stable": slice(stable_from, None)}
+    result = []
+    for name, outcome in outcomes.items():
+        per_phase = {phase: summarise(outcome, span, setting.cost.bytes_per_expert) for phase, span in phases.items()}
+        record = {"policy": name, "gpus": setting.gpus, "redundant": setting.redundant, **per_phase["all"],
+                  "replans": outcome["replans"], "dispatch": setting.dispatch}
         if len(phases) > 1:
-            record["phases"] = {name: figures for name, figures in per_phase.items() if name != "all"}
-        records.append(record)
-    relative_to_static(records)
-    return records
+            record["phases"] = {phase: figures for phase, figures in per_phase.items() if phase != "all"}
+        result.append(record)
+    relative_to_static(result)
+    return result
+
+
+def simulate(counts: np.ndarray, policies: list, setting: Setting, stable_from: int | None = None
+             ) -> list[dict[str, Any]]:
+    """Replay ``counts[steps, layers, experts]`` under each policy and summarise it (:func:`policy_records`)."""
+    return policy_records(replay_policies(counts, policies, setting), setting, stable_from)
 
 
 def relative_to_static(records: list[dict[str, Any]]) -> None:
