@@ -246,6 +246,14 @@ def _stable_summary(stable_from: Sequence[int | None] | None) -> int | None:
     return int(np.median(starts)) if starts else None
 
 
+def _whole_model_stable(stable_from: Sequence[int | None] | None) -> int | None:
+    """The step from which every layer is stable (None if some layer never is): placement's phase split,
+    one for the whole model because a re-plan concerns all layers at once."""
+    if not stable_from or any(s is None for s in stable_from):
+        return None
+    return max(stable_from)
+
+
 @_styled
 def plot_predictor_error(scores: Mapping[str, Mapping[int, Scores]],
                          stable_from: Sequence[int | None] | None = None) -> Figure:
@@ -292,7 +300,7 @@ def plot_imbalance(outcomes: Mapping[str, Mapping[str, np.ndarray]], steps: np.n
                    stable_from: Sequence[int | None] | None = None, setting: str = "") -> Figure:
     """Per placement policy over the run: imbalance (busiest GPU over the mean, mean over layers) and the
     estimated step time relative to ``static`` (migration stalls included), both trailing means of ``smooth``
-    steps."""
+    steps; the dashed line is where every layer is stable, the split of the placement table."""
     plt = _pyplot()
     fig, (ax_imb, ax_time) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     baseline = outcomes["static"]["step_time_s"] if "static" in outcomes else None
@@ -306,7 +314,7 @@ def plot_imbalance(outcomes: Mapping[str, Mapping[str, np.ndarray]], steps: np.n
     ax_imb.set_ylabel("imbalance\n(busiest GPU / mean GPU)")
     ax_time.set_ylabel("est. step time / static")
     ax_time.set_xlabel(f"optimizer step (trailing mean of {smooth} steps)")
-    stable = _stable_summary(stable_from)
+    stable = _whole_model_stable(stable_from)
     for ax in (ax_imb, ax_time):
         _mark_stable(ax, stable, label=ax is ax_imb)
     ax_imb.legend(ncol=3, fontsize=7)
@@ -573,11 +581,9 @@ def placement_table(analysis: Analysis) -> list[dict[str, Any]]:
 
     if not analysis.placement:
         return []
-    every_layer_stable = None
-    if analysis.stable_from and all(s is not None for s in analysis.stable_from):
-        every_layer_stable = max(analysis.stable_from)  # one split for the whole model: a re-plan is global
     rows = []
-    for record in policy_records(analysis.placement, _setting(analysis.run, analysis.cluster), every_layer_stable):
+    setting = _setting(analysis.run, analysis.cluster)
+    for record in policy_records(analysis.placement, setting, _whole_model_stable(analysis.stable_from)):
         common = {k: record[k] for k in ("policy", "gpus", "redundant")}
         figures = {k: v for k, v in record.items() if k not in common and k != "phases"}
         rows.append({**common, "phase": "all", **figures})
