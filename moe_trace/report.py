@@ -247,11 +247,10 @@ def _stable_summary(stable_from: Sequence[int | None] | None) -> int | None:
 
 
 def _whole_model_stable(stable_from: Sequence[int | None] | None) -> int | None:
-    """The step from which every layer is stable (None if some layer never is): placement's phase split,
-    one for the whole model because a re-plan concerns all layers at once."""
-    if not stable_from or any(s is None for s in stable_from):
-        return None
-    return max(stable_from)
+    """Placement's phase split: one for the whole model, because a re-plan concerns all layers at once."""
+    from placement.simulator import every_layer_stable_from
+
+    return every_layer_stable_from(list(stable_from or ()))
 
 
 @_styled

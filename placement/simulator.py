@@ -127,8 +127,12 @@ def whole_model_stable_from(proportions: np.ndarray) -> int | None:
     """
     from predictors.phases import stable_from
 
-    per_layer = stable_from(proportions)
-    return None if any(s is None for s in per_layer) else max(per_layer)
+    return every_layer_stable_from(stable_from(proportions))
+
+
+def every_layer_stable_from(per_layer: list[int | None]) -> int | None:
+    """The latest of the layers' stable-phase starts, or None if some layer never stabilises."""
+    return None if not per_layer or any(s is None for s in per_layer) else max(per_layer)
 
 
 def format_table(records: list[dict[str, Any]], setting: Setting, stable_from: int | None) -> str:
