@@ -9,13 +9,16 @@ from its step until the next one. Policies other than the oracle read only the s
 * ``phase`` -- phase-aware: check often (``transient_every``) while loads move and rarely
   (``stable_every``) once they settle, forecasting with a short-memory predictor in the transient phase and
   a long window in the stable one; a layer is re-planned only when the forecast gain over the next
-  ``payback`` steps (200, or the check interval if longer) exceeds its migration stall. The phase is
-  decided online by :func:`stable_layers` from the recent history alone, with the movement statistic of
+  ``payback`` steps (200, or the check interval if longer) exceeds its migration stall. Two candidates per
+  check: one planned on the forecast mean, one on mean + ``tail_z`` x per-step std (:func:`step_noise`),
+  which gives noisy experts the replicas that absorb their busy steps (the p99); the replay picks. The phase
+  is decided online by :func:`stable_layers` from the recent history alone, with the movement statistic of
   ``predictors.phases`` (whose change-point split needs the whole trace, which a running job lacks).
-* ``oracle`` -- hindsight: every ``every`` steps (50), plan on the actual mean load of the next 50 and of
-  the next 1000 steps, and per layer keep whichever of these and the current plan makes the next 50 steps
-  fastest, migration included. What knowing the future buys at that cadence. It is not a bound: at the
-  noise floor of a stable phase, a plan held from a long window can edge past it (see the tests).
+* ``oracle`` -- hindsight: every ``every`` steps (50), plan on the actual mean load (and on mean + ``tail_z``
+  x per-step std, as ``phase`` does) of the next 50 and of the next 1000 steps, and per layer keep whichever
+  of these and the current plan makes the next 50 steps fastest, migration included. What knowing the future
+  buys at that cadence. It is not a bound: at the noise floor of a stable phase, a plan held from a long window
+  can edge past it (see the tests).
 """
 
 from __future__ import annotations
@@ -43,25 +46,41 @@ class Setting:
     planner: str = "eplb"
     dispatch: str = "balanced"
     slots_per_gpu: int | None = None
+    tail_z: float = 1.0  # plan on mean + tail_z * per-step std of each expert's load (0: on the mean alone)
 
-    def plan(self, loads: np.ndarray, previous: Plan | None = None) -> Plan:
-        """A plan for ``loads[layers, experts]``, GPU-renumbered to move as little as possible from ``previous``."""
-        new = planners.plan(loads, self.gpus, self.slots_per_gpu, self.redundant, method=self.planner)
+    def plan(self, loads: np.ndarray, previous: Plan | None = None, noise: np.ndarray | None = None) -> Plan:
+        """A plan for ``loads[layers, experts]`` (per-step std ``noise``, same shape), GPU-renumbered to move as
+        little as possible from ``previous``."""
+        new = planners.plan(self._tail(loads, noise), self.gpus, self.slots_per_gpu, self.redundant,
+                            method=self.planner)
         return new if previous is None else align(previous, new)
 
-    def plan_many(self, loads: np.ndarray) -> list[Plan]:
+    def plan_many(self, loads: np.ndarray, noise: np.ndarray | None = None) -> list[Plan]:
         """Plans for ``loads[n, layers, experts]`` in one vectorised planner call (not yet aligned)."""
         n, layers, experts = loads.shape
         if n == 0:
             return []
-        flat = planners.plan(loads.reshape(n * layers, experts), self.gpus, self.slots_per_gpu, self.redundant,
-                             method=self.planner)
+        flat = planners.plan(self._tail(loads, noise).reshape(n * layers, experts), self.gpus, self.slots_per_gpu,
+                             self.redundant, method=self.planner)
         return planners.unstack(flat, layers)
+
+    def _tail(self, loads: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        """The load to plan for: replicas absorb an expert's per-step noise only if they are planned for it, so
+        noisy experts weigh more than their mean (their busy steps set the p99)."""
+        return loads if noise is None or self.tail_z == 0 else loads + self.tail_z * noise
 
     def initial(self, layers: int, experts: int) -> Plan:
         """The plan a job starts with before it has seen any load: contiguous."""
         slots = self.slots_per_gpu or planners.slots_per_gpu_for(experts, self.gpus, self.redundant)
         return planners.contiguous(np.ones((layers, experts)), self.gpus, slots, self.redundant)
+
+
+def step_noise(history: np.ndarray) -> np.ndarray:
+    """Per-step std of each expert's load over ``history[steps, layers, experts]``, from successive differences
+    (``std(x[t] - x[t-1]) / sqrt 2``) so that a drifting mean does not count as noise; zeros under two steps."""
+    if len(history) < 2:
+        return np.zeros(history.shape[1:])
+    return np.diff(history, axis=0).std(axis=0) / np.sqrt(2.0)
 
 
 def _predict_mean(spec: str, history: np.ndarray, horizon: int) -> np.ndarray:
@@ -147,20 +166,20 @@ class PhaseAware:
             horizon = self.stable_every if stable else self.transient_every
             spec = self.stable_predictor if stable else self.transient_predictor
             forecast = _predict_mean(spec, history, horizon)
-            candidate = setting.plan(forecast, current)
-            choice = self._fastest(counts[max(0, t - self.replay): t], forecast, current, candidate,
+            candidates = [setting.plan(forecast, current), setting.plan(forecast, current, step_noise(history))]
+            choice = self._fastest(counts[max(0, t - self.replay): t], forecast, current, candidates,
                                    max(horizon, self.payback), setting)
             if choice.any():
-                current = _pick([current, candidate], choice)
+                current = _pick([current, *candidates], choice)
                 schedule.append((t, current))
             t = (t // horizon + 1) * horizon  # checks on multiples of the cadence
         return schedule
 
     @staticmethod
-    def _fastest(recent: np.ndarray, forecast: np.ndarray, current: Plan, candidate: Plan, horizon: int,
+    def _fastest(recent: np.ndarray, forecast: np.ndarray, current: Plan, candidates: list[Plan], horizon: int,
                  setting: Setting) -> np.ndarray:
-        """Per layer: 1 where the candidate's forecast time saving over ``horizon`` steps exceeds its migration
-        stall, else 0.
+        """Per layer: the index into ``[current, *candidates]`` of the plan with the largest forecast time saving
+        over ``horizon`` steps net of its migration stall (0, the current plan, when none saves anything).
 
         The saving is measured by replaying the recent counts rescaled to the forecast mean (and stretched to
         ``horizon`` steps), so per-step noise, which replicas must absorb, is in the estimate, not only the
@@ -169,7 +188,7 @@ class PhaseAware:
         recent_mean = recent.mean(axis=0)
         scale = np.divide(forecast * recent_mean.sum(axis=-1, keepdims=True), recent_mean,
                           out=np.ones_like(forecast), where=recent_mean > 0)
-        return _fastest(recent * scale * (horizon / len(recent)), current, [candidate], setting)
+        return _fastest(recent * scale * (horizon / len(recent)), current, candidates, setting)
 
 
 @dataclass(frozen=True)
@@ -179,13 +198,17 @@ class Oracle:
     name: str = "oracle"
 
     def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
-        """Every ``every`` steps, in hindsight: plan on the actual mean load of each lookahead span, and per
+        """Every ``every`` steps, in hindsight: plan on the actual mean load of each lookahead span (and on its
+        mean + ``tail_z`` x per-step std), and per
         layer keep the current plan or take the candidate that makes the next ``every`` steps fastest,
         migration included."""
         starts = list(range(0, len(props), self.every))
-        means = np.stack([props[t: t + span].mean(axis=0) for t in starts for span in self.lookaheads])
-        plans = setting.plan_many(means)
-        n = len(self.lookaheads)
+        spans = [props[t: t + span] for t in starts for span in self.lookaheads]
+        means = np.stack([s.mean(axis=0) for s in spans])
+        mean_plans = setting.plan_many(means)
+        tail_plans = setting.plan_many(means, np.stack([step_noise(s) for s in spans]))
+        plans = [p for pair in zip(mean_plans, tail_plans, strict=True) for p in pair]
+        n = 2 * len(self.lookaheads)
         schedule = [(0, plans[0])]
         for i, t in enumerate(starts[1:], start=1):
             current = schedule[-1][1]
@@ -248,4 +271,4 @@ def get(names: str, replan_every: int | None = None, predictor: str | None = Non
 
 
 __all__ = ["POLICIES", "History", "Oracle", "PhaseAware", "Predict", "Schedule", "Setting", "Static", "get",
-           "stable_layers"]
+           "stable_layers", "step_noise"]

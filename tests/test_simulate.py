@@ -11,7 +11,7 @@ from moe_trace import synth, trace
 from moe_trace.cli import main
 from placement import policies, simulator
 from placement.cost import CostModel
-from placement.dispatch import gpu_tokens
+from placement.dispatch import gpu_tokens, imbalance
 from placement.planners import Plan
 from placement.policies import Setting
 
@@ -144,3 +144,43 @@ def test_bad_input_exits_2_with_one_line(trace_path, capsys, argv):
     assert main([a.format(trace=trace_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error" in err and "Traceback" not in err
+
+
+def test_step_noise_measures_per_step_noise_not_drift():
+    rng = np.random.default_rng(0)
+    drift = np.linspace(0.0, 5.0, 4000)[:, None, None] * np.ones((1, 2, 3))  # a mean that moves a lot
+    np.testing.assert_allclose(policies.step_noise(drift), 0.0, atol=1e-12)
+    noisy = drift + rng.normal(0.0, [0.1, 0.2, 0.4], size=(4000, 2, 3))
+    np.testing.assert_allclose(policies.step_noise(noisy), np.broadcast_to([0.1, 0.2, 0.4], (2, 3)), rtol=0.05)
+    assert not policies.step_noise(noisy[:1]).any()
+
+
+def test_planning_for_the_tail_replicates_the_noisy_expert():
+    # Expert 0 alternates 2 and 18 tokens (mean 10), expert 1 is steady at 10.5: the mean plan gives the
+    # redundant slot to expert 1; planning on mean + std gives it to expert 0, whose busy steps it can absorb.
+    counts = np.array([[[2, 10.5, 5, 5, 5, 5]], [[18, 10.5, 5, 5, 5, 5]]] * 50)
+    props = counts / counts.sum(axis=2, keepdims=True)
+    noise, mean = policies.step_noise(props), props.mean(axis=0)
+    for z, replicas in ((0.0, [1, 2, 1, 1, 1, 1]), (1.0, [2, 1, 1, 1, 1, 1])):
+        plan = Setting(gpus=3, redundant=1, cost=COST, tail_z=z).plan(mean, noise=noise)
+        assert plan.replicas[0].tolist() == replicas
+    np.testing.assert_array_equal(Setting(3, 1, COST).plan(mean).slot_expert,
+                                  Setting(3, 1, COST, tail_z=0.0).plan(mean, noise=noise).slot_expert)
+
+
+def test_tail_plans_lower_the_p99_on_noisy_traces():
+    # Plan on 1000 steps of a stable synthetic trace, replay the next 1000: over five traces, planning for
+    # mean + std lowers the p99 imbalance (and not at the mean's expense).
+    p99, mean = {0.0: [], 1.0: []}, {0.0: [], 1.0: []}
+    for seed in range(5):
+        counts, _ = synth.generate(layers=4, experts=32, steps=2000, tokens_per_step=16384, switch_step=None,
+                                   concentration=2.0, seed=seed)
+        history = counts[:1000] / counts[:1000].sum(axis=2, keepdims=True)
+        for z in p99:
+            plan = Setting(gpus=8, redundant=8, cost=COST, tail_z=z).plan(history.mean(axis=0),
+                                                                          noise=policies.step_noise(history))
+            imb = imbalance(gpu_tokens(counts[1000:], plan))
+            p99[z].append(np.percentile(imb, 99))
+            mean[z].append(imb.mean())
+    assert np.mean(p99[1.0]) < 0.97 * np.mean(p99[0.0])
+    assert np.mean(mean[1.0]) <= np.mean(mean[0.0])
