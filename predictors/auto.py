@@ -1,4 +1,4 @@
-"""``auto``: per layer, the moving-average or trend forecast that did best in a backtest on the history seen.
+"""``auto``: per layer, a blend of moving-average and trend forecasts weighted by a backtest on the history seen.
 
 Every candidate is a linear forecast from the last ``W`` steps: their mean plus a fraction ``k`` (the
 damping) of their least-squares slope, extrapolated. ``k = 0`` is the sliding-window average, ``k = 1`` the
@@ -8,10 +8,12 @@ candidates, layers and experts.
 
 At ``predict(H)`` the backtest origins ``s`` run every ``stride`` steps up to ``t0 - min_target``; each
 candidate is scored by its horizon-mean error (``mean_wape``) on the target ``[s, s + H)`` cut at ``t0``, so
-the latest origins, with partial targets, let the choice follow a change of regime (the start of the stable
-phase) within ``min_target`` steps rather than ``H``. Per layer, the candidate with the least log error
-relative to each origin's best (scale-free: transient errors are 10x the stable ones), weighted to favour
-recent origins (weights halve every ``memory`` steps back), is used.
+the latest origins, with partial targets, let the blend follow a change of regime (the start of the stable
+phase) within ``min_target`` steps rather than ``H``. A candidate's score is its log error relative to each
+origin's best (scale-free: transient errors are 10x the stable ones), averaged with weights that favour recent
+origins (halving every ``memory`` steps back). Per layer the candidates are blended with softmin weights
+``exp(-score / temperature)``: averaging the few near-best windows cancels part of their independent errors,
+where picking one alone also picks its noise (``temperature -> 0`` is that pick).
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ DEFAULT_DAMPING = (0.0, 0.25, 0.5, 1.0)
 
 
 @register("auto")
-class BacktestSelected(Predictor):
-    """Backtest-selected window and trend damping, chosen per layer."""
+class BacktestWeighted(Predictor):
+    """Blend of windowed mean/trend forecasts, weighted per layer by their backtest error."""
 
     def __init__(self, windows: tuple[int, ...] = DEFAULT_WINDOWS, damping: tuple[float, ...] = DEFAULT_DAMPING,
-                 stride: int = 100, memory: float = 2000.0, min_target: int = 100, fallback_window: int = 1000):
-        if min(windows) < 2 or stride < 1 or memory <= 0 or 0.0 not in damping:
-            raise ValueError("windows must be >= 2, stride >= 1, memory > 0, and damping must include 0")
+                 stride: int = 100, memory: float = 1000.0, min_target: int = 100, temperature: float = 0.1,
+                 fallback_window: int = 1000):
+        if min(windows) < 2 or stride < 1 or memory <= 0 or temperature <= 0 or 0.0 not in damping:
+            raise ValueError("windows must be >= 2, stride >= 1, memory > 0, temperature > 0, "
+                             "and damping must include 0")
         self.windows = tuple(int(w) for w in windows)
         self.damping = tuple(float(k) for k in damping)
         self.stride, self.memory, self.min_target = int(stride), float(memory), int(min_target)
+        self.temperature = float(temperature)
         self.fallback_window = int(fallback_window)
 
     def _fit(self, history: np.ndarray) -> None:
@@ -60,21 +65,27 @@ class BacktestSelected(Predictor):
 
     def _predict(self, horizon: int) -> np.ndarray:
         n_steps = len(self._sum) - 1
-        choice = self._select(horizon)  # [layers] flat index into (windows, damping)
         mean, slope, w = (a[0] for a in self._window_fit(np.array([n_steps])))  # [windows, layers, experts]
-        n_layers = mean.shape[1]
-        wi, ki = np.unravel_index(choice, (len(self.windows), len(self.damping)))
-        layers = np.arange(n_layers)
-        level, trend = mean[wi, layers], slope[wi, layers] * np.array(self.damping)[ki][:, None]
-        offset = (w[wi, 0] + 1) / 2 + np.arange(horizon)[:, None, None]  # steps from the window's centre
-        return level[None] + trend[None] * offset
+        damping = np.array(self.damping)[None, :, None, None]
+        # Candidate (window, damping) forecasts at step j of the horizon: level + trend * j, where the
+        # level is the window's mean extrapolated from its centre to the first forecast step.
+        trend = damping * slope[:, None]  # [windows, damping, layers, experts]
+        level = mean[:, None] + trend * ((w[:, None] + 1) / 2)
+        weights = self._weights(horizon)  # [candidates, layers]
+        level = np.einsum("cle,cl->le", level.reshape(-1, *mean.shape[1:]), weights)
+        trend = np.einsum("cle,cl->le", trend.reshape(-1, *mean.shape[1:]), weights)
+        return level[None] + trend[None] * np.arange(horizon)[:, None, None]
 
-    def _select(self, horizon: int) -> np.ndarray:
+    def _weights(self, horizon: int) -> np.ndarray:
+        """Blend weights ``[candidates, layers]`` over the flattened (windows, damping) grid; columns sum to 1."""
         n_steps, n_layers = len(self._sum) - 1, self._sum.shape[1]
+        n_candidates = len(self.windows) * len(self.damping)
         ends = np.arange(n_steps - self.min_target, 1, -self.stride)[::-1]
         if len(ends) == 0:  # no backtest possible yet: the sliding average closest to fallback_window
             window = int(np.argmin(np.abs(np.array(self.windows) - self.fallback_window)))
-            return np.full(n_layers, window * len(self.damping) + self.damping.index(0.0))
+            weights = np.zeros((n_candidates, n_layers))
+            weights[window * len(self.damping) + self.damping.index(0.0)] = 1.0
+            return weights
         damping = np.array(self.damping)[None, None, :, None, None]
         length = np.minimum(horizon, n_steps - ends).astype(np.float64)
         mean, slope, w = self._window_fit(ends)
@@ -83,6 +94,7 @@ class BacktestSelected(Predictor):
         actual = (self._sum[ends + length.astype(np.int64)] - self._sum[ends]) / length[:, None, None]
         error = np.abs(forecast - actual[:, None, None]).sum(axis=-1)  # [ends, windows, damping, layers]
         regret = np.log((error + 1e-12) / (error.min(axis=(1, 2), keepdims=True) + 1e-12))
-        weights = 0.5 ** ((ends[-1] - ends) / self.memory)
-        score = np.tensordot(weights, regret, axes=1)  # [windows, damping, layers]
-        return score.reshape(-1, score.shape[-1]).argmin(axis=0)
+        recency = 0.5 ** ((ends[-1] - ends) / self.memory)
+        score = np.tensordot(recency / recency.sum(), regret, axes=1).reshape(n_candidates, n_layers)
+        weights = np.exp(-(score - score.min(axis=0)) / self.temperature)
+        return weights / weights.sum(axis=0)

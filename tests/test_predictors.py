@@ -75,6 +75,32 @@ def test_arima_chooses_an_order_by_information_criterion():
     assert model._orders == [(1, 0, 0)]
 
 
+def test_auto_blend_weights_sum_to_one_and_a_cold_blend_is_the_single_best_candidate():
+    history = _ar1(3000, 0.95, std=0.01)
+    blend = predictors.get("auto").fit(history)
+    weights = blend._weights(500)
+    np.testing.assert_allclose(weights.sum(axis=0), 1.0)
+    assert (weights >= 0).all()
+    pick = predictors.get("auto", temperature=1e-9).fit(history)
+    best = pick._weights(500)
+    assert set(np.unique(best)) == {0.0, 1.0}  # one-hot at the least backtest score
+    wi, ki = np.unravel_index(best[:, 0].argmax(), (len(pick.windows), len(pick.damping)))
+    window, damping = pick.windows[wi], pick.damping[ki]
+    t = np.arange(len(history) - window, len(history))
+    slope = np.polyfit(t, history[-window:], 1)[0]  # the window's least-squares slope per expert
+    ahead = np.arange(len(history), len(history) + 500)[:, None] - t.mean()
+    reference = history[-window:].mean(axis=0) + damping * slope * ahead
+    np.testing.assert_allclose(pick.predict(500), reference, atol=1e-9)
+
+
+def test_auto_blend_is_no_worse_than_its_single_pick_on_a_noisy_drift(small_trace):
+    errors = {}
+    for spec in ["auto", "auto:temperature=1e-9"]:
+        scores = evaluate.evaluate(small_trace, spec, [400], stride=100, min_history=400)[400]
+        errors[spec] = scores.mean_wape.mean()
+    assert errors["auto"] <= errors["auto:temperature=1e-9"]
+
+
 def test_metrics_by_hand():
     actual = np.array([[[0.5, 0.5]], [[1.0, 0.0]]])  # 2 steps, 1 layer, 2 experts
     forecast = np.array([[[0.6, 0.4]], [[0.6, 0.4]]])
