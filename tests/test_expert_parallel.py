@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import socket
+import datetime
 
 import pytest
 import torch
@@ -16,19 +16,15 @@ from moe_trace.model import GPT, make_config
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _loss(model: GPT, forward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits, loss = forward(x[:, :-1], x[:, 1:])
     return logits, loss + model.aux_loss()
 
 
-def _worker(rank: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _worker(rank: int, store_path: str) -> None:
+    # A file store has no port to race for; the timeout turns a stuck collective into a failure, not a hang.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = make_config("gpt-tiny-moe", n_blocks=2, hidden=32, heads=2, num_experts=4, top_k=2, seq_len=16,
@@ -71,8 +67,8 @@ def _worker(rank: int, port: int) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_expert_parallel_matches_one_process():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD)
+def test_expert_parallel_matches_one_process(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "store"),), nprocs=WORLD)
 
 
 def test_memory_estimate_refuses_with_a_way_out():
