@@ -195,6 +195,17 @@ def evaluate(model: GPT, data: TokenData, config: TrainConfig, micro_batch: int,
 def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resume: bool = False) -> dict[str, Any]:
     """Train, record and checkpoint into ``config.out``; return a summary of the run."""
     world, device = _setup_distributed(device_kind)
+    try:
+        return _train(model_config, config, world, device, resume)
+    finally:
+        # Only after _train's model, optimizer and autograd state are freed: with gloo, freeing them once
+        # the process group is gone can block (seen in tests/test_expert_parallel.py).
+        if world.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, device: torch.device,
+           resume: bool) -> dict[str, Any]:
     run_dir = Path(config.out)
     _check_run_dir(run_dir, resume, _shard(world))
     micro_batch = _micro_batch(model_config, config, world)
@@ -294,8 +305,6 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
     elapsed = time.perf_counter() - started
     if world.is_main and config.record:
         trace.compact(run_dir / "trace")
-    if world.world_size > 1:
-        dist.destroy_process_group()
     return {
         "run_dir": str(run_dir), "rank": world.rank, "steps": step, "start_step": start,
         "stopped_early": step < config.steps,
