@@ -67,9 +67,14 @@ class Trace:
 
     def proportions(self) -> np.ndarray:
         """Load proportion ``p[t, l, e] = counts / sum_e counts`` (float64; a step with no tokens is uniform)."""
-        totals = self.counts.sum(axis=2, keepdims=True)
-        uniform = np.full(self.counts.shape, 1.0 / self.num_experts)
-        return np.divide(self.counts, totals, out=uniform, where=totals > 0)
+        return proportions(self.counts)
+
+
+def proportions(loads: np.ndarray) -> np.ndarray:
+    """Each ``[..., experts]`` row of non-negative loads divided by its sum (uniform where the sum is 0)."""
+    totals = loads.sum(axis=-1, keepdims=True)
+    uniform = np.full(loads.shape, 1.0 / loads.shape[-1])
+    return np.divide(loads, totals, out=uniform, where=totals > 0)
 
 
 def make_meta(**fields: Any) -> dict[str, Any]:

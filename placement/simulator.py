@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_trace.trace import proportions
 from placement.dispatch import gpu_tokens, imbalance
 from placement.migration import arrivals
 from placement.planners import Plan, stack
@@ -75,8 +76,7 @@ def summarise(outcome: dict[str, np.ndarray], steps: slice, bytes_per_expert: in
 def replay_policies(counts: np.ndarray, policies: list, setting: Setting) -> dict[str, dict[str, Any]]:
     """Each policy's per-step outcome (:func:`replay`) by name, with its number of re-plans as ``replans``."""
     counts = np.asarray(counts)
-    totals = counts.sum(axis=2, keepdims=True)
-    props = np.divide(counts, totals, out=np.full(counts.shape, 1.0 / counts.shape[2]), where=totals > 0)
+    props = proportions(counts)
     outcomes = {}
     for policy in policies:
         schedule = policy.schedule(counts, props, setting)

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from moe_trace.trace import proportions
+
 _REGISTRY: dict[str, type[Predictor]] = {}
 
 
@@ -65,10 +67,7 @@ class Predictor(ABC):
 
 def to_proportions(forecast: np.ndarray) -> np.ndarray:
     """Clip at zero and renormalise each ``[..., experts]`` row to sum to one (uniform where all clipped)."""
-    clipped = np.clip(forecast, 0.0, None)
-    totals = clipped.sum(axis=-1, keepdims=True)
-    uniform = np.full_like(clipped, 1.0 / clipped.shape[-1])
-    return np.divide(clipped, totals, out=uniform, where=totals > 0)
+    return proportions(np.clip(forecast, 0.0, None))
 
 
 def constant_forecast(level: np.ndarray, horizon: int) -> np.ndarray:
