@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,3 +27,16 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser, predictors: str) -> None:
+    """The evaluation protocol's options (DESIGN.md): which predictors, how far ahead, how often."""
+    parser.add_argument("--predictors", default=predictors,
+                        help="comma list of specs name[:key=value...], e.g. sw_avg:window=100,arima:block=50 "
+                             "(default: %(default)s)")
+    parser.add_argument("--horizons", type=int, nargs="+", default=[1000, 2000],
+                        help="forecast horizons in steps (default: %(default)s)")
+    parser.add_argument("--stride", type=int, default=250,
+                        help="steps between forecast origins (default: %(default)s)")
+    parser.add_argument("--min-history", type=int, default=1000,
+                        help="steps of history before the first forecast origin (default: %(default)s)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moe_trace.commands._common import write_json
+from moe_trace.commands._common import add_protocol_arguments, write_json
 from moe_trace.errors import UsageError
 
 DEFAULT_PREDICTORS = "sw_avg:window=100,sw_avg:window=1000,ema,linear,arima,auto"
@@ -18,14 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and score its forecast of the next H steps: step_wape, the oracle's step_floor, their "
                     "ratio, and mean_wape of the horizon-mean load; per phase (moe-trace phases).")
     parser.add_argument("trace", help="trace directory, .parquet file or run directory")
-    parser.add_argument("--predictors", default=DEFAULT_PREDICTORS,
-                        help="comma list of specs name[:key=value...], e.g. sw_avg:window=100,arima:block=50 "
-                             "(default: %(default)s)")
-    parser.add_argument("--horizons", type=int, nargs="+", default=[1000, 2000],
-                        help="steps ahead (default: %(default)s)")
-    parser.add_argument("--stride", type=int, default=250, help="steps between origins (default: %(default)s)")
-    parser.add_argument("--min-history", type=int, default=1000,
-                        help="steps before the first origin (default: %(default)s)")
+    add_protocol_arguments(parser, DEFAULT_PREDICTORS)
     parser.add_argument("--per-layer", action="store_true", help="also one row per MoE layer")
     parser.add_argument("--workers", type=int, default=None, help="processes for arima/lstm (default: all cores)")
     parser.add_argument("--json", metavar="FILE", help="write the records as JSON ('-': stdout)")

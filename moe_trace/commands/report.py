@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from moe_trace.commands._common import add_protocol_arguments
 from moe_trace.report import Cluster, Protocol  # numpy and pyarrow only; matplotlib loads when a figure is drawn
 
 DEFAULTS = Protocol()
@@ -19,13 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="directory for the PNG files and summary.md")
     parser.add_argument("--window", type=int, default=None,
                         help="steps per window for the spread figures (default: about 50 windows)")
-    parser.add_argument("--predictors", default=",".join(DEFAULTS.predictors),
-                        help="comma list of predictor specs, e.g. sw_avg:window=100,ema (default: %(default)s)")
-    parser.add_argument("--horizons", type=int, nargs="+", default=list(DEFAULTS.horizons),
-                        help="forecast horizons in steps (default: %(default)s)")
-    parser.add_argument("--stride", type=int, default=DEFAULTS.stride, help="steps between forecast origins")
-    parser.add_argument("--min-history", type=int, default=DEFAULTS.min_history,
-                        help="steps of history before the first forecast origin")
+    add_protocol_arguments(parser, ",".join(DEFAULTS.predictors))
     parser.add_argument("--no-predict", action="store_true", help="skip the predictor evaluation")
     parser.add_argument("--gpus", type=int, default=Cluster.gpus, help="simulated GPUs for the placement replay")
     parser.add_argument("--redundant", type=int, default=None,
