@@ -48,7 +48,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 4
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # 0: never checkpoint
     flush_every: int = 100
     record: bool = True
     seed: int = 0
@@ -249,7 +249,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         nonlocal last_checkpoint
         recorder.flush()
         metrics.flush()
-        if (world.is_main or expert_names) and step > last_checkpoint:
+        if (world.is_main or expert_names) and step > last_checkpoint and config.checkpoint_every:
             save_checkpoint(run_dir, step, model, optimizer, scheduler, _shard(world))
         last_checkpoint = step
 
@@ -290,7 +290,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
 
             if step % config.eval_every == 0 or step == config.steps:
                 val_loss = evaluate(model, data, config, micro_batch, device, autocast, world)
-            if step % config.checkpoint_every == 0:
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
                 flush_and_checkpoint()
             elif step % config.flush_every == 0:
                 recorder.flush()

@@ -140,3 +140,13 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(corpus_cache, tmp_path)
     assert np.array_equal(full.counts, resumed.counts)
     losses = [trace.load_metrics(tmp_path / run)["loss"] for run in ("full", "resumed")]
     assert np.array_equal(*losses)
+
+
+def test_checkpoint_every_zero_writes_no_checkpoint_but_the_whole_trace(corpus_cache, tmp_path):
+    model_config = make_config("gpt-tiny-moe", n_blocks=2, hidden=32, heads=2, num_experts=4, moe_every=1,
+                               seq_len=32)
+    config = TrainConfig(out=str(tmp_path / "run"), steps=12, global_batch=4, warmup=2, eval_every=1000,
+                         checkpoint_every=0, flush_every=5)
+    train(model_config, config, "cpu")
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+    assert trace.load(tmp_path / "run").steps.tolist() == list(range(12))

@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--lr", type=float)
     opt.add_argument("--warmup", type=int, help="warm-up steps")
     opt.add_argument("--eval-every", type=int)
-    opt.add_argument("--checkpoint-every", type=int)
+    opt.add_argument("--checkpoint-every", type=int,
+                     help="steps between checkpoints; 0: none, not even at the end (for state too large to write)")
     opt.add_argument("--flush-every", type=int, help="steps between trace part files")
     p.set_defaults(run=run)
 
@@ -142,5 +143,5 @@ def _default_compile(device: str, model_config) -> bool:  # a model.ModelConfig
 def _check_positive(config) -> None:  # a train.TrainConfig
     for name in ("steps", "global_batch", "eval_every", "checkpoint_every", "flush_every", "warmup"):
         value = getattr(config, name)
-        if value is None or value < (0 if name == "warmup" else 1):
+        if value is None or value < (0 if name in ("warmup", "checkpoint_every") else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
