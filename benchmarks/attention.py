@@ -1,12 +1,15 @@
 """Attention forward on one GPU: INT8 Triton kernel (every mode, with and without quantization) against
 SDPA (flash, cuDNN), the bf16 Triton kernel built the same way, and SageAttention 1.0.6, in one run.
 
-    PYTHONPATH=. python benchmarks/attention.py [--sweep] [--out benchmarks/results/attention.json]
+    PYTHONPATH=. python benchmarks/attention.py [--sweep] [--goal-shapes] [--out benchmarks/results/attention.json]
 
 Shapes: 16k tokens per batch, H=16, S in {1k..16k}, D in {64, 128}, causal and not, plus the training
 shapes of gpt-125m-moe (12 heads) and gpt-350m-moe (16 heads), S=2048, D=64, causal. Times are medians of
 ``triton.testing.do_bench``; TFLOP/s counts 4·B·H·S²·D (halved when causal). Accuracy is measured against
-float64 on the first batch element's first two heads. ``--sweep`` first times tile configurations.
+float64 on the first batch element's first two heads. ``--sweep`` first times tile configurations (with
+and without Triton's warp specialisation) and records whether the compiler actually specialised;
+``--goal-shapes`` keeps only the shapes issue 4's speed goals name (S >= 2048, non-causal) and sweeps only
+``int8_qk`` and bf16, so that sweep and table fit in a few minutes.
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moe_trace.attention import MODES
-from moe_trace.attention.bf16_attention import bf16_flash_attention
-from moe_trace.attention.int8_attention import attend_quantized, block_config, quantize_inputs
+from moe_trace.attention.bf16_attention import _bf16_attention_kernel, bf16_flash_attention
+from moe_trace.attention.int8_attention import _int8_attention_kernel, attend_quantized, block_config, quantize_inputs
 from moe_trace.attention.reference import accuracy, attention_float64
 
 TOKENS = 16384
 SHAPES = [(TOKENS // s, 16, s, d, causal, "") for d in (64, 128) for causal in (False, True)
           for s in (1024, 2048, 4096, 8192, 16384)]  # fmt: skip
 SHAPES += [(8, 12, 2048, 64, True, "gpt-125m-moe"), (8, 16, 2048, 64, True, "gpt-350m-moe")]
-SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3), (128, 64, 4, 4)]
+# block_m, block_n, num_warps, num_stages, warp_specialize
+SWEEP = [(128, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 3, False), (128, 128, 4, 3, False),
+         (64, 64, 4, 3, False), (128, 64, 4, 4, False), (128, 128, 4, 2, False), (128, 128, 4, 4, False),
+         (128, 64, 4, 3, True), (128, 128, 4, 3, True), (128, 128, 8, 3, True)]  # fmt: skip
 
 
 def bench(fn) -> float:
@@ -71,15 +77,28 @@ def implementations(q, k, v, causal, configs):
     return impls
 
 
-def sweep(results: list) -> dict:
+def warp_specialized_kernels(jit_fn) -> int | None:
+    """How many of ``jit_fn``'s compiled kernels the compiler split into warp-specialised partitions."""
+    try:
+        caches = [entry[0] for entry in jit_fn.device_caches.values()]
+        return sum("warp_specialize" in kernel.asm["ttgir"] for cache in caches for kernel in cache.values())
+    except (AttributeError, KeyError, TypeError, IndexError):  # the cache's layout is Triton-internal
+        return None
+
+
+def sweep(results: list, modes: list[str]) -> dict:
     """Best tile configuration per (mode, head_dim) at S=4096, non-causal; causal runs use it too."""
     best = {}
     for d in (64, 128):
         for causal in (False,):
             q, k, v = (torch.randn(4, 16, 4096, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            for mode in [*MODES, "bf16"]:
-                for bm, bn, warps, stages in SWEEP:
-                    cfg = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+            flops = 4 * q.numel() * q.shape[2]
+            for mode in modes:
+                kernel = _bf16_attention_kernel if mode == "bf16" else _int8_attention_kernel
+                for bm, bn, warps, stages, ws in SWEEP:
+                    cfg = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages,
+                           "warp_specialize": ws}  # fmt: skip
+                    specialised_before = warp_specialized_kernels(kernel)
                     try:
                         if mode == "bf16":
                             fn = functools.partial(bf16_flash_attention, q, k, v, causal, **cfg)
@@ -87,10 +106,15 @@ def sweep(results: list) -> dict:
                             x = quantize_inputs(q, k, v, d**-0.5, mode, bn)
                             fn = functools.partial(attend_quantized, x, q.dtype, causal, **cfg)
                         ms = bench(fn)
-                    except Exception as e:  # a tile that does not fit in shared memory
-                        print(f"sweep {mode} d={d} causal={causal} {cfg}: {type(e).__name__} {str(e)[-200:]}")
+                    except Exception as e:  # a tile that does not fit in shared memory, or no Hopper WS
+                        print(f"sweep {mode} d={d} causal={causal} {cfg}: {type(e).__name__} {str(e)[-300:]}")
                         continue
-                    results.append({"mode": mode, "head_dim": d, "causal": causal, **cfg, "ms": ms})
+                    specialised_after = warp_specialized_kernels(kernel)
+                    specialised = None if specialised_after is None else specialised_after > specialised_before
+                    print(f"sweep {mode:8s} d={d} {bm}x{bn} w{warps} s{stages} ws={int(ws)} (in IR: {specialised}): "
+                          f"{ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)  # fmt: skip
+                    results.append({"mode": mode, "head_dim": d, "causal": causal, **cfg, "ms": ms,
+                                    "warp_specialized_in_ir": specialised})  # fmt: skip
                     key = (mode, d, causal)
                     if key not in best or ms < best[key][0]:
                         best[key] = (ms, cfg)
@@ -102,15 +126,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/attention.json")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--goal-shapes", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     sweep_results: list = []
-    configs = sweep(sweep_results) if args.sweep else {}
+    sweep_modes = ["int8_qk", "bf16"] if args.goal_shapes else [*MODES, "bf16"]
+    configs = sweep(sweep_results, sweep_modes) if args.sweep else {}
+    shapes = [s for s in SHAPES if s[2] >= 2048 and not s[4] and not s[5]] if args.goal_shapes else SHAPES
+    write_json(Path(args.out), configs, sweep_results, [])
 
     records: list = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for batch, heads, seq, d, causal, label in SHAPES:
+    for batch, heads, seq, d, causal, label in shapes:
         q, k, v = (torch.randn(batch, heads, seq, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         ref = attention_float64(q[:1, :2], k[:1, :2], v[:1, :2], causal)
         flops = 4 * batch * heads * seq * seq * d / (2 if causal else 1)
@@ -127,7 +155,20 @@ def main() -> None:
         print(f"B={batch} H={heads} S={seq} D={d} causal={causal} {label}: {summary}", flush=True)
         write_json(out, configs, sweep_results, records)  # after every shape: a cut-off run keeps its numbers
     plot(records, out.with_suffix(".png"))
+    print_goal_table(records)
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def print_goal_table(records: list) -> None:
+    """Issue 4's speed goals, non-causal S >= 2048: TFLOP/s and the ratios the goals name (1.3x, 1.2x)."""
+    impls = ["int8", "int8_qk", "triton bf16", "sdpa flash", "sdpa cudnn", "sageattention"]
+    print("S D | " + " | ".join(impls) + " | int8_qk/bf16 int8_qk/sage int8/bf16")
+    for seq, d in sorted({(r["seq"], r["head_dim"]) for r in records if r["seq"] >= 2048 and not r["causal"]}):
+        tf = {r["impl"]: r["tflops"] for r in records if (r["seq"], r["head_dim"], r["causal"]) == (seq, d, False)}
+        cells = " | ".join(f"{tf[i]:.0f}" if i in tf else "-" for i in impls)
+        ratios = [tf.get(a, math.nan) / tf.get(b, math.nan) for a, b in
+                  [("int8_qk", "triton bf16"), ("int8_qk", "sageattention"), ("int8", "triton bf16")]]  # fmt: skip
+        print(f"{seq} {d} | {cells} | " + " ".join(f"{x:.2f}" for x in ratios))
 
 
 def write_json(out: Path, configs: dict, sweep_results: list, records: list) -> None:

@@ -15,9 +15,10 @@ from moe_trace.attention.int8_attention import LOG2E, NEG_LARGE
 def _attend_blocks(
     acc, l_i, m_i, q, offs_m, K, V, stride_kn, stride_vn, seq_k, n_start, n_end, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     offs_d = tl.arange(0, HEAD_DIM)
-    for n in range(n_start, n_end, BLOCK_N):
+    for n in tl.range(n_start, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = n + tl.arange(0, BLOCK_N)
         if MASKED:
             kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=cols[None, :] < seq_k, other=0.0)
@@ -47,6 +48,7 @@ def _bf16_attention_kernel(
     stride_ob, stride_oh, stride_os,
     num_heads, kv_group, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     start_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
@@ -64,11 +66,11 @@ def _bf16_attention_kernel(
     n_full = (tl.minimum(n_end, start_m * BLOCK_M) if CAUSAL else n_end) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, offs_m, K, V, stride_kn, stride_vn, seq_k, 0, n_full, qk_scale,
-        HEAD_DIM, BLOCK_N, False, CAUSAL,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, WARP_SPECIALIZE,
     )  # fmt: skip
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, offs_m, K, V, stride_kn, stride_vn, seq_k, n_full, n_end, qk_scale,
-        HEAD_DIM, BLOCK_N, True, CAUSAL,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, False,
     )  # fmt: skip
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(
@@ -87,11 +89,12 @@ def bf16_flash_attention(
     block_n: int | None = None,
     num_warps: int = 8,
     num_stages: int = 3,
+    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """16-bit attention, same interface as :func:`~moe_trace.attention.int8_flash_attention` (CUDA).
 
     The default tiles are the fastest of benchmarks/attention.py's sweep on an H100 (``block_n`` 64 for
-    head_dim 64, 128 above).
+    head_dim 64, 128 above). ``warp_specialize`` as in :func:`~moe_trace.attention.int8_attention.attend_quantized`.
     """
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, heads, seq_q, head_dim = q.shape
@@ -101,7 +104,7 @@ def bf16_flash_attention(
     _bf16_attention_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](
         q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         heads, heads // k.shape[1], seq_q, k.shape[2], sm_scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, num_warps=num_warps,
-        num_stages=num_stages,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, WARP_SPECIALIZE=warp_specialize,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

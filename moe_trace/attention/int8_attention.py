@@ -43,10 +43,10 @@ def _attend_blocks(
     K, K_scale, V, V_scale, V_offset,
     stride_vn, stride_vd, seq_k, n_start, n_end,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    INT8_PV: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    INT8_PV: tl.constexpr, UPCAST_DOT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     offs_d = tl.arange(0, HEAD_DIM)
-    for n in range(n_start, n_end, BLOCK_N):
+    for n in tl.range(n_start, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = n + tl.arange(0, BLOCK_N)
         # Kᵀ as [HEAD_DIM, BLOCK_N], contiguous along HEAD_DIM: K-major, as INT8 wgmma wants.
         if MASKED:
@@ -103,7 +103,7 @@ def _int8_attention_kernel(
     stride_ob, stride_oh, stride_os,
     num_heads, kv_group, seq_q, seq_k, num_v_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, INT8_PV: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, INT8_PV: tl.constexpr, UPCAST_DOT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     start_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // num_heads, bh % num_heads
@@ -130,11 +130,11 @@ def _int8_attention_kernel(
     n_full = (tl.minimum(n_end, start_m * BLOCK_M) if CAUSAL else n_end) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, q_scale, offs_m, K, K_scale, V, V_scale, V_offset, stride_vn, stride_vd, seq_k,
-        0, n_full, HEAD_DIM, BLOCK_N, False, CAUSAL, INT8_PV, UPCAST_DOT,
+        0, n_full, HEAD_DIM, BLOCK_N, False, CAUSAL, INT8_PV, UPCAST_DOT, WARP_SPECIALIZE,
     )  # fmt: skip
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, q_scale, offs_m, K, K_scale, V, V_scale, V_offset, stride_vn, stride_vd, seq_k,
-        n_full, n_end, HEAD_DIM, BLOCK_N, True, CAUSAL, INT8_PV, UPCAST_DOT,
+        n_full, n_end, HEAD_DIM, BLOCK_N, True, CAUSAL, INT8_PV, UPCAST_DOT, False,
     )  # fmt: skip
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(
@@ -154,10 +154,12 @@ def block_config(head_dim: int, mode: str) -> dict[str, int]:
     ``block_n`` also sets the blocks of V's scales and of P's row maxima, so the emulation takes it too.
     """
     if MODES[mode].int8_pv:
-        return {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
-    if head_dim <= 64:
-        return {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 3}
-    return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 4}
+        tiles = (128, 128, 8, 3)
+    elif head_dim <= 64:
+        tiles = (128, 128, 4, 3)
+    else:
+        tiles = (128, 64, 4, 4)
+    return dict(zip(("block_m", "block_n", "num_warps", "num_stages"), tiles, strict=True)) | {"warp_specialize": False}
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> None:
@@ -228,9 +230,13 @@ def quantize_inputs(q, k, v, sm_scale: float, mode: str, block_n: int) -> Quanti
 
 def attend_quantized(
     x: QuantizedInputs, out_dtype: torch.dtype, causal: bool, block_m: int, block_n: int, num_warps: int,
-    num_stages: int,
+    num_stages: int, warp_specialize: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """The attention kernel's half of the work, on :func:`quantize_inputs`' output."""
+    """The attention kernel's half of the work, on :func:`quantize_inputs`' output.
+
+    ``warp_specialize`` asks Triton to split the unmasked key loop between producer and consumer warps
+    (``tl.range(..., warp_specialize=True)``), so that softmax can overlap the tensor cores.
+    """
     batch, heads, seq_q, head_dim = x.q8.shape
     kv_heads, seq_k = x.k8.shape[1], x.k8.shape[2]
     int8_pv = x.v_scale is not None
@@ -244,6 +250,6 @@ def attend_quantized(
         *v_strides, out.stride(0), out.stride(1), out.stride(2),
         heads, heads // kv_heads, seq_q, seq_k, x.v_scale.shape[2] if int8_pv else 0,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, INT8_PV=int8_pv,
-        UPCAST_DOT=interpreting(), num_warps=num_warps, num_stages=num_stages,
+        UPCAST_DOT=interpreting(), WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
