@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from moe_trace.trace import proportions
+from placement.bounds import imbalance_lower_bound
 from placement.dispatch import gpu_tokens, imbalance
 from placement.migration import arrivals
 from placement.planners import Plan, stack
@@ -84,10 +85,12 @@ def replay_policies(counts: np.ndarray, policies: list, setting: Setting) -> dic
     return outcomes
 
 
-def policy_records(outcomes: dict[str, dict[str, Any]], setting: Setting, stable_from: int | None = None
-            ) -> list[dict[str, Any]]:
+def policy_records(outcomes: dict[str, dict[str, Any]], setting: Setting, stable_from: int | None = None,
+                   bound: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One record per policy (DESIGN.md's simulate JSON) with ``replans``, ``step_time_vs_static`` (when
-    ``static`` ran) and, when ``stable_from`` splits the replay, the same figures per phase under ``phases``."""
+    ``static`` ran) and, when ``stable_from`` splits the replay, the same figures per phase under ``phases``.
+    ``bound[steps, layers]`` (:func:`placement.bounds.imbalance_lower_bound`) adds its mean and p99 to every
+    record and phase as ``mean_imbalance_bound`` and ``p99_imbalance_bound``: what no policy can beat."""
     steps = len(next(iter(outcomes.values()))["step_time_s"]) if outcomes else 0
     phases = {"all": slice(None)}
     if stable_from is not None and 0 < stable_from < steps:
@@ -95,6 +98,10 @@ def policy_records(outcomes: dict[str, dict[str, Any]], setting: Setting, stable
     result = []
     for name, outcome in outcomes.items():
         per_phase = {phase: summarise(outcome, span, setting.cost.bytes_per_expert) for phase, span in phases.items()}
+        if bound is not None:
+            for phase, span in phases.items():
+                per_phase[phase] |= {"mean_imbalance_bound": float(bound[span].mean()),
+                                     "p99_imbalance_bound": float(np.percentile(bound[span], 99))}
         record = {"policy": name, "gpus": setting.gpus, "redundant": setting.redundant, **per_phase["all"],
                   "replans": outcome["replans"], "dispatch": setting.dispatch}
         if len(phases) > 1:
@@ -106,8 +113,10 @@ def policy_records(outcomes: dict[str, dict[str, Any]], setting: Setting, stable
 
 def simulate(counts: np.ndarray, policies: list, setting: Setting, stable_from: int | None = None
              ) -> list[dict[str, Any]]:
-    """Replay ``counts[steps, layers, experts]`` under each policy and summarise it (:func:`policy_records`)."""
-    return policy_records(replay_policies(counts, policies, setting), setting, stable_from)
+    """Replay ``counts[steps, layers, experts]`` under each policy and summarise it (:func:`policy_records`),
+    with the lower bound on the imbalance that no placement with these slots can beat."""
+    bound = imbalance_lower_bound(counts, setting.gpus, setting.redundant)
+    return policy_records(replay_policies(counts, policies, setting), setting, stable_from, bound)
 
 
 def relative_to_static(records: list[dict[str, Any]]) -> None:
@@ -153,4 +162,8 @@ def format_table(records: list[dict[str, Any]], setting: Setting, stable_from: i
                          f"{figures['p99_imbalance']:>8.3f} {figures['migrations']:>10d} "
                          f"{figures['moved_bytes'] / 1e9:>9.1f} {figures['est_step_time_s'] * 1e3:>9.2f} "
                          f"{'' if relative is None else f'{relative:.3f}':>9}")
+    if records and "p99_imbalance_bound" in records[0]:
+        lines.append(f"no placement of these {setting.redundant} redundant slots, even re-planned every step, gets "
+                     f"below mean imbalance {records[0]['mean_imbalance_bound']:.3f}, p99 "
+                     f"{records[0]['p99_imbalance_bound']:.3f} on this trace (placement/bounds.py)")
     return "\n".join(lines)

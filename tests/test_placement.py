@@ -9,6 +9,7 @@ import pytest
 
 from moe_trace.errors import UsageError
 from placement import planners
+from placement.bounds import imbalance_lower_bound
 from placement.dispatch import gpu_tokens, imbalance, water_fill
 from placement.migration import align, arrivals
 from placement.planners import PlacementError, Plan
@@ -141,8 +142,34 @@ def test_align_keeps_loads_and_reduces_migrations():
     lambda: planners.plan(np.ones((2, 8)), gpus=2, method="magic"),
     lambda: planners.exact(np.ones((1, 128)), gpus=64, slots_per_gpu=3),
     lambda: gpu_tokens(np.ones((3, 2, 7)), planners.plan(np.ones((2, 8)), gpus=2)),
+    lambda: imbalance_lower_bound(-np.ones((2, 8)), gpus=2, redundant=2),
+    lambda: imbalance_lower_bound(np.ones((2, 8)), gpus=0, redundant=2),
 ])
 def test_bad_input_is_a_usage_error(call):
     with pytest.raises(PlacementError) as info:
         call()
     assert isinstance(info.value, UsageError) and "\n" not in str(info.value)
+
+
+def test_imbalance_lower_bound_by_hand():
+    counts = np.array([[90.0, 5, 5], [10, 10, 10]])
+    # 2 GPUs (mean 50): a second replica of expert 0 carries 45 each, under the mean -> 1.0.
+    np.testing.assert_allclose(imbalance_lower_bound(counts, gpus=2, redundant=1), [1.0, 1.0])
+    # No spare slot: expert 0 alone puts 90 on one GPU -> 90 / 50.
+    np.testing.assert_allclose(imbalance_lower_bound(counts, gpus=2, redundant=0), [1.8, 1.0])
+    # 4 GPUs (mean 25 and 7.5), one spare: expert 0 split in two still puts 45 on a GPU, and of three experts
+    # of 10 two stay whole (10 / 7.5); three spares bring them to 22.5 and 5, under the means.
+    np.testing.assert_allclose(imbalance_lower_bound(counts, gpus=4, redundant=1), [1.8, 4 / 3])
+    np.testing.assert_allclose(imbalance_lower_bound(counts, gpus=4, redundant=3), [1.0, 1.0])
+    assert imbalance_lower_bound(counts[None], gpus=4, redundant=0).shape == (1, 2)
+
+
+def test_imbalance_lower_bound_never_above_the_exact_optimum():
+    # The exact solver re-plans each row for its own loads with tokens split freely: the bound must not exceed it.
+    loads = skewed_loads(6, 6, seed=11, concentration=0.3)
+    for gpus, redundant in ((3, 0), (3, 3), (4, 2)):
+        slots = planners.slots_per_gpu_for(6, gpus, redundant)
+        optimum = makespan(loads, planners.exact(loads, gpus, slots, redundant), "balanced") / (loads.sum(1) / gpus)
+        bound = imbalance_lower_bound(loads, gpus, redundant)
+        assert (bound <= optimum + 1e-6).all()
+        assert (bound >= 1.0).all()

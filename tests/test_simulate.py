@@ -116,6 +116,11 @@ def test_simulate_cli_json(trace_path, tmp_path, capsys):
         assert {"policy", "gpus", "redundant", "mean_imbalance", "p99_imbalance", "migrations", "moved_bytes",
                 "est_step_time_s"} <= r.keys()
         assert r["gpus"] == 4 and r["redundant"] == 4
+        # The lower bound holds for every policy, over the run and per phase.
+        assert 1.0 <= r["mean_imbalance_bound"] <= r["mean_imbalance"]
+        assert r["p99_imbalance_bound"] <= r["p99_imbalance"]
+        for figures in r["phases"].values():
+            assert figures["p99_imbalance_bound"] <= figures["p99_imbalance"]
 
 
 def test_place_cli_json(trace_path, tmp_path):
