@@ -215,8 +215,9 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     torch.manual_seed(config.seed)
     if device.type == "cuda":
         memory.check_fits(model_config, torch.cuda.get_device_properties(device).total_memory, world.world_size)
-    model = GPT(model_config).to(device)
-    expert_names = _shard_experts(model, world)
+    model = GPT(model_config)
+    expert_names = _shard_experts(model, world)  # before the move: a rank's GPU never holds all the experts
+    model.to(device)
     optimizer = _optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
     start = load_checkpoint(run_dir, model, optimizer, scheduler, _shard(world)) if resume else 0

@@ -119,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
           f"{' (stopped early)' if summary['stopped_early'] else ''}, "
           f"{summary['tokens_per_s']:,.0f} tokens/s, final loss {summary['final_loss']:.3f}, "
           f"val loss {summary['val_loss']:.3f}, {summary['elapsed_s']:.0f} s")
-    print(f"wrote {config.out}/trace/, {config.out}/metrics.parquet, {config.out}/config.json, "
-          f"{config.out}/checkpoints/")
+    written = ["trace/"] * config.record + ["metrics.parquet", "config.json"] + ["checkpoints/"] * bool(
+        config.checkpoint_every)
+    print("wrote " + ", ".join(f"{config.out}/{name}" for name in written))
     return 130 if summary["stopped_early"] else 0  # the shell's code for "interrupted", as the CLI uses
 
 
