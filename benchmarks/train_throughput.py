@@ -1,6 +1,7 @@
 """Training throughput and MFU of the GPT-MoE presets per MoE backend, and the trace recorder's overhead.
 
     python benchmarks/train_throughput.py [--steps 10] [--rounds 3] [--backends torch,megablocks] [--compile MODELS]
+        [--vocab-multiple N] [--sdpa-backend {default,cudnn}] [--profile DIR]
 
 For each (model, backend): one optimizer step per micro-batch of 8 x 2048 tokens (bf16 autocast, fused
 AdamW, gradient clipping: what ``moe-trace train`` does per step), timed with CUDA events over blocks of
@@ -8,12 +9,14 @@ AdamW, gradient clipping: what ``moe-trace train`` does per step), timed with CU
 ``--rounds``). The optimizer step is also timed alone, to give the throughput at the preset's global batch
 (256 sequences = 32 micro-batches per optimizer step). MFU = FLOPs/token (``moe_trace.model.flops_per_token``:
 6 x active parameters + causal attention) x tokens/s / the GPU's dense bf16 peak.
+``--profile DIR`` also writes, per run, the CUDA kernels that take the step's time (torch.profiler) as a table.
 Writes benchmarks/results/train_throughput.json with the device, library versions and date.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -23,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moe_trace import trace
 from moe_trace.model import GPT, flops_per_token, make_config, num_parameters
@@ -32,15 +36,18 @@ from moe_trace.train import TrainConfig, _optimizer
 MODELS = {"gpt-125m-moe": {}, "gpt-350m-moe --experts 16": {"num_experts": 16}}
 MICRO_BATCH = 8
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM
+SDPA_BACKENDS = {"default": None, "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]}
 
 
 def peak_flops(name: str) -> float:
     return next((peak for key, peak in DENSE_BF16_PEAK.items() if key in name), float("nan"))
 
 
-def measure(model_name: str, backend: str, steps: int, rounds: int, compile_model: bool) -> dict:
+def measure(model_name: str, backend: str, steps: int, rounds: int, compile_model: bool, vocab_multiple: int,
+            sdpa_backend: str, profile_dir: Path | None) -> dict:
     preset = model_name.split()[0]
-    config = make_config(preset, attention="sdpa", moe_backend=backend, **MODELS[model_name])
+    config = make_config(preset, attention="sdpa", moe_backend=backend, vocab_multiple=vocab_multiple,
+                         **MODELS[model_name])
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = GPT(config).to(device)
@@ -53,7 +60,9 @@ def measure(model_name: str, backend: str, steps: int, rounds: int, compile_mode
                            global_batch=MICRO_BATCH, seed=0, moe_backend=backend, attention="sdpa", world_size=1)
 
     def step(recorder: CountRecorder | None, index: int) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        attention = sdpa_kernel(SDPA_BACKENDS[sdpa_backend], set_priority=True) if SDPA_BACKENDS[sdpa_backend] \
+            else contextlib.nullcontext()
+        with attention, torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = forward(x, y)
             loss = loss + model.aux_loss()
         loss.backward()
@@ -91,6 +100,9 @@ def measure(model_name: str, backend: str, steps: int, rounds: int, compile_mode
             on.append(timed(with_recorder, steps))
             off.append(timed(lambda i: step(None, i), steps))
         recorder.flush()
+    if profile_dir is not None:
+        name = f"{preset}-e{config.num_experts}-{backend}{'-compiled' if compile_model else ''}-v{vocab_multiple}"
+        profile(lambda i: step(None, i), steps, profile_dir / f"{name}-{sdpa_backend}.txt")
 
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -103,7 +115,8 @@ def measure(model_name: str, backend: str, steps: int, rounds: int, compile_mode
     accumulation = config.global_batch // MICRO_BATCH
     preset_step = accumulation * (step_off - optimizer_s) + optimizer_s
     result = {
-        "model": model_name, "backend": backend, "compile": compile_model,
+        "model": model_name, "backend": backend, "compile": compile_model, "vocab_multiple": vocab_multiple,
+        "sdpa_backend": sdpa_backend,
         "params_total": num_parameters(model), "params_active": num_parameters(model, active=True),
         "flops_per_token": flops, "tokens_per_step": tokens_per_step,
         "step_s_recorder_off": step_off, "step_s_recorder_on": step_on,
@@ -117,6 +130,26 @@ def measure(model_name: str, backend: str, steps: int, rounds: int, compile_mode
     return result
 
 
+def profile(step, steps: int, path: Path) -> None:
+    """The CUDA kernels of ``steps`` steps, by total time, as a text table (time per step in the header)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"{path.stem}: {total / steps / 1e3:.2f} ms of kernels per step over {steps} steps", ""]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:40]:
+        lines.append(f"{e.self_device_time_total / steps / 1e3:8.3f} ms {e.self_device_time_total / total:6.1%} "
+                     f"{e.count // steps:5d}x  {e.key[:150]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:25]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
@@ -125,6 +158,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="recorder on/off block pairs")
     parser.add_argument("--compile", default="", help="comma list of models to time again with the torch backend "
                                                        "under torch.compile")
+    parser.add_argument("--vocab-multiple", type=int, default=128,
+                        help="pad the embedding rows to a multiple of this (1: no padding)")
+    parser.add_argument("--sdpa-backend", choices=sorted(SDPA_BACKENDS), default="default",
+                        help="SDPA backend priority: PyTorch's default, or cuDNN first")
+    parser.add_argument("--profile", type=Path, help="write a kernel-time table per run into this folder")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = parser.parse_args()
     backends = [b for b in args.backends.split(",")
@@ -134,7 +172,8 @@ def main() -> None:
 
     results: list[dict] = []
     for model_name, backend, compile_model in runs:
-        r = measure(model_name, backend, args.steps, args.rounds, compile_model)
+        r = measure(model_name, backend, args.steps, args.rounds, compile_model, args.vocab_multiple,
+                    args.sdpa_backend, args.profile)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         results.append(r)

@@ -35,11 +35,16 @@ class ModelConfig:
     load_balancing_weight: float = 0.01
     z_loss_weight: float = 0.0
     normalize_topk: bool = False
+    # Rows of the tied embedding / output head are padded to a multiple of this: an odd vocabulary (GPT-2's
+    # 50257) leaves the logits GEMMs misaligned and slow. Padding rows are never looked up, their logits cut off.
+    vocab_multiple: int = 128
     attention: str = "sdpa"
     moe_backend: str = "torch"  # "megablocks": moe_trace.moe_megablocks (CUDA only), same interface
     global_batch: int = 16  # sequences per optimizer step: the preset's training default
 
     def __post_init__(self) -> None:
+        if self.vocab_multiple < 1:
+            raise ValueError(f"vocab_multiple={self.vocab_multiple} must be positive")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -156,11 +161,11 @@ class GPT(nn.Module):
         # GPT-2's scaled init for the projections that write into the residual stream.
         out_init_std = 0.02 / math.sqrt(2 * config.n_blocks)
         moe_blocks = set(config.moe_blocks)
-        self.wte = nn.Embedding(config.vocab_size, config.hidden)
+        self.wte = nn.Embedding(padded_vocab(config), config.hidden)
         self.wpe = nn.Embedding(config.seq_len, config.hidden)
         self.blocks = nn.ModuleList(Block(config, i in moe_blocks, out_init_std) for i in range(config.n_blocks))
         self.ln_f = nn.LayerNorm(config.hidden)
-        self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden, padded_vocab(config), bias=False)
         self.lm_head.weight = self.wte.weight
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -178,7 +183,7 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(positions)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
@@ -191,15 +196,22 @@ class GPT(nn.Module):
         return torch.stack([layer.tokens_per_expert for layer in self.moe_layers])
 
 
+def padded_vocab(config: ModelConfig) -> int:
+    """Rows of the embedding table: the vocabulary rounded up to ``config.vocab_multiple``."""
+    return -(-config.vocab_size // config.vocab_multiple) * config.vocab_multiple
+
+
 def num_parameters(model: GPT, active: bool = False) -> int:
-    """Parameter count; ``active=True`` counts what one token uses: k of E experts, no position table."""
+    """Parameter count; ``active=True`` counts what one token uses: k of E experts, no position table, no
+    embedding padding."""
     total = sum(p.numel() for p in model.parameters())
     if not active:
         return total
     config = model.config
     inactive_experts = sum(p.numel() for layer in model.moe_layers for p in layer.expert_parameters())
     inactive_experts = inactive_experts * (config.num_experts - config.top_k) // config.num_experts
-    return total - inactive_experts - model.wpe.weight.numel()
+    padding = (padded_vocab(config) - config.vocab_size) * config.hidden
+    return total - inactive_experts - model.wpe.weight.numel() - padding
 
 
 def flops_per_token(model: GPT) -> float:

@@ -48,7 +48,8 @@ def test_active_parameters_count_k_of_e_experts():
     model = GPT(small_config(num_experts=8, top_k=2))
     expert_params = sum(layer.w1.numel() + layer.w2.numel() for layer in model.moe_layers)
     total = num_parameters(model)
-    assert num_parameters(model, active=True) == total - expert_params * 6 // 8 - 16 * 32
+    padding = (128 - 97) * 32  # embedding rows past the vocabulary
+    assert num_parameters(model, active=True) == total - expert_params * 6 // 8 - 16 * 32 - padding
     assert flops_per_token(model) > 6 * num_parameters(model, active=True)
 
 
@@ -62,3 +63,18 @@ def test_bad_config_is_rejected():
         small_config(top_k=5)
     with pytest.raises(ValueError):
         small_config(attention="flash")
+
+
+def test_padding_the_vocabulary_changes_neither_logits_nor_loss():
+    torch.manual_seed(0)
+    unpadded = GPT(small_config(vocab_multiple=1))
+    padded = GPT(small_config())
+    state = unpadded.state_dict()
+    with torch.no_grad():  # the same weights, plus padding rows that are never used
+        for name, value in padded.state_dict().items():  # views of the parameters: copied in place
+            value[: state[name].shape[0]] = state[name]
+    idx = torch.randint(0, 97, (2, 16))
+    (logits, loss), (padded_logits, padded_loss) = unpadded(idx, idx), padded(idx, idx)
+    assert padded.wte.weight.shape[0] == 128 and padded_logits.shape == logits.shape == (2, 16, 97)
+    torch.testing.assert_close(padded_logits, logits)
+    torch.testing.assert_close(padded_loss, loss)
