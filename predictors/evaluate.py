@@ -15,9 +15,10 @@ They are then averaged over origins and layers per phase: an origin is in the st
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -160,6 +161,31 @@ def records(spec: str, scores: dict[int, Scores], stable_from: Sequence[int | No
                 out.append(dict(predictor=spec, horizon=int(h), phase=phase, layer=layer,
                                 **{k: float(getattr(s, k)[m].mean()) for k in METRICS},
                                 n_origins=int(m.any(axis=1).sum())))
+    return out
+
+
+def versus_best(rows: Iterable[Mapping[str, Any]], predictor: str, candidates: Iterable[str],
+                metric: str = "mean_wape") -> list[dict[str, Any]]:
+    """``predictor``'s ``metric`` over the best of ``candidates``, chosen in hindsight per horizon and phase.
+
+    ``rows`` are :func:`records` (e.g. pooled from several ``moe-trace predict --json`` files of one trace and
+    protocol); only the whole-model rows (``layer == "all"``) are used. With several windows of ``sw_avg`` as
+    candidates this is the ratio to the best fixed window, an oracle no real run has; with one candidate it is
+    a plain ratio. Returns ``{horizon, phase, ratio, best, value, best_value}`` for each (horizon, phase) where
+    the predictor and at least one candidate have a row.
+    """
+    table = {(r["predictor"], r["horizon"], r["phase"]): r[metric] for r in rows if r["layer"] == "all"}
+    candidates = list(candidates)
+    out = []
+    for (name, horizon, phase), value in table.items():
+        if name != predictor:
+            continue
+        scored = [(table[c, horizon, phase], c) for c in candidates if (c, horizon, phase) in table]
+        if not scored:
+            continue
+        best_value, best = min(scored)
+        out.append(dict(horizon=horizon, phase=phase, ratio=value / best_value, best=best, value=value,
+                        best_value=best_value))
     return out
 
 

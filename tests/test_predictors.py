@@ -163,3 +163,17 @@ def test_registry_and_specs():
 def test_importing_predictors_does_not_import_torch():
     code = "import sys, predictors, predictors.evaluate, predictors.phases; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_versus_best_picks_the_best_candidate_per_horizon_and_phase():
+    def row(predictor, horizon, phase, value, layer="all"):
+        return dict(predictor=predictor, horizon=horizon, phase=phase, layer=layer, step_wape=1.0, step_floor=1.0,
+                    mean_wape=value, n_origins=1)
+
+    rows = [row("auto", 10, "stable", 0.3), row("auto", 10, "transient", 0.8), row("auto", 20, "stable", 0.5),
+            row("w1", 10, "stable", 0.4), row("w2", 10, "stable", 0.2), row("w1", 10, "transient", 1.0),
+            row("w2", 10, "transient", 2.0), row("w2", 10, "stable", 0.01, layer=0)]  # per-layer rows ignored
+    out = {(r["horizon"], r["phase"]): r for r in evaluate.versus_best(rows, "auto", ["w1", "w2"])}
+    assert set(out) == {(10, "stable"), (10, "transient")}  # no candidate at horizon 20
+    assert out[10, "stable"]["best"] == "w2" and out[10, "stable"]["ratio"] == pytest.approx(1.5)
+    assert out[10, "transient"]["best"] == "w1" and out[10, "transient"]["ratio"] == pytest.approx(0.8)
