@@ -113,9 +113,11 @@ class MoELayer(nn.Module):
         order = routing.expert_indices.flatten().argsort(stable=True)
         token_of_row = order // self.top_k
         y_sorted = self.run_experts(x_flat[token_of_row], routing.tokens_per_expert)
-        gates = routing.expert_weights.flatten()[order].unsqueeze(-1)
-        out = torch.zeros_like(x_flat).index_add_(0, token_of_row, (y_sorted * gates).to(x_flat.dtype))
-        return out.reshape(x.shape)
+        # Back to (token, k) order by the inverse permutation: a copy, not an atomic scatter-add, so the
+        # combine is cheap and deterministic; then each token's k outputs weighted by their gates.
+        y = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted).view(*routing.expert_weights.shape, -1)
+        out = (y * routing.expert_weights.unsqueeze(-1)).sum(dim=1)
+        return out.to(x.dtype).reshape(x.shape)
 
     def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """Expert outputs for rows sorted by expert (what expert parallelism replaces with an exchange)."""
