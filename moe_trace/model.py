@@ -7,6 +7,7 @@ kernel of :mod:`moe_trace.attention`), token embedding tied to the output head.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_trace.moe import MoELayer
+
+# Decides the loss path on CUDA; find_spec does not import Triton, so this costs nothing on CPU.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 ATTENTION_IMPLS = ("sdpa", "int8")
 MOE_BACKENDS = ("torch", "megablocks")
@@ -183,8 +187,18 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(positions)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        padded_logits = self.lm_head(self.ln_f(x))
+        logits = padded_logits[..., : self.config.vocab_size]
+        if targets is None:
+            loss = None
+        elif padded_logits.is_cuda and TRITON_AVAILABLE:
+            # One Triton pass for loss and gradient (moe_trace.cross_entropy); imported here so CPU runs,
+            # and Triton's interpreter setting in tests, never depend on it.
+            from moe_trace.cross_entropy import cross_entropy
+
+            loss = cross_entropy(padded_logits.flatten(0, 1), targets.flatten(), self.config.vocab_size)
+        else:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
     def aux_loss(self) -> Tensor:

@@ -1,0 +1,166 @@
+"""Fused cross-entropy on CPU: the Triton kernel under Triton's interpreter against F.cross_entropy.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set before moe_trace.cross_entropy loads
+and restored right after (other test modules and their subprocesses see the environment unchanged).
+The interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest, so bf16 gradients may differ
+from the reference by one unit in the last place: the bf16 tolerance is one ulp (2**-7 relative).
+"""
+
+import os
+
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from moe_trace.cross_entropy import cross_entropy, cross_entropy_loss_and_grad  # noqa: E402
+
+
+def _restore_interpret_setting():
+    if _INTERPRET_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+
+
+_restore_interpret_setting()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton_interpreter():
+    os.environ["TRITON_INTERPRET"] = "1"  # the launch config reads it per call
+    yield
+    _restore_interpret_setting()
+
+
+# rows, vocab, padded_vocab. The interpreter's column block is 256 (moe_trace.cross_entropy._launch_config):
+# several blocks with a ragged tail, one block, no padding, a whole block of padding, a single row.
+SHAPES = [(37, 1000, 1024), (5, 300, 384), (3, 77, 128), (16, 512, 512), (4, 250, 512), (1, 2, 2)]
+# scale 30 puts logits in the hundreds: a naive exp overflows float32, the online max must not.
+SCALES = [1.0, 30.0]
+
+
+def _logits_and_targets(rows, vocab, padded_vocab, dtype, scale, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, padded_vocab, generator=generator) * scale).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    return logits, targets
+
+
+def _reference(logits, targets, vocab):
+    """The loss and gradient the model computed before: F.cross_entropy on the float32 upcast."""
+    logits = logits.detach().clone().requires_grad_()
+    loss = F.cross_entropy(logits[:, :vocab].float(), targets)
+    loss.backward()
+    return loss.detach(), logits.grad
+
+
+def _fused(logits, targets, vocab):
+    logits = logits.detach().clone().requires_grad_()
+    loss = cross_entropy(logits, targets, vocab)
+    loss.backward()
+    return loss.detach(), logits.grad
+
+
+def _assert_grad_close(grad, expected):
+    assert grad.dtype == expected.dtype and grad.shape == expected.shape
+    # bf16: one ulp. float32: exp(x - lse) with |x| in the hundreds carries lse's float32 rounding.
+    rtol = 2.0**-7 if grad.dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(grad.float(), expected.float(), rtol=rtol, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_loss_and_grad_match_f_cross_entropy(shape, dtype, scale):
+    rows, vocab, padded_vocab = shape
+    logits, targets = _logits_and_targets(rows, vocab, padded_vocab, dtype, scale)
+    loss, grad = _fused(logits, targets, vocab)
+    expected_loss, expected_grad = _reference(logits, targets, vocab)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    _assert_grad_close(grad, expected_grad)
+    assert torch.all(grad[:, vocab:] == 0)
+
+
+def test_target_at_the_row_maximum_and_in_the_last_real_column():
+    rows, vocab, padded_vocab = 4, 300, 384
+    logits, _ = _logits_and_targets(rows, vocab, padded_vocab, torch.float32, 1.0)
+    targets = torch.tensor([vocab - 1, 0, 257, 256])
+    logits[torch.arange(rows), targets] = 50.0  # the target dominates: loss ~ 0, gradient ~ 0
+    loss, grad = _fused(logits, targets, vocab)
+    expected_loss, expected_grad = _reference(logits, targets, vocab)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-7)
+    _assert_grad_close(grad, expected_grad)
+
+
+def test_padding_logits_do_not_leak_into_the_loss():
+    logits, targets = _logits_and_targets(6, 100, 128, torch.float32, 1.0)
+    logits[:, 100:] = 1e4  # would dominate the log-sum-exp if the kernel read past `vocab`
+    loss, grad = _fused(logits, targets, 100)
+    expected_loss, expected_grad = _reference(logits, targets, 100)
+    torch.testing.assert_close(loss, expected_loss)
+    _assert_grad_close(grad, expected_grad)
+
+
+def test_backward_scales_by_the_upstream_gradient():
+    logits, targets = _logits_and_targets(9, 200, 256, torch.bfloat16, 1.0)
+    fused = logits.clone().requires_grad_()
+    (cross_entropy(fused, targets, 200) * 0.25).backward()
+    reference = logits.clone().requires_grad_()
+    (F.cross_entropy(reference[:, :200].float(), targets) * 0.25).backward()
+    _assert_grad_close(fused.grad, reference.grad)
+
+
+def test_logits_are_not_modified():
+    logits, targets = _logits_and_targets(7, 300, 384, torch.bfloat16, 3.0)
+    before = logits.clone()
+    cross_entropy(logits.requires_grad_(), targets, 300).backward()
+    assert torch.equal(logits.detach(), before)
+
+
+def test_strided_rows():
+    # logits a column slice of a wider buffer: the kernel must follow the row stride, not assume padded_vocab.
+    wide, targets = _logits_and_targets(11, 300, 512, torch.float32, 2.0)
+    logits = wide[:, :384]
+    assert logits.stride(0) == 512
+    loss, grad = _fused(logits, targets, 300)
+    expected_loss, expected_grad = _reference(logits, targets, 300)
+    torch.testing.assert_close(loss, expected_loss)
+    _assert_grad_close(grad, expected_grad)
+
+
+def test_torch_compile_keeps_the_op_in_the_graph():
+    # fullgraph=True fails on a graph break; aot_eager traces the fake implementation and the autograd formula.
+    logits, targets = _logits_and_targets(13, 300, 384, torch.bfloat16, 1.0)
+
+    def loss_fn(logits, targets):
+        return 2.0 * cross_entropy(logits, targets, 300)
+
+    compiled = logits.clone().requires_grad_()
+    loss = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(compiled, targets)
+    loss.backward()
+    eager = logits.clone().requires_grad_()
+    expected = loss_fn(eager, targets)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    torch.testing.assert_close(compiled.grad, eager.grad, rtol=0, atol=0)
+
+
+def test_opcheck():
+    # The custom op's registrations (schema, fake implementation, autograd) agree with its real behaviour.
+    logits, targets = _logits_and_targets(5, 100, 128, torch.float32, 1.0)
+    torch.library.opcheck(cross_entropy_loss_and_grad, (logits.requires_grad_(), targets, 100))
+
+
+@pytest.mark.parametrize("logits_shape, targets_shape, vocab", [
+    ((4, 8), (3,), 8),       # one target per row
+    ((2, 4, 8), (2, 4), 8),  # rows must be flattened by the caller
+    ((4, 8), (4,), 9),       # vocab past the padded width
+    ((4, 8), (4,), 0),
+])
+def test_rejects_bad_shapes(logits_shape, targets_shape, vocab):
+    with pytest.raises(ValueError):
+        cross_entropy(torch.zeros(logits_shape), torch.zeros(targets_shape, dtype=torch.int64), vocab)
