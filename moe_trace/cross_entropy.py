@@ -128,8 +128,8 @@ def _setup_context(ctx, inputs: tuple[Tensor, Tensor, int], output: tuple[Tensor
 
 
 def _backward(ctx, grad_loss: Tensor, _grad_of_grad: Tensor | None) -> tuple[Tensor, None, None]:
-    # The loss is linear in nothing but the logits' gradient is already computed: scale it by the upstream
-    # gradient (1 for a plain loss.backward(), 1/k under k-step accumulation).
+    # The forward already wrote d(loss)/d(logits); the chain rule only scales it by the upstream gradient
+    # (1 for a plain loss.backward(), 1/k under k-step accumulation). Inductor fuses this into one pass.
     (grad_logits,) = ctx.saved_tensors
     return grad_logits * grad_loss, None, None
 
