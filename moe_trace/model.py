@@ -182,7 +182,11 @@ class GPT(nn.Module):
         return [b.mlp for b in self.blocks if not isinstance(b.mlp, MLP)]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits ``[batch, seq, vocab]`` and, given targets, the mean cross-entropy (without aux losses)."""
+        """Logits ``[batch, seq, vocab]`` and, given targets, the mean cross-entropy (without aux losses).
+
+        Given targets, the logits come back detached: training differentiates the loss alone, and under
+        torch.compile a differentiable second output costs a full-size zero gradient and its slice backward.
+        """
         positions = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(positions)
         for block in self.blocks:
@@ -199,7 +203,7 @@ class GPT(nn.Module):
             loss = cross_entropy(padded_logits.flatten(0, 1), targets.flatten(), self.config.vocab_size)
         else:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss
+        return (logits if loss is None else logits.detach()), loss
 
     def aux_loss(self) -> Tensor:
         """Weighted load-balancing + z losses of the last forward, summed over MoE layers."""

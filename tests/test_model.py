@@ -78,3 +78,11 @@ def test_padding_the_vocabulary_changes_neither_logits_nor_loss():
     assert padded.wte.weight.shape[0] == 128 and padded_logits.shape == logits.shape == (2, 16, 97)
     torch.testing.assert_close(padded_logits, logits)
     torch.testing.assert_close(padded_loss, loss)
+
+
+def test_logits_are_detached_when_the_loss_is_returned():
+    model = GPT(small_config())
+    idx = torch.randint(0, 97, (2, 16))
+    logits, loss = model(idx, idx)
+    assert not logits.requires_grad and loss.requires_grad
+    assert model(idx)[0].requires_grad  # inference without targets keeps the graph
