@@ -6,6 +6,12 @@ window's linear trend. From prefix sums of ``p`` and ``t * p`` every candidate's
 origin is a handful of array operations, so the whole grid is backtested at once, vectorised over origins,
 candidates, layers and experts.
 
+The router trains with a load-balancing loss that pulls every expert's share toward the uniform ``1/E``, so
+each candidate also comes in versions whose deviation from ``1/E`` (level and trend alike) decays by half
+every ``h`` steps of the horizon, for each half-life ``h`` in ``reversion`` (``inf``: no pull, the plain
+candidate). The backtest decides per layer how much a layer reverts; the horizon means of the decay
+factors have closed forms, so these versions cost the backtest no more than the windows do.
+
 At ``predict(H)`` the backtest origins ``s`` run every ``stride`` steps up to ``t0 - min_target``; each
 candidate is scored by its horizon-mean error (``mean_wape``) on the target ``[s, s + H)`` cut at ``t0``, so
 the latest origins, with partial targets, let the blend follow a change of regime (the start of the stable
@@ -24,6 +30,7 @@ from predictors.base import Predictor, register
 
 DEFAULT_WINDOWS = (50, 100, 200, 500, 1000, 2000, 4000, 8000)
 DEFAULT_DAMPING = (0.0, 0.25, 0.5, 1.0)
+DEFAULT_REVERSION = (float("inf"), 4000.0, 1000.0)  # half-lives, in steps, of the pull toward 1/E
 
 
 @register("auto")
@@ -31,13 +38,15 @@ class BacktestWeighted(Predictor):
     """Blend of windowed mean/trend forecasts, weighted per layer by their backtest error."""
 
     def __init__(self, windows: tuple[int, ...] = DEFAULT_WINDOWS, damping: tuple[float, ...] = DEFAULT_DAMPING,
-                 stride: int = 100, memory: float = 1000.0, min_target: int = 100, temperature: float = 0.1,
-                 fallback_window: int = 1000):
-        if min(windows) < 2 or stride < 1 or memory <= 0 or temperature <= 0 or 0.0 not in damping:
-            raise ValueError("windows must be >= 2, stride >= 1, memory > 0, temperature > 0, "
-                             "and damping must include 0")
+                 reversion: tuple[float, ...] = DEFAULT_REVERSION, stride: int = 100, memory: float = 1000.0,
+                 min_target: int = 100, temperature: float = 0.1, fallback_window: int = 1000):
+        if (min(windows) < 2 or stride < 1 or memory <= 0 or temperature <= 0 or 0.0 not in damping
+                or min(reversion) <= 0 or float("inf") not in reversion):
+            raise ValueError("windows must be >= 2, stride >= 1, memory > 0, temperature > 0, damping must "
+                             "include 0, and reversion half-lives must be positive and include inf")
         self.windows = tuple(int(w) for w in windows)
         self.damping = tuple(float(k) for k in damping)
+        self.reversion = tuple(float(h) for h in reversion)
         self.stride, self.memory, self.min_target = int(stride), float(memory), int(min_target)
         self.temperature = float(temperature)
         self.fallback_window = int(fallback_window)
@@ -64,37 +73,53 @@ class BacktestWeighted(Predictor):
         return s0 / w, (s1 - mean_t * s0) / spread, w
 
     def _predict(self, horizon: int) -> np.ndarray:
-        n_steps = len(self._sum) - 1
+        n_steps, n_experts = len(self._sum) - 1, self._sum.shape[-1]
         mean, slope, w = (a[0] for a in self._window_fit(np.array([n_steps])))  # [windows, layers, experts]
-        damping = np.array(self.damping)[None, :, None, None]
-        # Candidate (window, damping) forecasts at step j of the horizon: level + trend * j, where the
-        # level is the window's mean extrapolated from its centre to the first forecast step.
-        trend = damping * slope[:, None]  # [windows, damping, layers, experts]
-        level = mean[:, None] + trend * ((w[:, None] + 1) / 2)
-        weights = self._weights(horizon)  # [candidates, layers]
-        level = np.einsum("cle,cl->le", level.reshape(-1, *mean.shape[1:]), weights)
-        trend = np.einsum("cle,cl->le", trend.reshape(-1, *mean.shape[1:]), weights)
-        return level[None] + trend[None] * np.arange(horizon)[:, None, None]
+        # Candidate (window, damping, half-life) forecasts at step j of the horizon:
+        # 1/E + (level - 1/E + trend * j) * decay^j, where the level is the window's mean extrapolated from
+        # its centre to the first forecast step.
+        trend = np.array(self.damping)[None, :, None, None] * slope[:, None]  # [windows, damping, layers, experts]
+        deviation = mean[:, None] + trend * ((w[:, None] + 1) / 2) - 1.0 / n_experts
+        # [(window, damping), half-life, layers]
+        weights = self._weights(horizon).reshape(-1, len(self.reversion), mean.shape[1])
+        deviation = np.einsum("cle,crl->rle", deviation.reshape(-1, *mean.shape[1:]), weights)
+        trend = np.einsum("cle,crl->rle", trend.reshape(-1, *mean.shape[1:]), weights)
+        j = np.arange(horizon)[:, None]
+        decay = self._decay_rates()[None, :] ** j  # [horizon, half-lives]
+        return 1.0 / n_experts + np.einsum("hr,rle->hle", decay, deviation) + np.einsum("hr,rle->hle", decay * j, trend)
+
+    def _decay_rates(self) -> np.ndarray:
+        """Per-step factor of each half-life (1.0 for inf)."""
+        return 0.5 ** (1.0 / np.array(self.reversion))
 
     def _weights(self, horizon: int) -> np.ndarray:
-        """Blend weights ``[candidates, layers]`` over the flattened (windows, damping) grid; columns sum to 1."""
-        n_steps, n_layers = len(self._sum) - 1, self._sum.shape[1]
-        n_candidates = len(self.windows) * len(self.damping)
+        """Blend weights ``[candidates, layers]`` over the flattened (windows, damping, half-life) grid; columns
+        sum to 1."""
+        n_steps, n_layers, n_experts = len(self._sum) - 1, self._sum.shape[1], self._sum.shape[2]
+        grid = (len(self.windows), len(self.damping), len(self.reversion))
         ends = np.arange(n_steps - self.min_target, 1, -self.stride)[::-1]
         if len(ends) == 0:  # no backtest possible yet: the sliding average closest to fallback_window
             window = int(np.argmin(np.abs(np.array(self.windows) - self.fallback_window)))
-            weights = np.zeros((n_candidates, n_layers))
-            weights[window * len(self.damping) + self.damping.index(0.0)] = 1.0
-            return weights
-        damping = np.array(self.damping)[None, None, :, None, None]
-        length = np.minimum(horizon, n_steps - ends).astype(np.float64)
+            weights = np.zeros((*grid, n_layers))
+            weights[window, self.damping.index(0.0), self.reversion.index(float("inf"))] = 1.0
+            return weights.reshape(-1, n_layers)
+        length = np.minimum(horizon, n_steps - ends)
         mean, slope, w = self._window_fit(ends)
-        lead = (w + length[:, None, None, None]) / 2
-        forecast = mean[:, :, None] + damping * (slope * lead)[:, :, None]
-        actual = (self._sum[ends + length.astype(np.int64)] - self._sum[ends]) / length[:, None, None]
-        error = np.abs(forecast - actual[:, None, None]).sum(axis=-1)  # [ends, windows, damping, layers]
-        regret = np.log((error + 1e-12) / (error.min(axis=(1, 2), keepdims=True) + 1e-12))
+        trend = np.array(self.damping)[None, None, :, None, None] * slope[:, :, None]  # [ends, windows, damping, ...]
+        deviation = mean[:, :, None] + trend * ((w[:, :, None] + 1) / 2) - 1.0 / n_experts
+        actual = (self._sum[ends + length] - self._sum[ends]) / length[:, None, None]
+        # Horizon means over each target's first `length` steps of decay^j and j * decay^j, from prefix sums.
+        j = np.arange(horizon)[:, None]
+        decay = self._decay_rates()[None, :] ** j  # [horizon, half-lives]
+        prefix = np.concatenate([np.zeros((1, 2, grid[2])), np.cumsum(np.stack([decay, decay * j], 1), 0)])
+        level_factor, trend_factor = np.moveaxis(prefix[length] / length[:, None, None], 1, 0)  # [ends, half-lives]
+        error = np.empty((len(ends), *grid, n_layers))
+        for r in range(grid[2]):  # one half-life at a time keeps the [ends, windows, damping, layers, experts] peak
+            forecast = (1.0 / n_experts + deviation * level_factor[:, r, None, None, None, None]
+                        + trend * trend_factor[:, r, None, None, None, None])
+            error[:, :, :, r] = np.abs(forecast - actual[:, None, None]).sum(axis=-1)
+        regret = np.log((error + 1e-12) / (error.min(axis=(1, 2, 3), keepdims=True) + 1e-12))
         recency = 0.5 ** ((ends[-1] - ends) / self.memory)
-        score = np.tensordot(recency / recency.sum(), regret, axes=1).reshape(n_candidates, n_layers)
+        score = np.tensordot(recency / recency.sum(), regret, axes=1).reshape(-1, n_layers)
         weights = np.exp(-(score - score.min(axis=0)) / self.temperature)
         return weights / weights.sum(axis=0)

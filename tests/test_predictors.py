@@ -84,12 +84,15 @@ def test_auto_blend_weights_sum_to_one_and_a_cold_blend_is_the_single_best_candi
     pick = predictors.get("auto", temperature=1e-9).fit(history)
     best = pick._weights(500)
     assert set(np.unique(best)) == {0.0, 1.0}  # one-hot at the least backtest score
-    wi, ki = np.unravel_index(best[:, 0].argmax(), (len(pick.windows), len(pick.damping)))
-    window, damping = pick.windows[wi], pick.damping[ki]
+    grid = (len(pick.windows), len(pick.damping), len(pick.reversion))
+    wi, ki, ri = np.unravel_index(best[:, 0].argmax(), grid)
+    window, damping, half_life = pick.windows[wi], pick.damping[ki], pick.reversion[ri]
     t = np.arange(len(history) - window, len(history))
     slope = np.polyfit(t, history[-window:], 1)[0]  # the window's least-squares slope per expert
-    ahead = np.arange(len(history), len(history) + 500)[:, None] - t.mean()
-    reference = history[-window:].mean(axis=0) + damping * slope * ahead
+    j = np.arange(500)[:, None]
+    level = history[-window:].mean(axis=0) + damping * slope * (len(history) - t.mean())  # at the first step
+    uniform = 1 / history.shape[-1]
+    reference = uniform + (level - uniform + damping * slope * j) * 0.5 ** (j / half_life)
     np.testing.assert_allclose(pick.predict(500), reference, atol=1e-9)
 
 
@@ -177,3 +180,23 @@ def test_versus_best_picks_the_best_candidate_per_horizon_and_phase():
     assert set(out) == {(10, "stable"), (10, "transient")}  # no candidate at horizon 20
     assert out[10, "stable"]["best"] == "w2" and out[10, "stable"]["ratio"] == pytest.approx(1.5)
     assert out[10, "transient"]["best"] == "w1" and out[10, "transient"]["ratio"] == pytest.approx(0.8)
+
+
+def test_auto_follows_a_load_that_reverts_to_uniform():
+    """A share decaying toward 1/E (what the load-balancing loss does): the pull beats windows and trends."""
+    steps = np.arange(4000)
+    share = 0.5 + 0.3 * 0.5 ** (steps / 1000)
+    p = np.stack([share, 1 - share], axis=-1)[:, None, :]
+    history, future = p[:3000], p[3000:]
+
+    def horizon_mean_error(spec_kwargs: dict) -> float:
+        forecast = predictors.get("auto", **spec_kwargs).fit(history).predict(1000)
+        np.testing.assert_allclose(forecast.sum(axis=-1), 1.0)
+        return float(np.abs(forecast.mean(axis=0) - future.mean(axis=0)).sum())
+
+    assert horizon_mean_error({}) < 0.2 * horizon_mean_error({"reversion": (float("inf"),)})
+
+
+def test_auto_needs_the_no_pull_candidate():
+    with pytest.raises(ValueError):
+        predictors.get("auto", reversion=(1000.0,))
