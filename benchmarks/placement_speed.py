@@ -6,7 +6,13 @@ per policy set (one cluster size). The trace is synthetic, shaped like gpt-350m-
 step, top-1) with a transient phase that ends at ``--switch``; each policy set's records (DESIGN.md's
 simulate JSON, with per-phase figures) are saved beside the timings.
 
-    python benchmarks/placement_speed.py [--gpus 8 32] [--concentration 5] [--out FILE.json]
+A ``--switch`` at or beyond ``--steps`` gives a trace whose load drifts to the end and never settles, as 4 of
+the 12 layers of traces/gpt-350m-moe do: the ``phase`` policy then checks its plan every 25 steps throughout,
+its slowest case. The recorded results:
+
+    python benchmarks/placement_speed.py                                   # placement_speed.json
+    python benchmarks/placement_speed.py --concentration 1 --out benchmarks/results/placement_speed_skewed.json
+    python benchmarks/placement_speed.py --switch 20000 --out benchmarks/results/placement_speed_drifting.json
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--switch", type=int, default=5000, help="first step of the synthetic stable phase")
+    parser.add_argument("--switch", type=int, default=5000,
+                        help="first step of the synthetic stable phase (>= --steps: the load never settles)")
     parser.add_argument("--concentration", type=float, default=5.0, help="Dirichlet skew of the mean load")
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--out", default="benchmarks/results/placement_speed.json")
@@ -62,6 +69,7 @@ def main() -> None:
                                   tokens_per_step=256 * 2048, seq_len=2048, switch_step=args.switch,
                                   concentration=args.concentration, seed=0)
     cost = CostModel.from_meta(meta)
+    stable_from = args.switch if args.switch < args.steps else None
     runs = []
     for gpus in args.gpus:
         setting = policies.Setting(gpus=gpus, redundant=gpus, cost=cost)
@@ -69,10 +77,10 @@ def main() -> None:
         records = []
         for policy in policies.get("all"):
             wall, cpu = time.perf_counter(), time.process_time()
-            records += simulator.simulate(counts, [policy], setting, stable_from=args.switch)
+            records += simulator.simulate(counts, [policy], setting, stable_from=stable_from)
             wall_s[policy.name], cpu_s[policy.name] = time.perf_counter() - wall, time.process_time() - cpu
         simulator.relative_to_static(records)
-        print(simulator.format_table(records, setting, args.switch))
+        print(simulator.format_table(records, setting, stable_from))
         print(f"replay of {args.steps} steps on {gpus} GPUs, all policies: {sum(wall_s.values()):.1f}s wall, "
               f"{sum(cpu_s.values()):.1f}s CPU; " + ", ".join(f"{k} {v:.1f}s" for k, v in wall_s.items()))
         runs.append({"gpus": gpus, "redundant": gpus, "policy_set_wall_s": sum(wall_s.values()),
@@ -87,6 +95,7 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__},
         "planning_61x256_on_1024_gpus": planning,
         "trace": {"steps": args.steps, "layers": args.layers, "experts": args.experts, "switch_step": args.switch,
+                  "stable_from": stable_from,
                   "concentration": args.concentration, "tokens_per_step": 256 * 2048, "seed": 0},
         "cost_model": {k: v for k, v in vars(cost).items()},
         "replay": runs,

@@ -62,52 +62,72 @@ def _balanced(counts: np.ndarray, plan: Plan, even: np.ndarray, passes: int = 2)
 
     Two passes over the replicated experts. Each re-pour minimises the busiest of that expert's GPUs with
     every other share fixed and leaves the other GPUs alone, so no step ends more imbalanced than under the
-    even split.
+    even split. The loop works steps-last (a GPU's tokens over the steps are one contiguous row), so each
+    re-pour is a few whole-array operations over every step at once.
     """
     slot_counts = plan.slot_counts()  # [layers, gpus, experts]
     hosts = slot_counts > 0
     hosting_gpus = hosts.sum(axis=1)
     layers, gpus, _ = hosts.shape
-    tokens = np.concatenate([even, np.zeros((*even.shape[:2], 1))], axis=2)  # column `gpus`: padding
 
     # Replicated experts per layer, heaviest (over these steps) first, padded to a common count K.
     replicated = hosting_gpus > 1
     n_replicated = replicated.sum(axis=1)
     if n_replicated.max(initial=0) == 0:
-        return tokens[:, :, :gpus]
+        return even
     heaviness = np.where(replicated, counts.sum(axis=0), -1.0)
     order = np.argsort(-heaviness, axis=1, kind="stable")[:, : n_replicated.max()]  # [layers, K]
     valid = np.arange(order.shape[1])[None, :] < n_replicated[:, None]
     # Their GPUs, padded with the padding column: [layers, K, most replicas].
     expert_hosts = np.take_along_axis(hosts, order[:, None, :], axis=2).transpose(0, 2, 1)  # [layers, K, gpus]
     gpu_ids = np.sort(np.where(expert_hosts, np.arange(gpus), gpus), axis=2)[:, :, : int(hosting_gpus.max())]
+    width = (gpu_ids < gpus).sum(axis=2).max(axis=0)  # [K]: GPUs the k-th expert spans, at most over layers
     # The even split's share of an expert on each of its GPUs (slots there / replicas); 0 on padding.
+    rows = np.arange(layers)[:, None]
     padded_counts = np.concatenate([slot_counts, np.zeros((layers, 1, slot_counts.shape[2]), np.int64)], axis=1)
-    even_fraction = np.take_along_axis(
-        padded_counts.transpose(0, 2, 1)[np.arange(layers)[:, None], order], gpu_ids, axis=2
-    ) / plan.replicas[np.arange(layers)[:, None], order][..., None]  # [layers, K, width]
+    even_fraction = (padded_counts[rows[..., None], gpu_ids, order[..., None]]
+                     / plan.replicas[rows, order][..., None])  # [layers, K, width]
 
-    rows = np.arange(layers)
-    poured = counts[:, rows[:, None], order] * valid  # [steps, layers, K]
-    shares = poured[..., None] * even_fraction  # [steps, layers, K, width]: where each expert's tokens go now
+    # Steps last: row `layer * (gpus + 1) + gpu` of `tokens` holds that GPU's tokens over the steps (gpu == gpus:
+    # padding), and `shares[layer, k, j]` the k-th replicated expert's tokens on its j-th GPU.
+    tokens = np.concatenate([even, np.zeros((*even.shape[:2], 1))], axis=2).transpose(1, 2, 0).reshape(-1, len(even))
+    poured = (counts[:, rows, order] * valid).transpose(1, 2, 0)  # [layers, K, steps]
+    shares = poured[:, :, None, :] * even_fraction[..., None]  # [layers, K, width, steps]
+    gpu_rows = [rows * (gpus + 1) + gpu_ids[:, k, :w] for k, w in enumerate(width)]  # [layers, w] per k
+    padding = [(gpu_ids[:, k, :w] == gpus)[..., None] for k, w in enumerate(width)]
     for _ in range(passes):
-        for k in range(order.shape[1]):
-            ids = gpu_ids[:, k, :]  # [layers, width]
-            level = np.where(ids == gpus, _FULL, tokens[:, rows[:, None], ids] - shares[:, :, k])
-            shares[:, :, k] = water_fill(level, poured[:, :, k])
-            tokens[:, rows[:, None], ids] = level + shares[:, :, k]
-    return tokens[:, :, :gpus]
+        for k, w in enumerate(width):
+            level = np.where(padding[k], _FULL, tokens[gpu_rows[k]] - shares[:, k, :w])
+            shares[:, k, :w] = water_fill(level, poured[:, k], axis=1)
+            tokens[gpu_rows[k]] = level + shares[:, k, :w]
+    return np.ascontiguousarray(tokens.reshape(layers, gpus + 1, -1)[:, :gpus].transpose(2, 0, 1))
 
 
-def water_fill(level: np.ndarray, amount: np.ndarray) -> np.ndarray:
-    """Split ``amount[...]`` over bins at ``level[..., bins]`` to raise the lowest bins to a common level.
+def water_fill(level: np.ndarray, amount: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Split ``amount`` over bins at ``level`` (bins along ``axis``) to raise the lowest bins to a common level.
 
-    Returns the shares ``[..., bins]`` (non-negative, summing to ``amount``). The final level ``lam`` is
-    ``(amount + sum of the k lowest levels) / k`` for the largest ``k`` whose ``k``-th lowest level lies below it.
+    Returns the shares, shaped as ``level`` (non-negative, summing to ``amount`` over the bins). The final level
+    ``lam`` is ``(amount + sum of the k lowest levels) / k`` for the largest ``k`` whose ``k``-th lowest level
+    lies below it.
     """
-    lowest_first = np.sort(level, axis=-1)
-    k = np.arange(1, level.shape[-1] + 1)
-    candidate = (amount[..., None] + np.cumsum(lowest_first, axis=-1)) / k
-    n_filled = np.maximum((candidate > lowest_first).sum(axis=-1), 1)
-    lam = np.take_along_axis(candidate, n_filled[..., None] - 1, axis=-1)
-    return np.clip(lam - level, 0.0, None)
+    lowest_first = _sort_short_axis(np.moveaxis(level, axis, 0))
+    k = np.arange(1, len(lowest_first) + 1).reshape(-1, *[1] * amount.ndim)
+    candidate = (amount + np.cumsum(lowest_first, axis=0)) / k
+    n_filled = (candidate > lowest_first).sum(axis=0)  # lam = candidate[max(n_filled, 1) - 1]
+    lam = candidate[0]
+    for j in range(1, len(candidate)):
+        lam = np.where(n_filled > j, candidate[j], lam)
+    return np.maximum(0.0, np.expand_dims(lam, axis) - level)
+
+
+def _sort_short_axis(x: np.ndarray) -> np.ndarray:
+    """``np.sort(x, axis=0)``; for a short axis 0 (a few bins) by odd-even transposition, whose whole-array
+    min/max beat ``np.sort`` over many tiny slices by far (values only move, so the result is the same)."""
+    n = len(x)
+    if n > 4:
+        return np.sort(x, axis=0)
+    x = x.copy()
+    for r in range(n):
+        lo, hi = x[r % 2: n - 1: 2], x[r % 2 + 1: n: 2]
+        lo[...], hi[...] = np.minimum(lo, hi), np.maximum(lo, hi)
+    return x

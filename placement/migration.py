@@ -14,12 +14,12 @@ def align(previous: Plan, new: Plan) -> Plan:
     Planners number GPUs arbitrarily; a renumbering changes no GPU's load, only what has to migrate.
     The best renumbering is an assignment problem on the GPU x GPU overlap of hosted experts.
     """
-    old_hosts, new_hosts = previous.hosts().astype(np.int64), new.hosts().astype(np.int64)
+    # [layer, old gpu, new gpu]: experts both host (counts, exact in float64, whose matmul is BLAS's)
+    overlap = previous.hosts().astype(np.float64) @ new.hosts().astype(np.float64).transpose(0, 2, 1)
     blocks = new.slot_expert.reshape(new.slot_expert.shape[0], new.gpus, -1)
     aligned = np.empty_like(blocks)
     for layer in range(blocks.shape[0]):
-        overlap = old_hosts[layer] @ new_hosts[layer].T  # [old gpu, new gpu]
-        old_gpu, new_gpu = linear_sum_assignment(overlap, maximize=True)
+        old_gpu, new_gpu = linear_sum_assignment(overlap[layer], maximize=True)
         aligned[layer, old_gpu] = blocks[layer, new_gpu]
     return Plan(aligned.reshape(new.slot_expert.shape), new.replicas, new.gpus)
 

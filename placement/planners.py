@@ -52,10 +52,10 @@ class Plan:
     def slot_counts(self) -> np.ndarray:
         """int64 ``[layers, gpus, experts]``: how many slots of GPU ``g`` host expert ``e``."""
         layers, slots = self.slot_expert.shape
-        per_gpu = np.zeros((layers, self.gpus, self.num_experts + 1), dtype=np.int64)  # last column: empty
-        gpu_of_slot = np.broadcast_to(np.arange(slots) // self.slots_per_gpu, (layers, slots))
-        np.add.at(per_gpu, (np.arange(layers)[:, None], gpu_of_slot, self.slot_expert), 1)
-        return per_gpu[:, :, :-1]
+        columns = self.num_experts + 1  # last column: empty slots (expert -1)
+        cell = (np.arange(layers)[:, None] * self.gpus + np.arange(slots) // self.slots_per_gpu) * columns
+        per_gpu = np.bincount((cell + self.slot_expert % columns).ravel(), minlength=layers * self.gpus * columns)
+        return per_gpu.reshape(layers, self.gpus, columns)[:, :, :-1]
 
     def hosts(self) -> np.ndarray:
         """bool ``[layers, gpus, experts]``: GPU ``g`` holds at least one replica of expert ``e``."""

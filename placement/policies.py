@@ -23,6 +23,9 @@ from its step until the next one. Policies other than the oracle read only the s
 
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +37,8 @@ from placement.migration import align, arrivals
 from placement.planners import PlacementError, Plan
 
 Schedule = list[tuple[int, Plan]]
+CHECKS_PER_BATCH = 64  # re-plan checks whose candidate plans are made and replayed together
+DISPATCH_ROWS = 1 << 15  # steps x layers per dispatch call when candidate replays are batched
 
 
 @dataclass(frozen=True)
@@ -78,9 +83,35 @@ class Setting:
 def step_noise(history: np.ndarray) -> np.ndarray:
     """Per-step std of each expert's load over ``history[steps, layers, experts]``, from successive differences
     (``std(x[t] - x[t-1]) / sqrt 2``) so that a drifting mean does not count as noise; zeros under two steps."""
-    if len(history) < 2:
-        return np.zeros(history.shape[1:])
-    return np.diff(history, axis=0).std(axis=0) / np.sqrt(2.0)
+    return window_step_noise(history, [0], [len(history)])[0]
+
+
+def window_step_noise(series: np.ndarray, starts: Sequence[int], stops: Sequence[int]) -> np.ndarray:
+    """:func:`step_noise` of ``series[start: stop]`` for every window at once: float64 ``[windows, ...]``.
+
+    One pass over the series however much the windows overlap: the successive differences are cut into blocks
+    at every window's ends, each block keeps its count, sum and sum of squared deviations from its own mean, and
+    a window's variance combines its blocks' (Chan et al.), which is as accurate as two passes over the window
+    (a constant stretch gives exactly zero).
+    """
+    starts, stops = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
+    last_diff = np.maximum(stops - 1, starts)  # window [a, b) has the differences d[a: b - 1], d[i] = x[i+1] - x[i]
+    cuts = np.unique(np.concatenate([starts, last_diff]))
+    size = np.diff(cuts).reshape(-1, *[1] * (series.ndim - 1))
+    sums, squares = np.empty((2, len(size), *series.shape[1:]))
+    for i, (lo, hi) in enumerate(itertools.pairwise(cuts)):
+        d = series[lo + 1: hi + 1] - series[lo: hi]
+        sums[i] = d.sum(axis=0)
+        squares[i] = ((d - sums[i] / (hi - lo)) ** 2).sum(axis=0)
+    noise = np.zeros((len(starts), *series.shape[1:]))
+    for w, (first, end) in enumerate(zip(np.searchsorted(cuts, starts), np.searchsorted(cuts, last_diff),
+                                         strict=True)):
+        if end > first:
+            n, block = size[first: end].sum(), slice(first, end)
+            mean = sums[block].sum(axis=0) / n
+            spread = squares[block].sum(axis=0) + (size[block] * (sums[block] / size[block] - mean) ** 2).sum(axis=0)
+            noise[w] = np.sqrt(spread / n) / np.sqrt(2.0)
+    return noise
 
 
 def _predict_mean(spec: str, history: np.ndarray, horizon: int) -> np.ndarray:
@@ -157,38 +188,59 @@ class PhaseAware:
     name: str = "phase"
 
     def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
+        checks = self.checks(props)
+        starts = [max(0, t - self.history) for t, _ in checks]  # the history each check sees
+        noise = window_step_noise(props, starts, [t for t, _ in checks]) if checks else None
         current = setting.initial(*props.shape[1:])
         schedule = [(0, current)]
-        t = max(self.first, 1)
-        while t < len(props):
-            history = props[max(0, t - self.history): t]
-            stable = stable_layers(history[-self.phase_history:]).all()
-            horizon = self.stable_every if stable else self.transient_every
-            spec = self.stable_predictor if stable else self.transient_predictor
-            forecast = _predict_mean(spec, history, horizon)
-            candidates = [setting.plan(forecast, current), setting.plan(forecast, current, step_noise(history))]
-            choice = self._fastest(counts[max(0, t - self.replay): t], forecast, current, candidates,
-                                   max(horizon, self.payback), setting)
-            if choice.any():
-                current = _pick([current, *candidates], choice)
-                schedule.append((t, current))
-            t = (t // horizon + 1) * horizon  # checks on multiples of the cadence
+        # A check's forecast and candidate plans do not depend on the plan in force, so a batch of checks is
+        # planned, and its candidates replayed, at once; only the choice among them runs check by check.
+        for lo in range(0, len(checks), CHECKS_PER_BATCH):
+            batch = checks[lo: lo + CHECKS_PER_BATCH]
+            forecasts = np.stack([
+                _predict_mean(self.stable_predictor if stable else self.transient_predictor,
+                              props[start: t], self._cadence(stable))
+                for (t, stable), start in zip(batch, starts[lo: lo + len(batch)], strict=True)])
+            pairs = [list(pair) for pair in zip(setting.plan_many(forecasts),
+                                                setting.plan_many(forecasts, noise[lo: lo + len(batch)]), strict=True)]
+            recent = [self._rescaled(counts[max(0, t - self.replay): t], forecast,
+                                     max(self._cadence(stable), self.payback))
+                      for (t, stable), forecast in zip(batch, forecasts, strict=True)]
+            busiest = _busiest(recent, pairs, setting)
+            for (t, _), window, pair, pair_busiest in zip(batch, recent, pairs, busiest, strict=True):
+                candidates = [align(current, new) for new in pair]
+                choice = _fastest(window, current, candidates, pair_busiest, setting)
+                if choice.any():
+                    current = _pick([current, *candidates], choice)
+                    schedule.append((t, current))
         return schedule
 
-    @staticmethod
-    def _fastest(recent: np.ndarray, forecast: np.ndarray, current: Plan, candidates: list[Plan], horizon: int,
-                 setting: Setting) -> np.ndarray:
-        """Per layer: the index into ``[current, *candidates]`` of the plan with the largest forecast time saving
-        over ``horizon`` steps net of its migration stall (0, the current plan, when none saves anything).
+    def _cadence(self, stable: bool) -> int:
+        return self.stable_every if stable else self.transient_every
 
-        The saving is measured by replaying the recent counts rescaled to the forecast mean (and stretched to
-        ``horizon`` steps), so per-step noise, which replicas must absorb, is in the estimate, not only the
-        mean skew.
+    def checks(self, props: np.ndarray) -> list[tuple[int, bool]]:
+        """The steps at which the policy checks its plan, each with whether all layers were stable then.
+
+        They follow from the history alone (not from the plans chosen): every ``transient_every`` steps, or every
+        ``stable_every`` once :func:`stable_layers` finds the whole model stable, on multiples of the cadence.
         """
+        checks = []
+        t = max(self.first, 1)
+        while t < len(props):
+            stable = bool(stable_layers(props[max(0, t - self.history): t][-self.phase_history:]).all())
+            checks.append((t, stable))
+            t = (t // self._cadence(stable) + 1) * self._cadence(stable)
+        return checks
+
+    @staticmethod
+    def _rescaled(recent: np.ndarray, forecast: np.ndarray, horizon: int) -> np.ndarray:
+        """The recent counts rescaled to the forecast mean and stretched to ``horizon`` steps: what a plan is
+        replayed on to estimate its saving, so per-step noise, which replicas must absorb, is in the estimate,
+        not only the mean skew."""
         recent_mean = recent.mean(axis=0)
         scale = np.divide(forecast * recent_mean.sum(axis=-1, keepdims=True), recent_mean,
                           out=np.ones_like(forecast), where=recent_mean > 0)
-        return _fastest(recent * scale * (horizon / len(recent)), current, candidates, setting)
+        return recent * scale * (horizon / len(recent))
 
 
 @dataclass(frozen=True)
@@ -203,29 +255,55 @@ class Oracle:
         layer keep the current plan or take the candidate that makes the next ``every`` steps fastest,
         migration included."""
         starts = list(range(0, len(props), self.every))
-        spans = [props[t: t + span] for t in starts for span in self.lookaheads]
-        means = np.stack([s.mean(axis=0) for s in spans])
+        spans = [(t, min(t + span, len(props))) for t in starts for span in self.lookaheads]
+        means = np.stack([props[a: b].mean(axis=0) for a, b in spans])
         mean_plans = setting.plan_many(means)
-        tail_plans = setting.plan_many(means, np.stack([step_noise(s) for s in spans]))
+        tail_plans = setting.plan_many(means, window_step_noise(props, *zip(*spans, strict=True)))
         plans = [p for pair in zip(mean_plans, tail_plans, strict=True) for p in pair]
         n = 2 * len(self.lookaheads)
         schedule = [(0, plans[0])]
-        for i, t in enumerate(starts[1:], start=1):
-            current = schedule[-1][1]
-            candidates = [align(current, candidate) for candidate in plans[i * n: (i + 1) * n]]
-            choice = _fastest(counts[t: t + self.every], current, candidates, setting)
-            if choice.any():
-                schedule.append((t, _pick([current, *candidates], choice)))
+        for lo in range(1, len(starts), CHECKS_PER_BATCH):
+            batch = range(lo, min(lo + CHECKS_PER_BATCH, len(starts)))
+            windows = [counts[starts[i]: starts[i] + self.every] for i in batch]
+            busiest = _busiest(windows, [plans[i * n: (i + 1) * n] for i in batch], setting)
+            for i, window, candidates_busiest in zip(batch, windows, busiest, strict=True):
+                current = schedule[-1][1]
+                candidates = [align(current, candidate) for candidate in plans[i * n: (i + 1) * n]]
+                choice = _fastest(window, current, candidates, candidates_busiest, setting)
+                if choice.any():
+                    schedule.append((starts[i], _pick([current, *candidates], choice)))
         return schedule
 
 
-def _fastest(counts: np.ndarray, current: Plan, candidates: list[Plan], setting: Setting) -> np.ndarray:
+def _busiest(windows: list[np.ndarray], plans: list[list[Plan]], setting: Setting) -> np.ndarray:
+    """float64 ``[windows, plans per window, layers]``: the busiest GPU's tokens, summed over the steps of
+    ``windows[i][steps, layers, experts]``, under each plan of ``plans[i]``.
+
+    The busiest GPU does not depend on how GPUs are numbered, so plans may be replayed before they are aligned
+    to the plan in force; windows of one length are replayed together, as extra layers of one dispatch call.
+    """
+    layers, n_plans = windows[0].shape[1], len(plans[0])
+    result = np.empty((len(windows), n_plans, layers))
+    by_length = defaultdict(list)
+    for i, window in enumerate(windows):
+        by_length[len(window)].append(i)
+    for length, group in by_length.items():
+        per_call = max(1, DISPATCH_ROWS // (length * layers * n_plans))
+        for lo in range(0, len(group), per_call):
+            index = group[lo: lo + per_call]
+            stacked = np.concatenate([windows[i] for i in index for _ in range(n_plans)], axis=1)
+            tokens = gpu_tokens(stacked, planners.stack([p for i in index for p in plans[i]]), setting.dispatch)
+            result[index] = tokens.max(axis=-1).sum(axis=0).reshape(len(index), n_plans, layers)
+    return result
+
+
+def _fastest(counts: np.ndarray, current: Plan, candidates: list[Plan], candidates_busiest: np.ndarray,
+             setting: Setting) -> np.ndarray:
     """Per layer, the index into ``[current, *candidates]`` of the plan that replays ``counts`` fastest,
-    counting each candidate's migration stall from ``current`` (ties keep the current plan)."""
+    counting each candidate's migration stall from ``current`` (ties keep the current plan).
+    ``candidates_busiest[candidates, layers]``: their busiest-GPU tokens over ``counts`` (:func:`_busiest`)."""
     plans = [current, *candidates]
-    layers = counts.shape[1]
-    tokens = gpu_tokens(np.concatenate([counts] * len(plans), axis=1), planners.stack(plans), setting.dispatch)
-    busiest = tokens.max(axis=-1).sum(axis=0).reshape(len(plans), layers)
+    busiest = np.concatenate([_busiest([counts], [[current]], setting)[0], candidates_busiest])
     stall_s = np.stack([arrivals(current, plan).max(axis=1) for plan in plans]) * (
         setting.cost.bytes_per_expert / setting.cost.link_bandwidth)
     return np.argmin(busiest * setting.cost.seconds_per_token(setting.gpus) + stall_s, axis=0)
@@ -271,4 +349,4 @@ def get(names: str, replan_every: int | None = None, predictor: str | None = Non
 
 
 __all__ = ["POLICIES", "History", "Oracle", "PhaseAware", "Predict", "Schedule", "Setting", "Static", "get",
-           "stable_layers", "step_noise"]
+           "stable_layers", "step_noise", "window_step_noise"]

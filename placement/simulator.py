@@ -75,12 +75,20 @@ def summarise(outcome: dict[str, np.ndarray], steps: slice, bytes_per_expert: in
 
 
 def replay_policies(counts: np.ndarray, policies: list, setting: Setting) -> dict[str, dict[str, Any]]:
-    """Each policy's per-step outcome (:func:`replay`) by name, with its number of re-plans as ``replans``."""
+    """Each policy's per-step outcome (:func:`replay`) by name, with its number of re-plans as ``replans``.
+
+    Policies run with BLAS held to one thread: their forecasts are small matrix products, which extra threads
+    slow down many times over on a busy machine (an EMA fit over 500 steps x 1536 series: 0.4 ms on one thread,
+    6 ms on two with another process running).
+    """
+    from predictors.series import one_thread
+
     counts = np.asarray(counts)
     props = proportions(counts)
     outcomes = {}
     for policy in policies:
-        schedule = policy.schedule(counts, props, setting)
+        with one_thread():
+            schedule = policy.schedule(counts, props, setting)
         outcomes[policy.name] = {**replay(counts, schedule, setting), "replans": len(schedule) - 1}
     return outcomes
 

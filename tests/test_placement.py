@@ -108,6 +108,45 @@ def test_water_fill_levels_the_lowest_bins():
     np.testing.assert_allclose(share[2], 0.0)
 
 
+def test_water_fill_along_any_axis_matches_the_last_axis():
+    rng = np.random.default_rng(3)
+    for bins in (1, 2, 3, 4, 7):
+        level, amount = rng.integers(0, 5, size=(6, bins, 5)).astype(float), rng.uniform(0, 9, size=(6, 5))
+        np.testing.assert_array_equal(water_fill(level, amount, axis=1),
+                                      water_fill(level.transpose(0, 2, 1), amount).transpose(0, 2, 1))
+
+
+def _balanced_one_step(counts: np.ndarray, plan: Plan, layer: int, heaviness: np.ndarray) -> np.ndarray:
+    """The balanced rule written out for one step and layer: even split, then two passes in which each replicated
+    expert, heaviest first (by ``heaviness``: its tokens over all dispatched steps), pours its tokens into its least
+    loaded GPUs."""
+    tokens = gpu_tokens(counts[None, None, layer], Plan(plan.slot_expert[layer: layer + 1],
+                                                         plan.replicas[layer: layer + 1], plan.gpus), "even")[0, 0]
+    hosts = plan.hosts()[layer]
+    share = {e: np.where(hosts[:, e], plan.slot_counts()[layer, :, e] / plan.replicas[layer, e] * counts[layer, e], 0)
+             for e in np.flatnonzero(hosts.sum(axis=0) > 1)}
+    for _ in range(2):
+        for e in sorted(share, key=lambda e: -heaviness[e]):
+            on = np.flatnonzero(hosts[:, e])
+            tokens[on] -= share[e][on]
+            share[e][on] = water_fill(tokens[on][None], np.array([counts[layer, e]]))[0]
+            tokens[on] += share[e][on]
+    return tokens
+
+
+def test_balanced_dispatch_is_the_rule_applied_step_by_step():
+    rng = np.random.default_rng(4)
+    for gpus, experts, redundant in ((4, 12, 4), (8, 20, 12), (3, 5, 6)):
+        loads = skewed_loads(3, experts, seed=gpus, concentration=0.3)
+        plan = planners.eplb(loads, gpus, planners.slots_per_gpu_for(experts, gpus, redundant), redundant)
+        counts = rng.poisson(loads / loads.sum(axis=1, keepdims=True) * 400, size=(6, 3, experts)).astype(float)
+        tokens = gpu_tokens(counts, plan, "balanced")
+        for step in range(len(counts)):
+            for layer in range(3):
+                by_hand = _balanced_one_step(counts[step], plan, layer, counts[:, layer].sum(axis=0))
+                np.testing.assert_allclose(tokens[step, layer], by_hand, rtol=1e-12, atol=1e-9)
+
+
 def test_dispatch_conserves_tokens_and_balanced_never_worse_than_even():
     rng = np.random.default_rng(0)
     loads = skewed_loads(4, 32, seed=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from moe_trace.cli import main
 from placement import policies, simulator
 from placement.cost import CostModel
 from placement.dispatch import gpu_tokens, imbalance
+from placement.migration import align
 from placement.planners import Plan
 from placement.policies import Setting
 
@@ -158,6 +160,43 @@ def test_step_noise_measures_per_step_noise_not_drift():
     noisy = drift + rng.normal(0.0, [0.1, 0.2, 0.4], size=(4000, 2, 3))
     np.testing.assert_allclose(policies.step_noise(noisy), np.broadcast_to([0.1, 0.2, 0.4], (2, 3)), rtol=0.05)
     assert not policies.step_noise(noisy[:1]).any()
+
+
+def test_window_step_noise_is_step_noise_of_each_window():
+    rng = np.random.default_rng(1)
+    series = np.cumsum(rng.normal(0.0, 0.1, size=(900, 2, 3)), axis=0) + rng.normal(0.0, 0.3, size=(900, 2, 3))
+    series[200:700, 1, 2] = 0.25  # a stretch with no noise at all
+    starts, stops = [0, 0, 5, 200, 250, 899, 30, 10], [900, 1, 7, 700, 600, 900, 830, 10]
+    for window, start, stop in zip(policies.window_step_noise(series, starts, stops), starts, stops, strict=True):
+        np.testing.assert_allclose(window, policies.step_noise(series[start: stop]), rtol=1e-12, atol=1e-15)
+    assert (policies.window_step_noise(series, [250], [600])[0, 1, 2] == 0.0).all()
+
+
+def test_candidate_replays_do_not_depend_on_gpu_numbering_or_batching():
+    # Policies replay candidate plans before aligning them to the plan in force, many windows per dispatch call.
+    counts, _ = synth.generate(layers=3, experts=24, steps=200, tokens_per_step=4096, concentration=0.5, seed=2)
+    setting = Setting(gpus=6, redundant=6, cost=COST)
+    props = counts / counts.sum(axis=2, keepdims=True)
+    plans = [setting.plan(props[i: i + 50].mean(axis=0)) for i in range(0, 200, 50)]
+    windows = [counts[i: i + 40] for i in range(0, 160, 40)]
+    pairs = [[plans[i], plans[(i + 1) % 4]] for i in range(4)]
+    batched = policies._busiest(windows, pairs, setting)
+    for i in range(4):
+        one = policies._busiest([windows[i]], [pairs[i]], setting)[0]
+        renumbered = policies._busiest([windows[i]], [[align(plans[3 - i], p) for p in pairs[i]]], setting)[0]
+        np.testing.assert_array_equal(batched[i], one)
+        np.testing.assert_array_equal(renumbered, one)
+
+
+def test_phase_checks_on_multiples_of_its_cadence():
+    counts, _ = synth.generate(layers=2, experts=8, steps=6000, tokens_per_step=16384, switch_step=1500, seed=0)
+    policy = policies.PhaseAware()
+    checks = policy.checks(counts / counts.sum(axis=2, keepdims=True))
+    assert checks[0] == (10, False) and checks[-1][0] < 6000
+    for (t, stable), (following, _) in itertools.pairwise(checks):
+        cadence = policy.stable_every if stable else policy.transient_every
+        assert following == (t // cadence + 1) * cadence
+    assert any(stable for _, stable in checks) and not checks[10][1]
 
 
 def test_planning_for_the_tail_replicates_the_noisy_expert():
