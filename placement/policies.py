@@ -8,7 +8,11 @@ from its step until the next one. Policies other than the oracle read only the s
 * ``predict`` -- every ``every`` steps (50), plan on a predictor's forecast of the next ``every`` steps.
 * ``phase`` -- phase-aware: check often (``transient_every``) while loads move and rarely
   (``stable_every``) once they settle, forecasting with a short-memory predictor in the transient phase and
-  a long window in the stable one; a layer is re-planned only when the forecast gain over the next
+  a long window in the stable one. The transient forecaster is chosen per layer among
+  ``transient_predictors`` (EMAs of half-life 25 and 10 steps) by the recent backtest error of their interval
+  forecasts (:func:`backtest_choice`), so each layer gets the memory its noise supports: a short one where the
+  load moves faster than the per-step noise hides it, the longer one where the noise dominates (few tokens per
+  step). A layer is re-planned only when the forecast gain over the next
   ``payback`` steps (200, or the check interval if longer) exceeds its migration stall. Two candidates per
   check: one planned on the forecast mean, one on mean + ``tail_z`` x per-step std (:func:`step_noise`),
   which gives noisy experts the replicas that absorb their busy steps (the p99); the replay picks. The phase
@@ -178,12 +182,13 @@ def stable_layers(history: np.ndarray, threshold: float = 1.5, recent: int = 3) 
 class PhaseAware:
     transient_every: int = 25
     stable_every: int = 1000
-    transient_predictor: str = "ema:halflife=25"
+    transient_predictors: tuple[str, ...] = ("ema:halflife=25", "ema:halflife=10")  # the first wins ties
     stable_predictor: str = "sw_avg:window=1000"
     history: int = 2000
     phase_history: int = 1000  # steps the online phase rule looks at
     replay: int = 50  # recent steps replayed to estimate a candidate plan's gain
     payback: int = 200  # steps a new plan has to repay its migration (at least the check interval)
+    backtest: int = 8  # past checks whose interval-forecast errors choose each layer's transient predictor
     first: int = 10  # the first check, as soon as a few steps of history exist
     name: str = "phase"
 
@@ -191,16 +196,14 @@ class PhaseAware:
         checks = self.checks(props)
         starts = [max(0, t - self.history) for t, _ in checks]  # the history each check sees
         noise = window_step_noise(props, starts, [t for t, _ in checks]) if checks else None
+        all_forecasts = self.forecasts(props, checks, starts)
         current = setting.initial(*props.shape[1:])
         schedule = [(0, current)]
         # A check's forecast and candidate plans do not depend on the plan in force, so a batch of checks is
         # planned, and its candidates replayed, at once; only the choice among them runs check by check.
         for lo in range(0, len(checks), CHECKS_PER_BATCH):
             batch = checks[lo: lo + CHECKS_PER_BATCH]
-            forecasts = np.stack([
-                _predict_mean(self.stable_predictor if stable else self.transient_predictor,
-                              props[start: t], self._cadence(stable))
-                for (t, stable), start in zip(batch, starts[lo: lo + len(batch)], strict=True)])
+            forecasts = all_forecasts[lo: lo + len(batch)]
             pairs = [list(pair) for pair in zip(setting.plan_many(forecasts),
                                                 setting.plan_many(forecasts, noise[lo: lo + len(batch)]), strict=True)]
             recent = [self._rescaled(counts[max(0, t - self.replay): t], forecast,
@@ -217,6 +220,26 @@ class PhaseAware:
 
     def _cadence(self, stable: bool) -> int:
         return self.stable_every if stable else self.transient_every
+
+    def forecasts(self, props: np.ndarray, checks: list[tuple[int, bool]], starts: Sequence[int]) -> np.ndarray:
+        """float64 ``[checks, layers, experts]``: each check's forecast of the mean load until its next check.
+
+        Stable checks use ``stable_predictor``; transient ones, per layer, whichever of ``transient_predictors``
+        forecast the intervals between the last ``backtest`` checks best (:func:`backtest_choice`). Every error
+        is measured on steps before the check, so the choice reads the history alone.
+        """
+        if not checks:
+            return np.empty((0, *props.shape[1:]))
+        options = np.stack([
+            [_predict_mean(self.stable_predictor, props[start: t], self.stable_every)] * len(self.transient_predictors)
+            if stable else [_predict_mean(spec, props[start: t], self.transient_every)
+                            for spec in self.transient_predictors]
+            for (t, stable), start in zip(checks, starts, strict=True)])
+        times = [t for t, _ in checks]
+        actual = np.array([props[a: b].mean(axis=0) for a, b in itertools.pairwise(times)]).reshape(
+            len(times) - 1, *props.shape[1:])
+        choice = backtest_choice(options[:-1], actual, self.backtest)
+        return np.take_along_axis(options, choice[:, None, :, None], axis=1)[:, 0]
 
     def checks(self, props: np.ndarray) -> list[tuple[int, bool]]:
         """The steps at which the policy checks its plan, each with whether all layers were stable then.
@@ -275,6 +298,22 @@ class Oracle:
         return schedule
 
 
+def backtest_choice(forecasts: np.ndarray, actual: np.ndarray, window: int) -> np.ndarray:
+    """Per check and layer, which forecaster to trust: int ``[checks + 1, layers]``.
+
+    ``forecasts[checks, forecasters, layers, experts]`` are interval forecasts of the mean load proportions
+    whose outcome ``actual[checks, layers, experts]`` is now known. The choice at check ``j`` is the forecaster
+    with the least mean L1 error (``sum_e |forecast - actual|``, the mean_wape of DESIGN.md) over checks
+    ``j - window .. j - 1``. Until ``window`` outcomes are known the first forecaster is kept (a few noisy
+    errors would pick at random), and it wins ties.
+    """
+    errors = np.abs(forecasts - actual[:, None]).sum(axis=-1)  # [checks, forecasters, layers]
+    totals = np.concatenate([np.zeros((1, *errors.shape[1:])), np.cumsum(errors, axis=0)])
+    recent = totals[window:] - totals[:-window] if window > 0 else totals
+    return np.concatenate([np.zeros((min(window, len(totals)), errors.shape[2]), dtype=np.int64),
+                           np.argmin(recent, axis=1)])
+
+
 def _busiest(windows: list[np.ndarray], plans: list[list[Plan]], setting: Setting) -> np.ndarray:
     """float64 ``[windows, plans per window, layers]``: the busiest GPU's tokens, summed over the steps of
     ``windows[i][steps, layers, experts]``, under each plan of ``plans[i]``.
@@ -321,7 +360,7 @@ POLICIES = {"static": Static, "history": History, "predict": Predict, "phase": P
 
 def get(names: str, replan_every: int | None = None, predictor: str | None = None) -> list:
     """Policies from a comma list (``all`` for every one); ``replan_every`` sets the EPLB-history cadence,
-    ``predictor`` the forecaster of ``predict`` and of the transient phase of ``phase``."""
+    ``predictor`` the forecaster of ``predict`` and the only one of the transient phase of ``phase``."""
     chosen = list(POLICIES) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in POLICIES]
     if unknown or not chosen:
@@ -343,10 +382,10 @@ def get(names: str, replan_every: int | None = None, predictor: str | None = Non
         elif name == "predict" and predictor:
             params = {"predictor": predictor}
         elif name == "phase" and predictor:
-            params = {"transient_predictor": predictor}
+            params = {"transient_predictors": (predictor,)}
         policies.append(POLICIES[name](**params))
     return policies
 
 
-__all__ = ["POLICIES", "History", "Oracle", "PhaseAware", "Predict", "Schedule", "Setting", "Static", "get",
-           "stable_layers", "step_noise", "window_step_noise"]
+__all__ = ["POLICIES", "History", "Oracle", "PhaseAware", "Predict", "Schedule", "Setting", "Static",
+           "backtest_choice", "get", "stable_layers", "step_noise", "window_step_noise"]

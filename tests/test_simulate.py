@@ -228,3 +228,37 @@ def test_tail_plans_lower_the_p99_on_noisy_traces():
             mean[z].append(imb.mean())
     assert np.mean(p99[1.0]) < 0.97 * np.mean(p99[0.0])
     assert np.mean(mean[1.0]) <= np.mean(mean[0.0])
+
+
+def test_backtest_choice_by_hand():
+    # Forecaster 0 always predicts (0.5, 0.5), forecaster 1 (1, 0); outcomes are (1, 0), then (0.5, 0.5) twice.
+    forecasts = np.array([[[0.5, 0.5]], [[1.0, 0.0]]])[None].repeat(3, axis=0)  # [checks, forecasters, layers, E]
+    actual = np.array([[[1.0, 0.0]], [[0.5, 0.5]], [[0.5, 0.5]]])
+    # window 1: check j follows the last outcome alone; checks 0 and 1 keep forecaster 0 (nothing known / tie
+    # impossible yet at 0); the outcome of check 0 favours 1, those of checks 1 and 2 favour 0.
+    assert policies.backtest_choice(forecasts, actual, 1)[:, 0].tolist() == [0, 1, 0, 0]
+    # window 2: forecaster 0 until two outcomes are known, then a tie over checks 0-1 (0 wins), then 0.
+    assert policies.backtest_choice(forecasts, actual, 2)[:, 0].tolist() == [0, 0, 0, 0]
+    assert policies.backtest_choice(forecasts[:1], actual[:1], 1)[:, 0].tolist() == [0, 1]
+    assert policies.backtest_choice(forecasts, actual, 5)[:, 0].tolist() == [0, 0, 0, 0]
+
+
+def test_phase_forecasts_each_layer_with_the_memory_its_noise_supports():
+    # Layer 0: a fixed skew under heavy per-step noise (long memory averages it out). Layer 1: nearly noiseless,
+    # its skew flips between two experts every 100 steps (a short memory follows the flips).
+    rng = np.random.default_rng(0)
+    steps, experts = 1000, 4
+    props = np.empty((steps, 2, experts))
+    props[:, 0] = rng.dirichlet(np.array([8.0, 4, 4, 4]), size=steps)
+    flips = (np.arange(steps) // 100) % 2 == 0
+    props[:, 1] = np.where(flips[:, None], [0.55, 0.15, 0.15, 0.15], [0.15, 0.55, 0.15, 0.15])
+    policy = policies.PhaseAware()
+    checks = [(t, False) for t in range(25, steps, 25)]
+    starts = [max(0, t - policy.history) for t, _ in checks]
+    forecasts = policy.forecasts(props, checks, starts)
+    options = np.stack([[policies._predict_mean(spec, props[s: t], 25) for spec in policy.transient_predictors]
+                        for (t, _), s in zip(checks, starts, strict=True)])  # [checks, forecasters, layers, E]
+    late = slice(policy.backtest + 4, None)
+    np.testing.assert_allclose(forecasts[late, 0], options[late, 0, 0])  # the half-life 25
+    np.testing.assert_allclose(forecasts[late, 1], options[late, 1, 1])  # the half-life 10
+    np.testing.assert_allclose(forecasts[: policy.backtest], options[: policy.backtest, 0])  # too early to choose
