@@ -1,43 +1,28 @@
 """INT8 attention on CPU: the Triton kernels under Triton's interpreter against the torch references.
 
-Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set before moe_trace.attention loads;
-int8_flash_attention reads it at each call, so this module's tests run with it set and nothing else does.
+The kernels are imported, and the tests run, under Triton's interpreter (tests/triton_interpreter.py).
 Two interpreter quirks (Triton 3.9) shape the tolerances: it multiplies bfloat16 tl.dot operands wrongly
 (the kernel upcasts them to float32 there, same values), and it truncates float32 -> bfloat16 where the
 GPU rounds to nearest, so bfloat16 outputs may differ from the emulation by one unit in the last place.
 """
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_interpreter import interpreted
 
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from moe_trace.attention import MODES, TRAINING_MODE, flash_attention_train, int8_flash_attention  # noqa: E402
-from moe_trace.attention.bf16_attention import bf16_flash_attention  # noqa: E402
-from moe_trace.attention.int8_attention import block_config  # noqa: E402
-from moe_trace.attention.quantize import quantize_per_token, quantize_v_blocks  # noqa: E402
-from moe_trace.attention.reference import accuracy, attention_float64, emulate_int8_attention  # noqa: E402
-
-
-def _restore_interpret_setting():
-    if _INTERPRET_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
-
-
-_restore_interpret_setting()  # other test modules (and their subprocesses) see the environment unchanged
+with interpreted():
+    from moe_trace.attention import MODES, TRAINING_MODE, flash_attention_train, int8_flash_attention
+    from moe_trace.attention.bf16_attention import bf16_flash_attention
+    from moe_trace.attention.int8_attention import block_config
+    from moe_trace.attention.quantize import quantize_per_token, quantize_v_blocks
+    from moe_trace.attention.reference import accuracy, attention_float64, emulate_int8_attention
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _triton_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret_setting()
+    with interpreted():  # int8_flash_attention reads it at each call
+        yield
 
 
 def _qkv(batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype=torch.bfloat16, dist="normal", seed=0):

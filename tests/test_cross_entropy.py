@@ -1,38 +1,23 @@
 """Fused cross-entropy on CPU: the Triton kernel under Triton's interpreter against F.cross_entropy.
 
-Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set before moe_trace.cross_entropy loads
-and restored right after (other test modules and their subprocesses see the environment unchanged).
+The kernel is imported, and the tests run, under Triton's interpreter (tests/triton_interpreter.py).
 The interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest, so bf16 gradients may differ
 from the reference by one unit in the last place: the bf16 tolerance is one ulp (2**-7 relative).
 """
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_interpreter import interpreted
 
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from moe_trace.cross_entropy import cross_entropy, cross_entropy_loss_and_grad  # noqa: E402
-
-
-def _restore_interpret_setting():
-    if _INTERPRET_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
-
-
-_restore_interpret_setting()
+with interpreted():
+    from moe_trace.cross_entropy import cross_entropy, cross_entropy_loss_and_grad
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _triton_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"  # the launch config reads it per call
-    yield
-    _restore_interpret_setting()
+    with interpreted():  # the launch configuration reads it per call
+        yield
 
 
 # rows, vocab, padded_vocab. The interpreter's column block is 256 (moe_trace.cross_entropy._launch_config):
@@ -64,6 +49,14 @@ def _fused(logits, targets, vocab):
     return loss.detach(), logits.grad
 
 
+def _assert_matches_reference(logits, targets, vocab, loss_atol=1e-5):
+    """The fused loss and gradient equal :func:`_reference`'s; returns the fused pair for further checks."""
+    (loss, grad), (expected_loss, expected) = _fused(logits, targets, vocab), _reference(logits, targets, vocab)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=loss_atol)
+    _assert_grad_close(grad, expected)
+    return loss, grad
+
+
 def _assert_grad_close(grad, expected):
     assert grad.dtype == expected.dtype and grad.shape == expected.shape
     # bf16: one ulp. float32: exp(x - lse) with |x| in the hundreds carries lse's float32 rounding.
@@ -77,11 +70,8 @@ def _assert_grad_close(grad, expected):
 def test_loss_and_grad_match_f_cross_entropy(shape, dtype, scale):
     rows, vocab, padded_vocab = shape
     logits, targets = _logits_and_targets(rows, vocab, padded_vocab, dtype, scale)
-    loss, grad = _fused(logits, targets, vocab)
-    expected_loss, expected_grad = _reference(logits, targets, vocab)
+    loss, grad = _assert_matches_reference(logits, targets, vocab)
     assert loss.dtype == torch.float32 and loss.shape == ()
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
-    _assert_grad_close(grad, expected_grad)
     assert torch.all(grad[:, vocab:] == 0)
 
 
@@ -90,19 +80,13 @@ def test_target_at_the_row_maximum_and_in_the_last_real_column():
     logits, _ = _logits_and_targets(rows, vocab, padded_vocab, torch.float32, 1.0)
     targets = torch.tensor([vocab - 1, 0, 257, 256])
     logits[torch.arange(rows), targets] = 50.0  # the target dominates: loss ~ 0, gradient ~ 0
-    loss, grad = _fused(logits, targets, vocab)
-    expected_loss, expected_grad = _reference(logits, targets, vocab)
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-7)
-    _assert_grad_close(grad, expected_grad)
+    _assert_matches_reference(logits, targets, vocab, loss_atol=1e-7)
 
 
 def test_padding_logits_do_not_leak_into_the_loss():
     logits, targets = _logits_and_targets(6, 100, 128, torch.float32, 1.0)
     logits[:, 100:] = 1e4  # would dominate the log-sum-exp if the kernel read past `vocab`
-    loss, grad = _fused(logits, targets, 100)
-    expected_loss, expected_grad = _reference(logits, targets, 100)
-    torch.testing.assert_close(loss, expected_loss)
-    _assert_grad_close(grad, expected_grad)
+    _assert_matches_reference(logits, targets, 100)
 
 
 def test_backward_scales_by_the_upstream_gradient():
@@ -126,10 +110,7 @@ def test_strided_rows():
     wide, targets = _logits_and_targets(11, 300, 512, torch.float32, 2.0)
     logits = wide[:, :384]
     assert logits.stride(0) == 512
-    loss, grad = _fused(logits, targets, 300)
-    expected_loss, expected_grad = _reference(logits, targets, 300)
-    torch.testing.assert_close(loss, expected_loss)
-    _assert_grad_close(grad, expected_grad)
+    _assert_matches_reference(logits, targets, 300)
 
 
 def test_torch_compile_keeps_the_op_in_the_graph():
