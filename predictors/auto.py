@@ -72,25 +72,33 @@ class BacktestWeighted(Predictor):
         spread = np.maximum(w * (w * w - 1) / 12, 1e-12)  # sum of (t - mean_t)^2
         return s0 / w, (s1 - mean_t * s0) / spread, w
 
-    def _predict(self, horizon: int) -> np.ndarray:
-        n_steps, n_experts = len(self._sum) - 1, self._sum.shape[-1]
-        mean, slope, w = (a[0] for a in self._window_fit(np.array([n_steps])))  # [windows, layers, experts]
-        # Candidate (window, damping, half-life) forecasts at step j of the horizon:
-        # 1/E + (level - 1/E + trend * j) * decay^j, where the level is the window's mean extrapolated from
-        # its centre to the first forecast step.
-        trend = np.array(self.damping)[None, :, None, None] * slope[:, None]  # [windows, damping, layers, experts]
-        deviation = mean[:, None] + trend * ((w[:, None] + 1) / 2) - 1.0 / n_experts
-        # [(window, damping), half-life, layers]
-        weights = self._weights(horizon).reshape(-1, len(self.reversion), mean.shape[1])
-        deviation = np.einsum("cle,crl->rle", deviation.reshape(-1, *mean.shape[1:]), weights)
-        trend = np.einsum("cle,crl->rle", trend.reshape(-1, *mean.shape[1:]), weights)
-        j = np.arange(horizon)[:, None]
-        decay = self._decay_rates()[None, :] ** j  # [horizon, half-lives]
-        return 1.0 / n_experts + np.einsum("hr,rle->hle", decay, deviation) + np.einsum("hr,rle->hle", decay * j, trend)
+    def _candidates(self, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every (window, damping) candidate at each of ``ends``: its level's deviation from ``1/E`` at the first
+        forecast step (the window's mean extrapolated from its centre) and its trend per step.
 
-    def _decay_rates(self) -> np.ndarray:
-        """Per-step factor of each half-life (1.0 for inf)."""
-        return 0.5 ** (1.0 / np.array(self.reversion))
+        Shapes ``[ends, windows, damping, layers, experts]``. A half-life then makes the forecast at step ``j``
+        ``1/E + (deviation + trend * j) * decay^j``.
+        """
+        mean, slope, w = self._window_fit(ends)
+        trend = np.array(self.damping)[None, None, :, None, None] * slope[:, :, None]
+        deviation = mean[:, :, None] + trend * ((w[:, :, None] + 1) / 2) - 1.0 / self._sum.shape[-1]
+        return deviation, trend
+
+    def _decay(self, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """``decay^j`` and ``j * decay^j`` for the horizon's steps ``j``, per half-life: ``[horizon, half-lives]``."""
+        j = np.arange(horizon)[:, None]
+        decay = (0.5 ** (1.0 / np.array(self.reversion)))[None, :] ** j  # per-step factor 1.0 for inf
+        return decay, decay * j
+
+    def _predict(self, horizon: int) -> np.ndarray:
+        n_steps, n_layers, n_experts = self._sum.shape[0] - 1, self._sum.shape[1], self._sum.shape[2]
+        deviation, trend = (a[0] for a in self._candidates(np.array([n_steps])))  # [windows, damping, layers, E]
+        weights = self._weights(horizon).reshape(-1, len(self.reversion), n_layers)  # [(window, damping), hl, layers]
+        deviation = np.einsum("cle,crl->rle", deviation.reshape(-1, n_layers, n_experts), weights)
+        trend = np.einsum("cle,crl->rle", trend.reshape(-1, n_layers, n_experts), weights)
+        level_decay, trend_decay = self._decay(horizon)
+        return (1.0 / n_experts + np.einsum("hr,rle->hle", level_decay, deviation)
+                + np.einsum("hr,rle->hle", trend_decay, trend))
 
     def _weights(self, horizon: int) -> np.ndarray:
         """Blend weights ``[candidates, layers]`` over the flattened (windows, damping, half-life) grid; columns
@@ -104,14 +112,10 @@ class BacktestWeighted(Predictor):
             weights[window, self.damping.index(0.0), self.reversion.index(float("inf"))] = 1.0
             return weights.reshape(-1, n_layers)
         length = np.minimum(horizon, n_steps - ends)
-        mean, slope, w = self._window_fit(ends)
-        trend = np.array(self.damping)[None, None, :, None, None] * slope[:, :, None]  # [ends, windows, damping, ...]
-        deviation = mean[:, :, None] + trend * ((w[:, :, None] + 1) / 2) - 1.0 / n_experts
+        deviation, trend = self._candidates(ends)
         actual = (self._sum[ends + length] - self._sum[ends]) / length[:, None, None]
         # Horizon means over each target's first `length` steps of decay^j and j * decay^j, from prefix sums.
-        j = np.arange(horizon)[:, None]
-        decay = self._decay_rates()[None, :] ** j  # [horizon, half-lives]
-        prefix = np.concatenate([np.zeros((1, 2, grid[2])), np.cumsum(np.stack([decay, decay * j], 1), 0)])
+        prefix = np.concatenate([np.zeros((1, 2, grid[2])), np.cumsum(np.stack(self._decay(horizon), 1), 0)])
         level_factor, trend_factor = np.moveaxis(prefix[length] / length[:, None, None], 1, 0)  # [ends, half-lives]
         error = np.empty((len(ends), *grid, n_layers))
         for r in range(grid[2]):  # one half-life at a time keeps the [ends, windows, damping, layers, experts] peak
