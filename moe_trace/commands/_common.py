@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,16 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def add_trace_argument(parser: argparse.ArgumentParser) -> None:
+    """The positional TRACE every analysis command reads (anything ``moe_trace.trace.load`` accepts)."""
+    parser.add_argument("trace", help="trace directory, .parquet file or run directory")
+
+
+def defaults_of(function) -> dict[str, Any]:
+    """A function's keyword defaults, so a command's options default to what the library does."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()}
 
 
 def add_protocol_arguments(parser: argparse.ArgumentParser, predictors: str) -> None:

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 
-from moe_trace.commands._common import write_json
+from moe_trace.commands._common import add_trace_argument, defaults_of, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from predictors.phases import stable_from
 
-    defaults = {k: p.default for k, p in inspect.signature(stable_from).parameters.items()}
+    defaults = defaults_of(stable_from)
     parser = subparsers.add_parser(
         "phases", help="find where each layer's stable phase starts",
         description="Per MoE layer, the first step of the stable phase (loads stay put up to noise), or "
                     "none. Rule: block means, their movement over lag blocks in units of the noise, PELT "
                     "change points, trailing quiet segments (see predictors/phases.py).")
-    parser.add_argument("trace", help="trace directory, .parquet file or run directory")
+    add_trace_argument(parser)
     parser.add_argument("--block", type=int, default=defaults["block"], help="steps per block (default: %(default)s)")
     parser.add_argument("--lag", type=int, default=defaults["lag"],
                         help="blocks between the compared means (default: %(default)s)")

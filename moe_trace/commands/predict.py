@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moe_trace.commands._common import add_protocol_arguments, write_json
+from moe_trace.commands._common import add_protocol_arguments, add_trace_argument, write_json
 from moe_trace.errors import UsageError
 
 DEFAULT_PREDICTORS = "sw_avg:window=100,sw_avg:window=1000,ema,linear,arima,auto"
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Fit each predictor at forecast origins every --stride steps (seeing only earlier steps) "
                     "and score its forecast of the next H steps: step_wape, the oracle's step_floor, their "
                     "ratio, and mean_wape of the horizon-mean load; per phase (moe-trace phases).")
-    parser.add_argument("trace", help="trace directory, .parquet file or run directory")
+    add_trace_argument(parser)
     add_protocol_arguments(parser, DEFAULT_PREDICTORS)
     parser.add_argument("--per-layer", action="store_true", help="also one row per MoE layer")
     parser.add_argument("--workers", type=int, default=None, help="processes for arima/lstm (default: all cores)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moe_trace.commands._common import add_protocol_arguments
+from moe_trace.commands._common import add_protocol_arguments, add_trace_argument
 from moe_trace.report import Cluster, Protocol  # numpy and pyarrow only; matplotlib loads when a figure is drawn
 
 DEFAULTS = Protocol()
@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Draw the loss, the per-layer expert load, its windowed spread with the stable-phase "
                     "start, predictor error and placement imbalance over the run; write them as PNG files "
                     "and summary.md with the findings in numbers.")
-    parser.add_argument("trace", help="trace directory, .parquet file or run directory")
+    add_trace_argument(parser)
     parser.add_argument("--out", required=True, help="directory for the PNG files and summary.md")
     parser.add_argument("--window", type=int, default=None,
                         help="steps per window for the spread figures (default: about 50 windows)")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from moe_trace.commands._common import add_trace_argument, write_json
+
 HELP_COST = ("cost-model overrides (defaults in placement/cost.py): --matmul-tflops achieved expert GEMM rate, "
              "--a2a-gbps all-to-all GB/s per GPU, --link-gbps migration GB/s, --hidden model width")
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared with ``moe-trace place``: the simulated cluster, the planner and the cost model."""
-    p.add_argument("trace", help="trace directory, .parquet file or run directory")
+    add_trace_argument(p)
     p.add_argument("--gpus", type=int, required=True, help="simulated GPUs")
     p.add_argument("--redundant", type=int, default=None,
                    help="redundant expert slots over all GPUs (default: one per GPU)")
@@ -62,7 +64,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moe_trace import trace
-    from moe_trace.commands._common import write_json
     from placement import policies, simulator
 
     loaded = trace.load(args.trace)

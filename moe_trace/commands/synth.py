@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
+from moe_trace.commands._common import defaults_of
 from moe_trace.errors import UsageError
 
 
@@ -16,7 +16,7 @@ def _switch(text: str) -> int | None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from moe_trace.synth import generate
 
-    defaults = {k: p.default for k, p in inspect.signature(generate).parameters.items()}
+    defaults = defaults_of(generate)
     parser = subparsers.add_parser(
         "synth", help="write a synthetic expert-load trace",
         description="Draw a synthetic trace: per layer a stable mean load (Dirichlet), a transient phase "
