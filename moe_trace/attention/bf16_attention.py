@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_trace.attention.int8_attention import LOG2E, NEG_LARGE
+from moe_trace.attention.int8_attention import LOG2E, NEG_LARGE, key_ranges, mask_scores
 
 
 @triton.jit
@@ -28,10 +28,7 @@ def _attend_blocks(
             v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :])
         s = tl.dot(q, kt)  # the scale is applied inside exp2's argument: one FMA per score
         if MASKED:
-            visible = cols[None, :] < seq_k
-            if CAUSAL:
-                visible &= cols[None, :] <= offs_m[:, None]
-            s = tl.where(visible, s, float("-inf"))
+            s = mask_scores(s, cols, offs_m, seq_k, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
@@ -62,8 +59,7 @@ def _bf16_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_LARGE, dtype=tl.float32)
-    n_end = tl.minimum(seq_k, (start_m + 1) * BLOCK_M) if CAUSAL else seq_k
-    n_full = (tl.minimum(n_end, start_m * BLOCK_M) if CAUSAL else n_end) // BLOCK_N * BLOCK_N
+    n_full, n_end = key_ranges(start_m, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, offs_m, K, V, stride_kn, stride_vn, seq_k, 0, n_full, qk_scale,
         HEAD_DIM, BLOCK_N, False, CAUSAL, WARP_SPECIALIZE,

@@ -38,6 +38,24 @@ def _int32_to_float(x):
 
 
 @triton.jit
+def key_ranges(start_m, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """``(n_full, n_end)`` for query block ``start_m``: keys below ``n_full`` are seen in full by every row of the
+    block and need no mask; ``n_full .. n_end`` (the causal diagonal, the ragged end of the keys) do."""
+    n_end = tl.minimum(seq_k, (start_m + 1) * BLOCK_M) if CAUSAL else seq_k
+    n_full = (tl.minimum(n_end, start_m * BLOCK_M) if CAUSAL else n_end) // BLOCK_N * BLOCK_N
+    return n_full, n_end
+
+
+@triton.jit
+def mask_scores(s, cols, offs_m, seq_k, CAUSAL: tl.constexpr):
+    """Scores of keys past ``seq_k`` (and, if causal, after the query) set to -inf."""
+    visible = cols[None, :] < seq_k
+    if CAUSAL:
+        visible &= cols[None, :] <= offs_m[:, None]
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
 def _attend_blocks(
     acc, l_i, m_i, q, q_scale, offs_m,
     K, K_scale, V, V_scale, V_offset,
@@ -58,10 +76,7 @@ def _attend_blocks(
         # Scores without Q's (positive) scale; it is applied inside exp2's argument, one FMA per score.
         s = _int32_to_float(tl.dot(q, kt, out_dtype=tl.int32)) * k_scale[None, :]
         if MASKED:
-            visible = cols[None, :] < seq_k
-            if CAUSAL:
-                visible &= cols[None, :] <= offs_m[:, None]
-            s = tl.where(visible, s, float("-inf"))
+            s = mask_scores(s, cols, offs_m, seq_k, CAUSAL)
         m_block = tl.maximum(tl.max(s, axis=1) * q_scale, NEG_LARGE)
         m_new = tl.maximum(m_i, m_block)
         alpha = tl.math.exp2(m_i - m_new)
@@ -124,10 +139,7 @@ def _int8_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_LARGE, dtype=tl.float32)
-    # Key blocks every row of this query block sees in full need no mask; the rest (the causal diagonal,
-    # the ragged end of the keys) do.
-    n_end = tl.minimum(seq_k, (start_m + 1) * BLOCK_M) if CAUSAL else seq_k
-    n_full = (tl.minimum(n_end, start_m * BLOCK_M) if CAUSAL else n_end) // BLOCK_N * BLOCK_N
+    n_full, n_end = key_ranges(start_m, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q, q_scale, offs_m, K, K_scale, V, V_scale, V_offset, stride_vn, stride_vd, seq_k,
         0, n_full, HEAD_DIM, BLOCK_N, False, CAUSAL, INT8_PV, UPCAST_DOT, WARP_SPECIALIZE,
