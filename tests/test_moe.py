@@ -40,13 +40,63 @@ def test_moe_matches_per_token_loop(top_k, normalize):
         torch.testing.assert_close(g, g_ref, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def test_counts_conserve_tokens_and_match_the_chosen_experts():
+def per_token_routing(logits, top_k):
+    """Each token's top-k experts and the counts, the load-balancing loss and the z-loss, one token at a time."""
+    tokens, num_experts = logits.shape
+    counts, prob_sum, z_sum, chosen = [0] * num_experts, torch.zeros(num_experts, dtype=logits.dtype), 0.0, []
+    for t in range(tokens):
+        probs = logits[t].exp() / logits[t].exp().sum()
+        experts = sorted(range(num_experts), key=lambda e: -probs[e].item())[:top_k]
+        chosen.append(experts)
+        for e in experts:
+            counts[e] += 1
+        prob_sum = prob_sum + probs
+        z_sum += logits[t].exp().sum().log() ** 2
+    f = torch.tensor(counts, dtype=logits.dtype) / (tokens * top_k)
+    return chosen, counts, num_experts * (f * prob_sum / tokens).sum(), z_sum / tokens
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_routing_matches_a_per_token_loop(top_k):
     torch.manual_seed(1)
-    layer = MoELayer(hidden=8, ffn=8, num_experts=5, top_k=2)
-    layer(torch.randn(3, 11, 8))
-    counts = layer.tokens_per_expert
-    assert counts.dtype == torch.int64 and counts.shape == (5,)
-    assert int(counts.sum()) == 3 * 11 * 2
+    logits = 2 * torch.randn(67, 5, dtype=torch.float64)  # no ties among the top-k
+    routing = route(logits, top_k)
+    chosen, counts, load_balancing, z = per_token_routing(logits, top_k)
+    assert routing.expert_indices.tolist() == chosen  # which experts, best first
+    assert routing.tokens_per_expert.dtype == torch.int64 and routing.tokens_per_expert.tolist() == counts
+    assert sum(counts) == 67 * top_k
+    torch.testing.assert_close(routing.load_balancing_loss, load_balancing)
+    torch.testing.assert_close(routing.z_loss, z)  # the mean of squares, not the square of the mean
+
+
+def test_load_balancing_gradient_flows_through_the_router_probabilities():
+    # E * sum_e f_e P_e: f_e (the counted fractions) is a constant, the gradient comes from P_e alone.
+    torch.manual_seed(4)
+    logits = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    routing = route(logits, 2)
+    (grad,) = torch.autograd.grad(routing.load_balancing_loss, [logits])
+    f = routing.tokens_per_expert.double() / (40 * 2)
+    (expected,) = torch.autograd.grad(6 * (f * logits.softmax(-1).mean(0)).sum(), [logits])
+    torch.testing.assert_close(grad, expected)
+    assert expected.abs().sum() > 0.1
+
+
+def test_aux_loss_weighs_both_losses_and_reaches_the_router_without_the_z_loss():
+    torch.manual_seed(2)
+    layer = MoELayer(hidden=8, ffn=8, num_experts=4, top_k=1, load_balancing_weight=0.5).double()
+    x = torch.randn(32, 8, dtype=torch.float64)
+    layer(x)
+    (grad,) = torch.autograd.grad(layer.aux_loss, [layer.router.weight])
+    weight = layer.router.weight.detach().requires_grad_(True)
+    probs = (x @ weight.T).softmax(-1)
+    f = torch.bincount(probs.argmax(-1), minlength=4).double() / 32
+    (expected,) = torch.autograd.grad(0.5 * 4 * (f * probs.mean(0)).sum(), [weight])
+    torch.testing.assert_close(grad, expected)
+    assert grad.abs().sum() > 0
+    layer.z_loss_weight = 1e-3
+    layer(x)
+    routing = route(x @ weight.detach().T, 1)
+    torch.testing.assert_close(layer.aux_loss, 0.5 * routing.load_balancing_loss + 1e-3 * routing.z_loss)
 
 
 def test_load_balancing_loss_is_one_when_balanced_and_e_when_collapsed():
@@ -59,14 +109,6 @@ def test_load_balancing_loss_is_one_when_balanced_and_e_when_collapsed():
     collapsed = torch.full((tokens, num_experts), -1e4)
     collapsed[:, 0] = 0
     assert route(collapsed, 1).load_balancing_loss.item() == pytest.approx(num_experts)
-
-
-def test_aux_loss_reaches_the_router():
-    torch.manual_seed(2)
-    layer = MoELayer(hidden=8, ffn=8, num_experts=4, top_k=1, z_loss_weight=1e-3)
-    layer(torch.randn(32, 8))
-    (grad,) = torch.autograd.grad(layer.aux_loss, [layer.router.weight])
-    assert grad.abs().sum() > 0
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ import pytest
 import predictors
 from moe_trace import synth
 from predictors import evaluate
+from predictors.base import Predictor
 
 FAST = [s for s in predictors.available() if s != "lstm"]  # the LSTM has its own test file
 
@@ -111,6 +112,62 @@ def test_metrics_by_hand():
     np.testing.assert_allclose(evaluate.step_floor(actual), [(0.5 + 0.5) / 2])  # oracle: mean [0.75, 0.25]
     np.testing.assert_allclose(evaluate.mean_wape(forecast, actual), [0.15 + 0.15])
     assert evaluate.origins(3000, 1000, 250, 1000).tolist() == [1000, 1250, 1500, 1750, 2000]
+
+
+def test_metrics_by_hand_where_mean_median_and_sum_differ():
+    # 3 steps, 2 layers, 2 experts. Layer 0's load on expert 0 is x = [0.1, 0.2, 0.9] (mean 0.4, median 0.2,
+    # sum 1.2), forecast f = [0.0, 0.25, 0.65] (mean 0.3, median 0.25, sum 0.9); expert 1 holds the rest, so
+    # every sum over experts is twice expert 0's error. Layer 1 is forecast exactly.
+    x, f = np.array([0.1, 0.2, 0.9]), np.array([0.0, 0.25, 0.65])
+    actual = np.stack([np.stack([x, 1 - x], axis=-1), np.full((3, 2), 0.5)], axis=1)
+    forecast = np.stack([np.stack([f, 1 - f], axis=-1), np.full((3, 2), 0.5)], axis=1)
+    # step errors 2 |f - x| = [0.2, 0.1, 0.5]: their mean (not median 0.2, not sum 0.8)
+    np.testing.assert_allclose(evaluate.step_wape(forecast, actual), [0.8 / 3, 0.0], atol=1e-12)
+    # the oracle predicts the horizon mean 0.4: 2 |x - 0.4| = [0.6, 0.4, 1.0], mean 2/3 (the median 0.2 gives 0.533)
+    np.testing.assert_allclose(evaluate.step_floor(actual), [2 / 3, 0.0], atol=1e-12)
+    # 2 |mean f - mean x| = 2 |0.3 - 0.4| (medians give 0.1, sums 0.6)
+    np.testing.assert_allclose(evaluate.mean_wape(forecast, actual), [0.2, 0.0], atol=1e-12)
+
+
+class _Spy(Predictor):
+    """Forecasts the true future of ``series`` from where its history ends, and records every history it saw."""
+
+    name = "spy"
+
+    def __init__(self, series: np.ndarray):
+        self.series, self.seen, self.asked = series, [], []
+
+    def _fit(self, history):
+        self.seen.append(history.copy())
+
+    def _predict(self, horizon):
+        start = len(self.seen[-1])
+        self.asked.append((start, horizon))
+        return self.series[start: start + horizon]
+
+
+@pytest.mark.parametrize("stride,min_history", [(7, 5), (1, 1)])
+def test_a_predictor_sees_exactly_the_steps_before_each_origin(monkeypatch, stride, min_history):
+    # Every step's proportions are distinct, so a history identifies the steps it holds.
+    steps = 60
+    series = np.random.default_rng(0).dirichlet(np.ones(3), size=(steps, 2))
+    spy = _Spy(series)
+    monkeypatch.setattr(evaluate, "from_spec", lambda spec: spy)
+    horizons = [1, 4, 9]
+    scores = evaluate.evaluate(series, "spy", horizons, stride=stride, min_history=min_history, workers=1)
+    expected = evaluate.origins(steps, min(horizons), stride, min_history)
+    assert [len(h) for h in spy.seen] == expected.tolist()  # one fit per origin, on steps [0, t0)
+    for history in spy.seen:
+        np.testing.assert_array_equal(history, series[:len(history)])
+    assert sorted(spy.asked) == sorted((t0, h) for t0 in expected for h in horizons if t0 + h <= steps)
+    for h in horizons:
+        s = scores[h]
+        np.testing.assert_array_equal(s.origins, evaluate.origins(steps, h, stride, min_history))
+        # Forecasting the true future from t0 is exact only if the scored steps are [t0, t0 + h).
+        np.testing.assert_allclose(s.step_wape, 0.0, atol=1e-12)
+        np.testing.assert_allclose(s.mean_wape, 0.0, atol=1e-12)
+        for t0, floor in zip(s.origins, s.step_floor, strict=True):
+            np.testing.assert_allclose(floor, evaluate.step_floor(series[t0: t0 + h]))
 
 
 def test_records_split_origins_by_phase():

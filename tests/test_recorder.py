@@ -54,6 +54,8 @@ def test_metrics_log_keeps_rows_before_the_resume_step(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
 def test_moe_step_and_recording_do_not_sync_with_the_host(tmp_path):
+    """Training steps across several recorder blocks (each ends in an all-reduce-free copy to pinned host
+    memory) run without a host sync; only the flush, which training runs every ``--flush-every`` steps, waits."""
     from moe_trace.moe import MoELayer
 
     layer = MoELayer(hidden=64, ffn=128, num_experts=4, top_k=1).cuda()
@@ -62,15 +64,28 @@ def test_moe_step_and_recording_do_not_sync_with_the_host(tmp_path):
     x = torch.randn(256, 64, device="cuda")
     layer(x)  # warm-up: first calls may allocate with syncs
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for step in range(3):  # within one block: no copy to the host yet
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = layer(x)
-            (out.float().square().mean() + layer.aux_loss).backward()
-            recorder.add(layer.tokens_per_expert.unsqueeze(0))
-            recorder.end_step(step)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    recorded = []
+
+    def train_steps(steps):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in steps:
+                for _ in range(2):  # micro-batches
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = layer(x)
+                    (out.float().square().mean() + layer.aux_loss).backward()
+                    recorder.add(layer.tokens_per_expert.unsqueeze(0))
+                    recorded.append(layer.tokens_per_expert.clone())
+                recorder.end_step(step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    train_steps(range(10))  # blocks [0, 4) and [4, 8) copied to the host, steps 8, 9 still on the device
+    recorder.flush()  # mid-block
+    train_steps(range(10, 17))  # a fresh block after the flush: [10, 14), then 14..16
     recorder.flush()
-    assert (trace.load(tmp_path / "trace").counts.sum(axis=2) == 256).all()
+    loaded = trace.load(tmp_path / "trace")
+    assert loaded.steps.tolist() == list(range(17))
+    expected = torch.stack(recorded).view(17, 2, 1, 4).sum(dim=1).cpu().numpy()
+    assert np.array_equal(loaded.counts, expected)
+    assert (loaded.counts.sum(axis=2) == 2 * 256).all()

@@ -1,4 +1,5 @@
-"""Trace replay: hand-computed imbalance and step time, no peeking, the oracle unbeaten, the CLI contract."""
+"""Trace replay: hand-computed imbalance and step time, no peeking, what the hindsight oracle does beat, the CLI
+contract."""
 
 from __future__ import annotations
 
@@ -63,19 +64,51 @@ def drifting():
     return counts, meta
 
 
-def test_oracle_never_beaten(drifting):
+def test_oracle_beats_the_policies_that_plan_from_the_past_at_their_cadence(drifting):
+    """The oracle is no lower bound (see ``placement.policies``); what it does beat is the contiguous plan and EPLB's
+    history, in every phase, and nothing gets below the imbalance bound of ``placement.bounds``."""
     counts, meta = drifting
     setting = Setting(gpus=4, redundant=4, cost=CostModel.from_meta(meta))
-    records = {r["policy"]: r for r in simulator.simulate(counts, policies.get("all"), setting, stable_from=1200)}
-    oracle = records.pop("oracle")
-    for figure in ("mean_imbalance", "est_step_time_s"):
-        for phase in ("all", "transient"):  # where knowing the future matters
-            best = min((r if phase == "all" else r["phases"][phase])[figure] for r in records.values())
-            assert (oracle if phase == "all" else oracle["phases"]["transient"])[figure] <= best, (figure, phase)
-    # At the stable phase's noise floor the oracle's 50-step view is no better than a long window: within 0.5 %.
-    best_stable = min(r["phases"]["stable"]["est_step_time_s"] for r in records.values())
-    assert oracle["phases"]["stable"]["est_step_time_s"] <= 1.005 * best_stable
-    assert records["static"]["replans"] == 0 and records["history"]["replans"] == 2  # steps 1000 and 2000
+    records = simulator.simulate(counts, policies.get("all"), setting, stable_from=1200)
+    _assert_oracle_beats_static_and_history({r["policy"]: r for r in records}, ("transient", "stable"))
+    for r in records:
+        for figures in (r, *r["phases"].values()):
+            assert figures["mean_imbalance"] >= figures["mean_imbalance_bound"] - 1e-12, r["policy"]
+    assert {r["policy"]: r["replans"] for r in records if r["policy"] in ("static", "history")} == {
+        "static": 0, "history": 2}  # steps 1000 and 2000
+
+
+def test_oracle_beats_static_and_history_on_the_recorded_trace():
+    # traces/gpt-125m-moe on 8 GPUs, one spare slot each (the README's simulate example); `moe-trace phases`
+    # finds every layer stable from step 3700. There `phase` beats the oracle (mean imbalance 1.061 vs 1.077).
+    recorded = trace.load("traces/gpt-125m-moe")
+    setting = Setting(gpus=8, redundant=8, cost=CostModel.from_meta(recorded.meta))
+    records = simulator.simulate(recorded.counts, policies.get("static,history,oracle"), setting, stable_from=3700)
+    _assert_oracle_beats_static_and_history({r["policy"]: r for r in records}, ("transient", "stable"))
+
+
+def _assert_oracle_beats_static_and_history(records, phases):
+    for phase in ("all", *phases):
+        figures = {name: r if phase == "all" else r["phases"][phase] for name, r in records.items()}
+        for figure in ("mean_imbalance", "p99_imbalance", "est_step_time_s"):
+            assert figures["oracle"][figure] < min(figures["static"][figure], figures["history"][figure]), (
+                phase, figure)
+
+
+def test_oracle_replans_only_to_a_plan_faster_than_the_one_in_force(drifting):
+    """At each re-plan the oracle's new plan, migration stall included, replays its next ``every`` steps no slower
+    than keeping the plan in force (it chose it per layer as the fastest of its hindsight candidates)."""
+    counts, meta = drifting
+    setting = Setting(gpus=4, redundant=4, cost=CostModel.from_meta(meta))
+    oracle = policies.Oracle()
+    schedule = oracle.schedule(counts, counts / counts.sum(axis=2, keepdims=True), setting)
+    assert len(schedule) > 5
+    for (_, old), (t, new) in itertools.pairwise(schedule):
+        window = counts[t: t + oracle.every]
+        keep = simulator.replay(window, [(0, old)], setting)["step_time_s"].sum()
+        move = simulator.replay(window, [(0, old), (0, new)], setting)
+        assert move["migrations"][0] > 0
+        assert move["step_time_s"].sum() <= keep * (1 + 1e-12), t
 
 
 def test_every_policy_runs_on_a_trace_shorter_than_its_cadence():

@@ -1,0 +1,245 @@
+"""Mutation testing of the modules whose numbers moe-trace reports (not run in CI: it takes hours on 2 cores).
+
+A mutant is a copy of a module with one small plausible bug planted (an operator swapped, a constant nudged, an
+argument dropped); a mutant the tests still pass on "survives" and shows a property the suite does not pin.
+
+    python scripts/mutation_testing.py known                   # issue 18's four mutants: each must fail the suite
+    python scripts/mutation_testing.py run [MODULE ...]        # mutmut on each module against its own tests
+    python scripts/mutation_testing.py report                  # benchmarks/results/mutation_report.md
+
+Why mutmut (3.x) and not cosmic-ray: mutmut writes every mutant of a file into one copy of it, switched at run
+time, and runs the tests in processes forked from one warmed-up pytest session, each mutant against only the tests
+that call the mutated function. Cosmic-ray runs a fresh test command per mutant: on this project that is importing
+torch and collecting the tests again for each of a few thousand mutants, days instead of hours on two shared cores.
+
+Each module runs in its own copy of the repository under ``--workdir`` (mutmut keeps its results there, so a
+rerun only tests what changed) with the narrowest test selection that exercises it (``MODULES``); ``run`` writes
+``benchmarks/results/mutation/<module>.json`` (counts and every surviving mutant's diff), and ``report`` turns
+those, with the explanations in ``EQUIVALENT`` for survivors that cannot change a result, into the report.
+Run it ``nice``d: ``nice -n 19 python scripts/mutation_testing.py run moe_trace/moe.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "mutation"
+REPORT = ROOT / "benchmarks" / "results" / "mutation_report.md"
+
+# module -> the tests that exercise it (tests that only reach it through a subprocess cannot see a mutant)
+MODULES = {
+    "moe_trace/moe.py": ["tests/test_moe.py"],
+    "moe_trace/recorder.py": ["tests/test_recorder.py"],
+    "moe_trace/trace.py": ["tests/test_trace.py", "tests/test_recorder.py", "tests/test_synth.py"],
+    "predictors/evaluate.py": ["tests/test_predictors.py", "tests/test_cli_predict.py"],
+    "predictors/phases.py": ["tests/test_phases.py"],
+    "placement/dispatch.py": ["tests/test_placement.py", "tests/test_simulate.py"],
+    "placement/planners.py": ["tests/test_placement.py", "tests/test_simulate.py"],
+    "placement/cost.py": ["tests/test_simulate.py", "tests/test_placement.py"],
+}
+
+# Issue 18's four mutants, which all passed the suite when it was filed: (name, file, original, mutant, tests).
+KNOWN = [
+    ("look-ahead: the predictor is fitted on the step it is scored on", "predictors/evaluate.py",
+     "predictor.fit(proportions[:t0])", "predictor.fit(proportions[:t0 + 1])", ["tests/test_predictors.py"]),
+    ("look-behind: the predictor misses the last step before the origin", "predictors/evaluate.py",
+     "predictor.fit(proportions[:t0])", "predictor.fit(proportions[:t0 - 1])", ["tests/test_predictors.py"]),
+    ("step_floor from the horizon's median instead of its mean", "predictors/evaluate.py",
+     "return step_wape(actual.mean(axis=0), actual)", "return step_wape(np.median(actual, axis=0), actual)",
+     ["tests/test_predictors.py"]),
+    ("load-balancing loss with P_e detached", "moe_trace/moe.py",
+     "(assigned_fraction * probs.mean(dim=0)).sum()", "(assigned_fraction * probs.mean(dim=0).detach()).sum()",
+     ["tests/test_moe.py"]),
+    ("z-loss as the square of the mean", "moe_trace/moe.py",
+     "torch.logsumexp(logits, dim=-1).square().mean()", "torch.logsumexp(logits, dim=-1).mean().square()",
+     ["tests/test_moe.py"]),
+]
+
+# Survivors that cannot change a result: (module, mutated function, the mutant's changed line) -> why.
+EQUIVALENT: dict[tuple[str, str, str], str] = {}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    return {"python": platform.python_version(), **{p: md.version(p) for p in ("mutmut", "pytest", "torch", "numpy")}}
+
+
+def _copy_repo(dest: Path) -> None:
+    """The working tree's tracked and untracked-but-not-ignored files (the code as it is now, not as committed)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
+def _failing_tests(cwd: Path, tests: list[str]) -> tuple[int, list[str]]:
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests], cwd=cwd,
+                         env={"PYTHONPATH": str(cwd), **_env()}, capture_output=True, text=True)
+    return run.returncode, sorted(set(re.findall(r"^FAILED (\S+)", run.stdout, flags=re.M)))
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def known(args: argparse.Namespace) -> None:
+    """Plant each of issue 18's mutants in a copy of the repository and record the tests that fail on it."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="moe-trace-known-") as tmp:
+        work = Path(tmp)
+        _copy_repo(work)
+        for name, path, original, mutant, tests in KNOWN:
+            source = (work / path).read_text()
+            if source.count(original) != 1:
+                sys.exit(f"{path}: expected {original!r} exactly once; update KNOWN to the code")
+            (work / path).write_text(source.replace(original, mutant))
+            try:
+                status, failing = _failing_tests(work, tests)
+            finally:
+                (work / path).write_text(source)
+            results.append(dict(name=name, file=path, original=original, mutant=mutant, tests=tests,
+                                pytest_exit_status=status, failing_tests=failing, killed=status == 1 and bool(failing)))
+            print(f"{'killed' if results[-1]['killed'] else 'SURVIVED'}: {name}: {len(failing)} failing tests")
+    out = RESULTS / "known.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(command="python scripts/mutation_testing.py known", date=_now(),
+                                   versions=_versions(), goals={"every known mutant killed": all(
+                                       r["killed"] for r in results)}, mutants=results), indent=1) + "\n")
+    print(out.relative_to(ROOT))
+
+
+def run(args: argparse.Namespace) -> None:
+    """mutmut on each module in its own copy of the repository; survivors' diffs to ``results/mutation/``."""
+    for module in args.modules or list(MODULES):
+        if module not in MODULES:
+            sys.exit(f"unknown module {module!r}; choose from {', '.join(MODULES)}")
+        work = Path(args.workdir) / module.replace("/", "__").removesuffix(".py")
+        if args.fresh and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        _copy_repo(work)
+        _configure(work / "pyproject.toml", module)
+        started = datetime.datetime.now(datetime.timezone.utc)
+        subprocess.run(["mutmut", "run", "--max-children", str(args.max_children)], cwd=work, env=_env(), check=False)
+        statuses = _statuses(work)
+        survivors = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items() if s != "killed"]
+        counts: dict[str, int] = {}
+        for s in statuses.values():
+            counts[s] = counts.get(s, 0) + 1
+        out = RESULTS / (module.replace("/", "__").removesuffix(".py") + ".json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(
+            module=module, tests=MODULES[module], command=f"python scripts/mutation_testing.py run {module}",
+            date=_now(), wall_s=round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()),
+            versions=_versions(), counts=counts,
+            survivors=[s | {"status": statuses[s["name"]]} for s in survivors]), indent=1) + "\n")
+        print(f"{module}: {counts} -> {out.relative_to(ROOT)}")
+
+
+def _configure(pyproject: Path, module: str) -> None:
+    """mutmut's settings for one module: every package importable from its copy, only ``module`` mutated."""
+    text = pyproject.read_text()
+    text = text[:text.index("[tool.mutmut]")] if "[tool.mutmut]" in text else text
+    tests = ", ".join(f'"{t}"' for t in MODULES[module])
+    pyproject.write_text(text + f"""
+[tool.mutmut]
+source_paths = ["moe_trace", "predictors", "placement"]
+only_mutate = ["{module}"]
+also_copy = ["traces", "notebooks", "benchmarks", "scripts"]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
+pytest_add_cli_args_test_selection = [{tests}]
+process_isolation = "forkserver"
+""")
+
+
+def _statuses(work: Path) -> dict[str, str]:
+    listing = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, env=_env(), capture_output=True,
+                             text=True, check=True).stdout
+    return dict(re.findall(r"^\s+(\S+): (.+)$", listing, flags=re.M))
+
+
+def _diff(work: Path, name: str) -> str:
+    shown = subprocess.run(["mutmut", "show", name], cwd=work, env=_env(), capture_output=True, text=True).stdout
+    return "\n".join(line for line in shown.splitlines() if not line.startswith("# "))
+
+
+def report(args: argparse.Namespace) -> None:
+    """The committed report: the known mutants, then each module's counts and its survivors with their verdicts."""
+    lines = ["# Mutation testing report", "",
+             "Written by `python scripts/mutation_testing.py report` from `benchmarks/results/mutation/*.json` (each "
+             "names the command that produced it). A survivor is either explained as equivalent (it cannot change "
+             "a result the project reports) or listed as open.", ""]
+    known_path = RESULTS / "known.json"
+    if known_path.exists():
+        known = json.loads(known_path.read_text())
+        lines += ["## Issue 18's four mutants", "", f"`{known['command']}`, {known['date']}.", "",
+                  "| mutant | change | killed by |", "|---|---|---|"]
+        for m in known["mutants"]:
+            killers = "<br>".join(f"`{t}`" for t in m["failing_tests"]) or "**survived**"
+            lines.append(f"| {m['name']} | `{m['original']}` -> `{m['mutant']}` | {killers} |")
+        lines.append("")
+    open_count = 0
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.name == "known.json":
+            continue
+        result = json.loads(path.read_text())
+        module = result["module"]
+        lines += [f"## {module}", "", f"`{result['command']}` against {', '.join(result['tests'])}; "
+                  f"{result['date']}, {result['wall_s']} s. " + ", ".join(f"{k}: {v}" for k, v in
+                                                                         sorted(result["counts"].items())), ""]
+        for survivor in result["survivors"]:
+            why = EQUIVALENT.get(_key(module, survivor))
+            if why is None:
+                open_count += 1
+            lines += [f"- `{survivor['name']}` ({survivor['status']}): " + (f"equivalent: {why}" if why else
+                                                                              "**open**"),
+                      "", "```diff", survivor["diff"].strip(), "```", ""]
+    lines += [f"Open survivors: {open_count}.", ""]
+    REPORT.write_text("\n".join(lines))
+    print(REPORT.relative_to(ROOT), f"({open_count} open)")
+
+
+def _key(module: str, survivor: dict) -> tuple[str, str, str]:
+    function = survivor["name"].rsplit("__mutmut_", 1)[0].rsplit(".", 1)[-1].removeprefix("x_")
+    added = [line[1:].strip() for line in survivor["diff"].splitlines()
+             if line.startswith("+") and not line.startswith("+++")]
+    return module, function, added[0] if added else ""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("known", help="issue 18's four mutants: each must fail the suite").set_defaults(func=known)
+    run_parser = sub.add_parser("run", help="mutmut on modules (default: all) against their tests")
+    run_parser.add_argument("modules", nargs="*", help=f"any of {', '.join(MODULES)}")
+    run_parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "moe-trace-mutation"),
+                            help="where each module's copy and mutmut's results live (kept between runs)")
+    run_parser.add_argument("--max-children", type=int, default=1, help="mutants tested in parallel")
+    run_parser.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
+    run_parser.set_defaults(func=run)
+    sub.add_parser("report", help="write benchmarks/results/mutation_report.md").set_defaults(func=report)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
