@@ -1,0 +1,103 @@
+"""Figure tables in the docs match the JSON that the script which measured them wrote.
+
+A measured table is preceded by ``<!-- figures: PATH -->`` naming its JSON under ``benchmarks/results/``;
+``RENDERERS[PATH]`` renders the rows that JSON implies, in the table's own formatting, and the table must hold
+exactly those rows. A new measured table is one line in ``RENDERERS`` (and a small renderer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ["README.md", "traces/README.md", *sorted(p.name for p in (ROOT / "benchmarks").glob("NOTES*.md"))]
+MARKER = re.compile(r"^<!-- figures: (\S+) -->\s*$")
+
+
+def _percent(x: float, signed: bool = False) -> str:
+    return f"{x * 100:{'+' if signed else ''}.1f} %"
+
+
+def _train_throughput(result: dict) -> list[list[str]]:
+    return [[r["model"], r["backend"], "yes" if r["compile"] else "no", f"{r['step_s_recorder_off'] * 1e3:.1f} ms",
+             f"{r['tokens_per_s'] / 1e3:.0f}k", _percent(r["mfu"]), _percent(r["mfu_preset_batch"]),
+             _percent(r["recorder_overhead"], signed=True)] for r in result["results"]]
+
+
+def _expert_parallel_scaling(result: dict) -> list[list[str]]:
+    return [[str(r["gpus"]), str(r["tokens_per_step"]), f"{r['median_step_s'] * 1e3:.1f} ms",
+             f"{r['tokens_per_s'] / 1e3:.1f}k", _percent(r["efficiency"])] for r in result["results"]]
+
+
+def _phase_detection(result: dict) -> list[list[str]]:
+    rows = []
+    for drift in [*result["trace"]["drifts"], "all"]:
+        found = [(s, c["switch_step"]) for c in result["cases"] if drift in ("all", c["drift"])
+                 for s in c["stable_from"]]
+        errors = [abs(s - switch) for s, switch in found if s is not None]
+        rows.append([str(drift), str(len(found)), f"{sum(errors) / len(errors):.0f}", str(max(errors)),
+                     str(len(found) - len(errors))])
+    return rows
+
+
+RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
+    "benchmarks/results/train_throughput.json": _train_throughput,
+    "benchmarks/results/expert_parallel_scaling.json": _expert_parallel_scaling,
+    "benchmarks/results/phase_detection.json": _phase_detection,
+}
+
+
+def figure_tables(text: str) -> list[tuple[str, list[list[str]]]]:
+    """``(json path, body rows as cells)`` for every table that follows a figures marker."""
+    lines = text.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        match = MARKER.match(line)
+        if not match:
+            continue
+        table = []
+        for row in lines[i + 1:]:
+            if not row.startswith("|"):
+                break
+            table.append([cell.strip() for cell in row.strip().strip("|").split("|")])
+        assert len(table) > 2 and set("".join(table[1])) <= set("-: "), f"no table after {line!r}"
+        found.append((match.group(1), table[2:]))
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_figure_tables_match_their_json(doc):
+    path = ROOT / doc if (ROOT / doc).exists() else ROOT / "benchmarks" / doc
+    for source, rows in figure_tables(path.read_text()):
+        assert source in RENDERERS, f"{doc}: no renderer for {source}; add one to RENDERERS"
+        result = json.loads((ROOT / source).read_text())
+        assert sorted(rows) == sorted(RENDERERS[source](result)), f"{doc}: the table of {source} is stale"
+
+
+def test_every_renderer_has_its_table():
+    named = {source for doc in DOCS for source, _ in figure_tables(
+        (ROOT / doc if (ROOT / doc).exists() else ROOT / "benchmarks" / doc).read_text())}
+    assert named == set(RENDERERS)
+
+
+def test_the_checker_finds_a_wrong_figure():
+    text = "<!-- figures: x.json -->\n| a | b |\n|---|---|\n| 1 | 2.0 ms |\n\nprose\n"
+    assert figure_tables(text) == [("x.json", [["1", "2.0 ms"]])]
+
+
+def test_the_compile_help_quotes_the_measured_speed_up():
+    from moe_trace.commands import train
+
+    result = json.loads((ROOT / "benchmarks/results/train_throughput.json").read_text())
+    step = {r["compile"]: r["step_s_recorder_off"] for r in result["results"] if r["backend"] == "torch"}
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    train.register(subparsers)
+    [parser] = subparsers.choices.values()
+    [compile_help] = [a.help for a in parser._actions if "--compile" in a.option_strings]
+    assert f"{step[False] / step[True]:.2f}x faster" in compile_help
