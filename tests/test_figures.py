@@ -46,10 +46,18 @@ def _phase_detection(result: dict) -> list[list[str]]:
     return rows
 
 
+def _trace_summary(result: dict) -> list[list[str]]:
+    return [[f"`{Path(t['trace']).name}/`", f"{t['first_step']}..{t['last_step']}",
+             f"{t['moe_layers']} x {t['experts']}", str(t["tokens_per_step"]), f"{t['median_step_s'] * 1e3:.1f} ms",
+             f"{t['train_loss_first_10']:.2f} -> {t['train_loss_last_100']:.2f}", f"{t['aux_loss_last_1000']:.3f}",
+             f"{t['layers_never_stable']} of {t['moe_layers']}"] for t in result["traces"]]
+
+
 RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/train_throughput.json": _train_throughput,
     "benchmarks/results/expert_parallel_scaling.json": _expert_parallel_scaling,
     "benchmarks/results/phase_detection.json": _phase_detection,
+    "benchmarks/results/trace_summary.json": _trace_summary,
 }
 
 
