@@ -1,5 +1,12 @@
-"""The compiled INT8 kernel on a CUDA GPU against the torch emulation and float64 (skipped without a GPU)."""
+"""The compiled INT8 kernel on a CUDA GPU against the torch emulation and float64, and training through the
+CLI on a warm compile cache (skipped without a GPU)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -41,3 +48,28 @@ def test_compiled_training_path_gradients_equal_sdpa():
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1.6e-2, atol=1e-2)
+
+
+def _cache_entries(cache_dir: Path) -> set[str]:
+    """The compiled graphs stored in a TORCHINDUCTOR_CACHE_DIR: AOTAutograd's and Inductor's FX graph caches."""
+    return {str(p.relative_to(cache_dir)) for sub in ("aotautograd", "fxgraph") for p in (cache_dir / sub).rglob("*")}
+
+
+@pytest.mark.parametrize("compile_flag", ["--compile", "--no-compile"])
+def test_second_training_run_on_a_warm_compile_cache(tmp_path, compile_flag):
+    """Issue 11: every warm-cache run with --attention int8 died in AOTAutograd's gen_alias_from_base."""
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 50257, size=400_000, dtype=np.int32))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    entries = []
+    for run in ("cold", "warm"):
+        command = [sys.executable, "-m", "moe_trace", "train", "--model", "gpt-125m-moe", "--data", str(ids),
+                   "--global-batch", "8", "--steps", "20", "--eval-every", "20", "--checkpoint-every", "0",
+                   "--attention", "int8", compile_flag, "--out", str(tmp_path / run)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{run} run failed:\n{result.stderr[-4000:]}"
+        assert "val loss nan" not in result.stdout
+        entries.append(_cache_entries(tmp_path / "inductor-cache"))
+    if compile_flag == "--compile":
+        assert any(e.startswith("aotautograd") for e in entries[0]), "the cold run stored no compiled graph"
+        assert entries[1] == entries[0], "the warm run compiled afresh instead of loading the cache"
