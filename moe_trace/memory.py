@@ -1,22 +1,24 @@
 """Will the model's training state fit the GPU? Estimated before anything is allocated.
 
-Training state is 16 bytes per parameter: float32 weights (4), float32 gradients (4) and AdamW's two
-float32 moments (8). Dense weights are replicated on every rank; with expert parallelism each rank holds
-``1 / world_size`` of the experts. Activations come on top, so the state may take at most
-``STATE_FRACTION`` of the GPU's memory.
+Training state is weights + gradients + optimizer state, per parameter: 16 bytes with float32 AdamW, about 8
+or 6 with the lean optimizers (:mod:`moe_trace.optim`). Dense weights are replicated on every rank; with expert
+parallelism each rank holds ``1 / world_size`` of the experts. Activations come on top, so the state may take
+at most ``STATE_FRACTION`` of the GPU's memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 
 import torch
 
 from moe_trace.errors import UsageError
 from moe_trace.model import GPT, ModelConfig
+from moe_trace.optim import OPTIMIZERS
 
-BYTES_PER_PARAMETER = 16
 STATE_FRACTION = 0.75
 GIB = 1 << 30
 
@@ -32,6 +34,12 @@ class ParameterCount:
 
 def count_parameters(config: ModelConfig) -> ParameterCount:
     """Dense and expert parameter counts of ``GPT(config)``, built on the meta device (no memory, no init cost)."""
+    return _count_parameters(json.dumps(dataclasses.asdict(config), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _count_parameters(config_json: str) -> ParameterCount:  # a 13 B-parameter model takes seconds to build
+    config = ModelConfig(**json.loads(config_json))
     with torch.device("meta"):  # the torch backend's layers: megablocks' count the same and need CUDA
         model = GPT(dataclasses.replace(config, moe_backend="torch"))
     experts = sum(p.numel() for layer in model.moe_layers for p in layer.expert_parameters())
@@ -39,29 +47,47 @@ def count_parameters(config: ModelConfig) -> ParameterCount:
     return ParameterCount(dense=total - experts, experts=experts)
 
 
-def training_state_bytes(config: ModelConfig, expert_parallel: int = 1) -> int:
-    """Weights + gradients + AdamW state on one rank."""
-    return BYTES_PER_PARAMETER * count_parameters(config).per_rank(expert_parallel)
+def training_state_bytes(config: ModelConfig, expert_parallel: int = 1, optimizer: str = "adamw") -> int:
+    """Weights + gradients + optimizer state on one rank."""
+    return int(OPTIMIZERS[optimizer].bytes_per_parameter * count_parameters(config).per_rank(expert_parallel))
 
 
-def check_fits(config: ModelConfig, gpu_bytes: int, expert_parallel: int = 1) -> None:
-    """Raise :class:`UsageError` with a way out when the training state would not fit ``gpu_bytes`` per GPU."""
+def choose_optimizer(config: ModelConfig, gpu_bytes: int, expert_parallel: int = 1, requested: str = "auto",
+                     lean_available: bool = True) -> str:
+    """The optimizer to train with: ``requested`` if its state fits, or under ``auto`` the most exact one that fits
+    (float32 AdamW first); else raise :class:`UsageError` with a way out."""
     counts = count_parameters(config)
-    needed = BYTES_PER_PARAMETER * counts.per_rank(expert_parallel)
     budget = STATE_FRACTION * gpu_bytes
-    if needed <= budget:
-        return
+    candidates = list(OPTIMIZERS) if requested == "auto" else [requested]
+    for name in candidates:
+        if requested == "auto" and OPTIMIZERS[name].needs_torchao and not lean_available:
+            continue
+        if OPTIMIZERS[name].bytes_per_parameter * counts.per_rank(expert_parallel) <= budget:
+            return name
+    _refuse(config, counts, budget, gpu_bytes, expert_parallel, requested, lean_available)
+    raise AssertionError("unreachable")
+
+
+def _refuse(config: ModelConfig, counts: ParameterCount, budget: float, gpu_bytes: int, expert_parallel: int,
+            requested: str, lean_available: bool) -> None:
+    name = "adamw" if requested == "auto" else requested
+    per_parameter = OPTIMIZERS[name].bytes_per_parameter
+    needed = per_parameter * counts.per_rank(expert_parallel)
+    ways = [f"--optimizer {lean} (~{OPTIMIZERS[lean].bytes_per_parameter * counts.per_rank(expert_parallel) / GIB:.0f}"
+            f" GiB{'' if lean_available else ', pip install torchao'})"
+            for lean in OPTIMIZERS if OPTIMIZERS[lean].bytes_per_parameter < per_parameter
+            and OPTIMIZERS[lean].bytes_per_parameter * counts.per_rank(expert_parallel) <= budget]
     fits = [w for w in (2, 4, 8, 16, 32, 64)
-            if w > expert_parallel and config.num_experts % w == 0
-            and BYTES_PER_PARAMETER * counts.per_rank(w) <= budget]
-    expert_bytes = counts.experts // config.num_experts * BYTES_PER_PARAMETER
-    room = int((budget - BYTES_PER_PARAMETER * counts.dense) * expert_parallel // max(1, expert_bytes))
+            if w > expert_parallel and config.num_experts % w == 0 and per_parameter * counts.per_rank(w) <= budget]
+    if fits:
+        ways.append(f"torchrun --nproc-per-node {fits[0]} (~{per_parameter * counts.per_rank(fits[0]) / GIB:.0f} GiB "
+                    "per GPU)")
+    expert_bytes = counts.experts // config.num_experts * per_parameter
+    room = int((budget - per_parameter * counts.dense) * expert_parallel // max(1, expert_bytes))
     fewer = 1 << (room.bit_length() - 1) if room >= 1 else 0  # largest power of two that fits
-    ways = [f"torchrun --nproc-per-node {fits[0]} (~{BYTES_PER_PARAMETER * counts.per_rank(fits[0]) / GIB:.0f} GiB "
-            "per GPU)"] if fits else []
     if 1 <= fewer < config.num_experts:
         ways.append(f"--experts {fewer}")
     suggestion = "; use " + " or ".join(ways) if ways else "; use a smaller model"
     raise UsageError(f"{config.name} with {config.num_experts} experts needs ~{needed / GIB:.0f} GiB per GPU for "
-                     f"weights, gradients and AdamW state on {expert_parallel} GPU(s), more than "
+                     f"weights, gradients and {name} state on {expert_parallel} GPU(s), more than "
                      f"{STATE_FRACTION:.0%} of this GPU's {gpu_bytes / GIB:.0f} GiB{suggestion}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_trace import __version__, expert_parallel, memory, trace
+from moe_trace import __version__, expert_parallel, memory, optim, trace
 from moe_trace.data import TokenData, load_data
 from moe_trace.errors import UsageError
 from moe_trace.model import GPT, ModelConfig
@@ -55,6 +55,7 @@ class TrainConfig:
     data: str | None = None
     corpus_mb: float = 8.0
     compile: bool = False
+    optimizer: str = "auto"  # moe_trace.optim.CHOICES; the run's config.json records what auto chose
 
 
 @dataclass
@@ -88,14 +89,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
-
-
-def _optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Weight decay on matrices (and stacked expert weights); none on LayerNorm parameters.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,12 +206,12 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
 
     data = _load_data_once(model_config, config, world)
     torch.manual_seed(config.seed)
-    if device.type == "cuda":
-        memory.check_fits(model_config, torch.cuda.get_device_properties(device).total_memory, world.world_size)
+    optimizer_name = _choose_optimizer(model_config, config, world, device)
     model = GPT(model_config)
     expert_names = _shard_experts(model, world)  # before the move: a rank's GPU never holds all the experts
+    optim.cast_parameters(model, optimizer_name)
     model.to(device)
-    optimizer = _optimizer(model, config, device)
+    optimizer = optim.build(optimizer_name, model, config.lr, config.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
     start = load_checkpoint(run_dir, model, optimizer, scheduler, _shard(world)) if resume else 0
     ddp_model = expert_parallel.data_parallel(model, expert_names) if world.world_size > 1 else model
@@ -233,7 +226,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         global_batch=config.global_batch, seed=config.seed, moe_backend=model_config.moe_backend,
         attention=model_config.attention, world_size=world.world_size)
     if world.is_main:
-        _write_config(run_dir, model_config, config, data, world, device)
+        _write_config(run_dir, model_config, dataclasses.replace(config, optimizer=optimizer_name), data, world,
+                      device)
         if config.record:
             trace.truncate(run_dir / "trace", start)
     recorder = CountRecorder(run_dir / "trace", meta, device, block=min(25, config.flush_every),
@@ -245,13 +239,16 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     progress = tqdm(total=config.steps, initial=start, unit="step", disable=not world.is_main, dynamic_ncols=True)
     val_loss = float("nan")
     step, last_checkpoint, started = start, start, time.perf_counter()
+    eval_s = checkpoint_s = 0.0  # time spent outside training steps, reported apart
 
     def flush_and_checkpoint() -> None:
-        nonlocal last_checkpoint
+        nonlocal last_checkpoint, checkpoint_s
         recorder.flush()
         metrics.flush()
         if (world.is_main or expert_names) and step > last_checkpoint and config.checkpoint_every:
+            began = time.perf_counter()
             save_checkpoint(run_dir, step, model, optimizer, scheduler, _shard(world))
+            checkpoint_s += time.perf_counter() - began
         last_checkpoint = step
 
     with _StopRequest() as stop:
@@ -276,7 +273,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                 aux_sum += aux.detach()
             grad_norm = (expert_parallel.clip_grad_norm_(model, config.grad_clip) if expert_names
                          else torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-            lr = scheduler.get_last_lr()[0]
+            lr = float(scheduler.get_last_lr()[0])  # a CPU tensor under torchao's optimizers: no sync
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -290,7 +287,9 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
             step += 1
 
             if step % config.eval_every == 0 or step == config.steps:
+                began = time.perf_counter()
                 val_loss = evaluate(model, data, config, micro_batch, device, autocast, world)
+                eval_s += time.perf_counter() - began
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 flush_and_checkpoint()
             elif step % config.flush_every == 0:
@@ -311,8 +310,21 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         "stopped_early": step < config.steps,
         "tokens_per_s": (step - start) * tokens_per_step / elapsed if step > start else float("nan"),
         "final_loss": metrics.last("loss") if step > start else float("nan"), "val_loss": val_loss,
-        "elapsed_s": elapsed,
+        "elapsed_s": elapsed, "eval_s": eval_s, "checkpoint_s": checkpoint_s, "optimizer": optimizer_name,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+
+
+def _choose_optimizer(model_config: ModelConfig, config: TrainConfig, world: Distributed,
+                      device: torch.device) -> str:
+    """``--optimizer``, or under ``auto`` the most exact one whose state fits this GPU (float32 AdamW on CPU)."""
+    if device.type != "cuda":
+        name = "adamw" if config.optimizer == "auto" else config.optimizer
+    else:
+        name = memory.choose_optimizer(model_config, torch.cuda.get_device_properties(device).total_memory,
+                                       world.world_size, config.optimizer, optim.torchao_available())
+    optim.check_available(name, device)
+    return name
 
 
 def _check_run_dir(run_dir: Path, resume: bool, shard: str) -> None:

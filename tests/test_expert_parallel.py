@@ -88,6 +88,6 @@ def test_memory_estimate_refuses_with_a_way_out():
     assert 12.5e9 < counts.dense + counts.experts < 13.5e9
     gpu = 80 * memory.GIB
     with pytest.raises(UsageError, match=r"needs ~196 GiB per GPU.*torchrun --nproc-per-node 4.*--experts 32"):
-        memory.check_fits(config, gpu)
-    memory.check_fits(config, gpu, expert_parallel=4)
-    memory.check_fits(make_config("gpt-350m-moe", num_experts=32), gpu)
+        memory.choose_optimizer(config, gpu)
+    assert memory.choose_optimizer(config, gpu, expert_parallel=4) == "adamw"
+    assert memory.choose_optimizer(make_config("gpt-350m-moe", num_experts=32), gpu) == "adamw"

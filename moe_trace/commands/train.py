@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core); "
                                                "1 is much faster on a machine shared with other jobs")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not write the expert-load trace")
+    p.add_argument("--json", help="also write the run's summary (tokens/s, step, evaluation and checkpoint time, "
+                                  "peak GPU memory, the optimizer used) as JSON to this file ('-': stdout)")
 
     model = p.add_argument_group("model (override the preset)")
     model.add_argument("--blocks", type=int, dest="n_blocks")
@@ -53,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the preset's)")
     opt.add_argument("--micro-batch", type=int, help="sequences per forward on one rank")
+    opt.add_argument("--optimizer", choices=CHOICES, default="auto",
+                     help="adamw: float32 weights and AdamW state (16 bytes a parameter); adamw_bf16 (8) and "
+                          "adamw8bit (~6): bf16 weights with stochastically rounded updates (torchao, CUDA); "
+                          "auto: the most exact one whose state fits the GPU")
     opt.add_argument("--lr", type=float)
     opt.add_argument("--warmup", type=int, help="warm-up steps")
     opt.add_argument("--eval-every", type=int)
@@ -65,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_every", "seq_len", "vocab_size",
                 "load_balancing_weight", "z_loss_weight")
 TRAIN_FIELDS = ("steps", "global_batch", "micro_batch", "lr", "warmup", "eval_every", "checkpoint_every",
-                "flush_every", "data", "corpus_mb")
+                "flush_every", "data", "corpus_mb", "optimizer")
+CHOICES = ("auto", "adamw", "adamw_bf16", "adamw8bit")  # moe_trace.optim.CHOICES, without importing torch
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +130,12 @@ def run(args: argparse.Namespace) -> int:
     written = ["trace/"] * config.record + ["metrics.parquet", "config.json"] + ["checkpoints/"] * bool(
         config.checkpoint_every)
     print("wrote " + ", ".join(f"{config.out}/{name}" for name in written))
+    if args.json:
+        text = json.dumps(summary, indent=2) + "\n"
+        if args.json == "-":
+            print(text, end="")
+        else:
+            Path(args.json).write_text(text)
     return 130 if summary["stopped_early"] else 0  # the shell's code for "interrupted", as the CLI uses
 
 

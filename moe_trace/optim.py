@@ -1,0 +1,81 @@
+"""The optimizers training can use, and the GPU memory each one's training state takes per parameter.
+
+``adamw`` keeps float32 weights, gradients and moments (torch's fused AdamW): exact, 16 bytes a parameter.
+The lean options keep the weights (and so the gradients) in bf16 and compute each update in float32, then
+round the new weight to bf16 *stochastically*: an update far below bf16's resolution still moves the weight
+by the right amount on average instead of vanishing (torchao's implementation, compiled per parameter):
+
+- ``adamw_bf16``: bf16 moments; 8 bytes a parameter.
+- ``adamw8bit``: 8-bit block-quantized moments (block 256, one float32 scale a block; tensors under 4096
+  values keep bf16 moments); about 6 bytes a parameter.
+
+``auto`` takes the most exact option whose state fits (:func:`moe_trace.memory.choose_optimizer`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from moe_trace.errors import UsageError
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    bytes_per_parameter: float  # weights + gradients + optimizer state
+    weight_dtype: torch.dtype
+    needs_torchao: bool
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec("adamw", 16, torch.float32, needs_torchao=False),
+    "adamw_bf16": OptimizerSpec("adamw_bf16", 8, torch.bfloat16, needs_torchao=True),
+    "adamw8bit": OptimizerSpec("adamw8bit", 2 + 2 + 2 * (1 + 4 / 256), torch.bfloat16, needs_torchao=True),
+}
+CHOICES = ("auto", *OPTIMIZERS)
+BETAS = (0.9, 0.95)
+
+
+def torchao_available() -> bool:
+    return importlib.util.find_spec("torchao") is not None
+
+
+def check_available(name: str, device: torch.device) -> None:
+    """Refuse, in one line, an optimizer this machine cannot run."""
+    spec = OPTIMIZERS[name]
+    if spec.needs_torchao and device.type != "cuda":
+        raise UsageError(f"--optimizer {name} needs a CUDA GPU (its torchao update is compiled per parameter, "
+                         "minutes on a CPU); use --optimizer adamw")
+    if spec.needs_torchao and not torchao_available():
+        raise UsageError(f"--optimizer {name} needs torchao (pip install 'moe-trace[lean]'); use --optimizer adamw")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and stacked expert weights); none on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def build(name: str, model: torch.nn.Module, lr: float, weight_decay: float,
+          device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``model``, whose parameters must already have its ``weight_dtype``."""
+    groups = parameter_groups(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=device.type == "cuda")
+    check_available(name, device)
+    from torchao import optim as ao
+
+    lean = ao._AdamW if name == "adamw_bf16" else ao.AdamW8bit  # torchao's documented bf16 AdamW is `_AdamW`
+    return lean(groups, lr=lr, betas=BETAS, bf16_stochastic_round=True)
+
+
+def cast_parameters(model: torch.nn.Module, name: str) -> None:
+    """Give the parameters (not the buffers: a router bias accumulates tiny steps) the optimizer's dtype."""
+    dtype = OPTIMIZERS[name].weight_dtype
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
