@@ -1,0 +1,102 @@
+"""Does a change to training change what is learned? One baseline run and variants that each change one setting.
+
+    PYTHONPATH=. python benchmarks/training_parity.py --data IDS.npy --steps 2000 \
+        --variant int8="--attention int8" --variant adamw_bf16="--optimizer adamw_bf16" --out DIR
+
+Every run is ``moe-trace train`` in a subprocess: gpt-125m-moe, 16k tokens per step (8 x 2048), compiled, same seed
+and data; the baseline is ``--attention sdpa --optimizer adamw`` and each variant appends its arguments (the last
+value of a flag wins). Per variant against the baseline: final validation loss (goal: within 1 %), median step time
+past the first quarter (the CLI's own throughput), and how far the two runs' expert loads are apart -- ``mean_wape``
+of one run's window-mean load standing in for the other's -- beside how far each run's own load moves from one
+window to the next (goal: apart no more than each run drifts by itself). Writes DIR/parity.json (device, versions,
+date, commands, goals) and leaves each run's files in DIR/<name>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_trace import report, trace
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE = ["--attention", "sdpa", "--optimizer", "adamw"]
+VAL_LOSS_GOAL = 0.01
+WINDOWS = (100, 1000)
+
+
+def train(name: str, arguments: list[str], data: Path, steps: int, out: Path, common: list[str]) -> dict:
+    run_dir = out / name
+    command = [sys.executable, "-m", "moe_trace", "train", "--model", "gpt-125m-moe", "--global-batch", "8",
+               "--steps", str(steps), "--lr", "6e-4", "--warmup", str(steps // 4), "--eval-every", str(steps // 4),
+               "--checkpoint-every", "0", "--seed", "0", "--data", str(data), *common, *BASELINE, *arguments,
+               "--out", str(run_dir), "--json", str(run_dir.with_suffix(".json"))]
+    print("$", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+    summary = json.loads(run_dir.with_suffix(".json").read_text())
+    step_time = trace.load_metrics(run_dir / "metrics.parquet")["step_time_s"][steps // 4:]
+    return {"command": " ".join(["moe-trace", *command[3:]]), "val_loss": summary["val_loss"],
+            "median_step_s": float(np.median(step_time)), "tokens_per_s": 8 * 2048 / float(np.median(step_time)),
+            "optimizer": summary["optimizer"], "peak_gpu_memory_gib": summary["peak_gpu_memory_gib"]}
+
+
+def load_apart(a: Path, b: Path, window: int) -> dict:
+    stats = {run: report.windowed_stats(trace.load(run).proportions(), trace.load(run).steps, window)
+             for run in (a, b)}
+    return {"mean_wape_between_runs": float(report.load_distance(stats[a], stats[b]).mean()),
+            "self_drift": [float(np.nanmean(report.window_drift(stats[run]))) for run in (a, b)]}
+
+
+def compare(baseline: dict, variant: dict, base_dir: Path, variant_dir: Path) -> dict:
+    result = {"val_loss_rel_diff": variant["val_loss"] / baseline["val_loss"] - 1,
+              "step_time_ratio_variant_over_baseline": variant["median_step_s"] / baseline["median_step_s"],
+              "load": {f"window_{w}": load_apart(variant_dir, base_dir, w) for w in WINDOWS}}
+    apart = result["load"][f"window_{max(WINDOWS)}"]
+    result["goals"] = [
+        {"goal": "validation loss within 1 % of the baseline", "target": VAL_LOSS_GOAL,
+         "measured": abs(result["val_loss_rel_diff"]), "met": abs(result["val_loss_rel_diff"]) <= VAL_LOSS_GOAL},
+        {"goal": f"expert loads apart no more than each run drifts by itself ({max(WINDOWS)}-step windows)",
+         "target": min(apart["self_drift"]), "measured": apart["mean_wape_between_runs"],
+         "met": apart["mean_wape_between_runs"] <= min(apart["self_drift"])},
+    ]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="token ids (.npy/.bin) for every run")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                        help="a run differing from the baseline by ARGS (repeatable)")
+    parser.add_argument("--common", default="", help="arguments for every run (e.g. a smaller model for a dry run)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    variants = dict(v.split("=", 1) for v in args.variant)
+    runs = {name: train(name, extra.split(), args.data, args.steps, args.out, args.common.split())
+            for name, extra in {"baseline": "", **variants}.items()}
+    import triton
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    payload = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+               "python": platform.python_version(), "command": " ".join(sys.argv),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "steps": args.steps, "runs": runs,
+               "variants": {name: compare(runs["baseline"], runs[name], args.out / "baseline", args.out / name)
+                            for name in variants}}
+    (args.out / "parity.json").write_text(json.dumps(payload, indent=2) + "\n")
+    for name, result in payload["variants"].items():
+        print(f"{name}: val loss {runs[name]['val_loss']:.4f} vs {runs['baseline']['val_loss']:.4f} "
+              f"({result['val_loss_rel_diff']:+.2%}), step {runs[name]['median_step_s'] * 1e3:.1f} vs "
+              f"{runs['baseline']['median_step_s'] * 1e3:.1f} ms, goals met: {[g['met'] for g in result['goals']]}")
+
+
+if __name__ == "__main__":
+    main()
