@@ -40,6 +40,7 @@ RUNS = {
     "125m-no-record": ("gpt-125m-moe", ["--no-record"]),
     "125m-adamw_bf16": ("gpt-125m-moe", ["--optimizer", "adamw_bf16"]),
     "125m-eager": ("gpt-125m-moe", ["--no-compile"]),
+    "125m-cudagraphs": ("gpt-125m-moe", ["--compile-mode", "reduce-overhead"]),
     "350m-e16": ("gpt-350m-moe", ["--experts", "16"]),
     "350m-e128": ("gpt-350m-moe", []),  # all 128 experts (~13 B parameters) on one GPU: auto picks a lean optimizer
 }

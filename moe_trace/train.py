@@ -56,6 +56,7 @@ class TrainConfig:
     corpus_mb: float = 8.0
     compile: bool = False
     optimizer: str = "auto"  # moe_trace.optim.CHOICES; the run's config.json records what auto chose
+    compile_mode: str = "default"  # torch.compile's mode: "reduce-overhead" replays the step as CUDA graphs
 
 
 @dataclass
@@ -215,7 +216,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
     start = load_checkpoint(run_dir, model, optimizer, scheduler, _shard(world)) if resume else 0
     ddp_model = expert_parallel.data_parallel(model, expert_names) if world.world_size > 1 else model
-    forward = torch.compile(ddp_model) if config.compile else ddp_model
+    mode = None if config.compile_mode == "default" else config.compile_mode
+    forward = torch.compile(ddp_model, mode=mode) if config.compile else ddp_model
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 

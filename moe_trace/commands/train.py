@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for the torch backend on one GPU, where it trains "
                         "gpt-125m-moe 1.21x faster on an H100; off elsewhere, where it is not measured)")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"), default=None,
+                   help="torch.compile's mode (default: its default); reduce-overhead captures CUDA graphs")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core); "
                                                "1 is much faster on a machine shared with other jobs")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not write the expert-load trace")
@@ -72,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_every", "seq_len", "vocab_size",
                 "load_balancing_weight", "z_loss_weight")
 TRAIN_FIELDS = ("steps", "global_batch", "micro_batch", "lr", "warmup", "eval_every", "checkpoint_every",
-                "flush_every", "data", "corpus_mb", "optimizer")
+                "flush_every", "data", "corpus_mb", "optimizer", "compile_mode")
 CHOICES = ("auto", "adamw", "adamw_bf16", "adamw8bit")  # moe_trace.optim.CHOICES, without importing torch
 
 
