@@ -13,6 +13,7 @@ tensor (``tokens_per_expert``), so the recorder can read them without a host-dev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,23 @@ def expert_forward(x_sorted: Tensor, tokens_per_expert: Tensor, w1: Tensor, w2: 
     return torch.cat([F.gelu(chunk @ w1[e]) @ w2[e] for e, chunk in enumerate(chunks)])
 
 
+def dispatch_combine(x_flat: Tensor, expert_indices: Tensor, expert_weights: Tensor, tokens_per_expert: Tensor,
+                     run_experts: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """A routed layer's expert work: permute ``x_flat [T, hidden]``'s rows by expert, ``run_experts(x_sorted,
+    tokens_per_expert)``, put the outputs back in token order and sum each token's k outputs weighted by its
+    gates. ``expert_indices`` and ``expert_weights`` are ``[T, k]`` (:class:`Routing`). This is all the work a
+    layer's experts cost beyond the router, which ``benchmarks/expert_cost.py`` times for the placement model.
+    """
+    # Sort the T*k (token, expert) assignments by expert; a stable sort keeps token order per expert.
+    order = expert_indices.flatten().argsort(stable=True)
+    token_of_row = order // expert_indices.shape[1]
+    y_sorted = run_experts(x_flat[token_of_row], tokens_per_expert)
+    # Back to (token, k) order by the inverse permutation: a copy, not an atomic scatter-add, so the
+    # combine is cheap and deterministic; then each token's k outputs weighted by their gates.
+    y = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted).view(*expert_weights.shape, -1)
+    return (y * expert_weights.unsqueeze(-1)).sum(dim=1)
+
+
 class MoELayer(nn.Module):
     """Router + ``num_experts`` GELU MLPs (``hidden -> ffn -> hidden``), dropless top-k dispatch.
 
@@ -109,14 +127,8 @@ class MoELayer(nn.Module):
         self.aux_loss = (self.load_balancing_weight * routing.load_balancing_loss
                          + self.z_loss_weight * routing.z_loss)
 
-        # Sort the T*k (token, expert) assignments by expert; a stable sort keeps token order per expert.
-        order = routing.expert_indices.flatten().argsort(stable=True)
-        token_of_row = order // self.top_k
-        y_sorted = self.run_experts(x_flat[token_of_row], routing.tokens_per_expert)
-        # Back to (token, k) order by the inverse permutation: a copy, not an atomic scatter-add, so the
-        # combine is cheap and deterministic; then each token's k outputs weighted by their gates.
-        y = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted).view(*routing.expert_weights.shape, -1)
-        out = (y * routing.expert_weights.unsqueeze(-1)).sum(dim=1)
+        out = dispatch_combine(x_flat, routing.expert_indices, routing.expert_weights, routing.tokens_per_expert,
+                               self.run_experts)
         return out.to(x.dtype).reshape(x.shape)
 
     def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:

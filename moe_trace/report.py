@@ -460,6 +460,7 @@ class Cluster:
     gpus: int = 8
     redundant: int | None = None
     policies: str = "all"
+    cost: str | None = None  # --cost: measured, linear or a calibration file (None: placement's default)
 
     @property
     def spare_slots(self) -> int:
@@ -499,10 +500,12 @@ def analyse(run: Run, window: int | None = None, protocol: Protocol | None = Pro
 
 
 def _setting(run: Run, cluster: Cluster):
+    from placement import calibration
     from placement.cost import CostModel
     from placement.policies import Setting
 
-    return Setting(gpus=cluster.gpus, redundant=cluster.spare_slots, cost=CostModel.from_meta(run.trace.meta))
+    cost = CostModel.from_meta(run.trace.meta, calibration.resolve(cluster.cost))
+    return Setting(gpus=cluster.gpus, redundant=cluster.spare_slots, cost=cost)
 
 
 def replay_policies(run: Run, cluster: Cluster) -> dict[str, dict[str, np.ndarray]]:
@@ -595,6 +598,8 @@ def _placement_findings(analysis: Analysis) -> list[tuple[str, str]]:
     """Per phase, the best policy a real job can run (not the oracle) against static and the oracle."""
     rows = []
     table = placement_table(analysis)
+    if table:
+        rows.append(("placement step time from (cost model)", table[0]["cost_model"]))
     for phase in ("all", "transient", "stable"):
         by_policy = {r["policy"]: r for r in table if r["phase"] == phase}
         real = [r for name, r in by_policy.items() if name != "oracle"]

@@ -1,19 +1,30 @@
 """Cost model: estimated time of one expert-parallel training step from per-GPU token counts.
 
 Every MoE layer is a barrier (its two all-to-alls forward and two backward), so a layer costs as much as its
-busiest GPU: ``tokens * (expert FLOPs / matmul rate + all-to-all bytes / bandwidth) + 4 * latency``. The
-rest of the model (attention, dense FFNs) runs data-parallel on ``tokens_per_step / gpus`` tokens per GPU
-and is the same for every placement; the embedding and LM head are left out. Migrating an expert moves its
-weights, gradient and optimizer state over one link; a re-plan stalls training for the busiest receiving
-GPU's transfers (no overlap assumed, so migration is charged in full).
+busiest GPU: its expert work (forward + backward) for its tokens and local experts, plus four all-to-alls of
+its tokens' activations. Two ways to price them (``--cost``):
+
+* measured (the default once a calibration ships; ``placement/calibration.py``): expert time interpolated from
+  a GPU-measured table of local experts x tokens, all-to-all from NCCL measured on one host (for clusters of up
+  to one host; beyond it, and where not measured, the linear NIC model below);
+* ``linear``: ``tokens * (expert FLOPs / matmul rate + all-to-all bytes / bandwidth) + 4 * latency``.
+
+Every GPU holds the same number of expert slots and time rises with tokens, so the GPU with the most tokens is
+the slowest. The rest of the model (attention, dense FFNs) runs data-parallel on ``tokens_per_step / gpus``
+tokens per GPU and is the same for every placement (from a FLOP rate); the embedding and LM head are left out.
+Migrating an expert moves its weights, gradient and optimizer state over one link; a re-plan stalls training
+for the busiest receiving GPU's transfers (no overlap assumed, so migration is charged in full).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
+
+from placement.calibration import NODE_GPUS, AllToAllTime, Calibration, ExpertTime
 
 # hidden size and transformer blocks per model preset (DESIGN.md), for traces whose metadata lacks them.
 PRESET_SHAPES = {"gpt-tiny-moe": (128, 4), "gpt-125m-moe": (768, 12), "gpt-350m-moe": (1024, 24)}
@@ -35,17 +46,41 @@ class CostModel:
     link_bandwidth: float = 50e9  # bytes/s for moving an expert's state to its new GPU
     activation_bytes: int = 2  # bf16 activations in the all-to-all
     state_bytes_per_param: int = 16  # bf16 weight + bf16 grad + fp32 master weight + fp32 Adam m and v
+    calibration: Calibration | None = field(default=None, compare=False)  # None: the linear model
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], **overrides: Any) -> CostModel:
-        """Shapes from the trace metadata (``hidden``, ``n_blocks`` if present, else the preset's)."""
+    def from_meta(cls, meta: dict[str, Any], calibration: Calibration | None = None, **overrides: Any) -> CostModel:
+        """Shapes from the trace metadata (``hidden``, ``n_blocks`` if present, else the preset's); expert and
+        all-to-all times from ``calibration`` (None: the linear model)."""
         hidden, n_blocks = PRESET_SHAPES.get(meta.get("model"), PRESET_SHAPES[DEFAULT_SHAPE_PRESET])
         n_moe = len(meta["moe_layers"])
         if meta.get("model") not in PRESET_SHAPES:
             n_blocks = 2 * n_moe
         model = cls(hidden=int(meta.get("hidden", hidden)), n_blocks=int(meta.get("n_blocks", n_blocks)),
-                    n_moe_blocks=n_moe, seq_len=int(meta["seq_len"]), tokens_per_step=int(meta["tokens_per_step"]))
+                    n_moe_blocks=n_moe, seq_len=int(meta["seq_len"]), tokens_per_step=int(meta["tokens_per_step"]),
+                    calibration=calibration)
         return replace(model, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def name(self) -> str:
+        """What ``simulate`` records as ``cost_model``: ``linear``, or the calibration with the measured shape
+        used for this model's experts (and whether the all-to-all is measured or linear)."""
+        if self.calibration is None:
+            return "linear"
+        expert = self._expert_time
+        shape = f"H{self.hidden} F{self.ffn}"
+        borrowed = "" if expert.source == shape else f"; experts scaled from {expert.source}"
+        a2a = (f"measured up to {NODE_GPUS} GPUs, linear beyond" if self._all_to_all_time is not None
+               else "linear")
+        return f"{self.calibration.label} ({shape}{borrowed}; all-to-all {a2a})"
+
+    @cached_property
+    def _expert_time(self) -> ExpertTime | None:
+        return None if self.calibration is None else self.calibration.expert_time(self.hidden, self.ffn)
+
+    @cached_property
+    def _all_to_all_time(self) -> AllToAllTime | None:
+        return None if self.calibration is None else self.calibration.all_to_all_time()
 
     @property
     def ffn(self) -> int:
@@ -67,17 +102,29 @@ class CostModel:
         flops_per_token = 6 * params_per_token + 6 * self.n_blocks * h * self.seq_len  # causal attention
         return self.tokens_per_step / gpus * flops_per_token / self.dense_flops
 
-    def seconds_per_token(self, gpus: int) -> float:
-        """MoE-layer time per token on the busiest GPU: expert matmuls (fwd + bwd) and 4 all-to-all transfers."""
-        compute = 3 * 2 * self.expert_params / self.matmul_flops
-        remote = (gpus - 1) / gpus  # share of a GPU's tokens that arrive from other GPUs
-        transfer = 4 * self.activation_bytes * self.hidden * remote / self.a2a_bandwidth
-        return compute + transfer
+    def expert_time_s(self, tokens: np.ndarray, local_experts: int) -> np.ndarray:
+        """One GPU's expert work (forward + backward) in one MoE layer for ``tokens`` (array) on it."""
+        if self._expert_time is None:
+            return np.asarray(tokens, dtype=np.float64) * (3 * 2 * self.expert_params / self.matmul_flops)
+        return self._expert_time.seconds_for(tokens, local_experts)
 
-    def step_time_s(self, busiest_gpu_tokens: np.ndarray, gpus: int) -> np.ndarray:
-        """Step time from ``busiest_gpu_tokens[..., layers]`` (the max over GPUs per layer)."""
-        moe = busiest_gpu_tokens * self.seconds_per_token(gpus) + 4 * self.a2a_latency
-        return self.dense_time_s(gpus) + moe.sum(axis=-1)
+    def all_to_all_time_s(self, tokens: np.ndarray, gpus: int) -> np.ndarray:
+        """One MoE layer's four all-to-alls (dispatch and combine, forward and backward) for a GPU with
+        ``tokens``; the share ``(gpus - 1) / gpus`` of its tokens crosses to other GPUs."""
+        remote_bytes = np.asarray(tokens, dtype=np.float64) * self.activation_bytes * self.hidden * (gpus - 1) / gpus
+        if self._all_to_all_time is not None and gpus <= NODE_GPUS:
+            return 4 * self._all_to_all_time.seconds_for(remote_bytes)
+        return 4 * (remote_bytes / self.a2a_bandwidth + self.a2a_latency)
+
+    def moe_layer_time_s(self, busiest_gpu_tokens: np.ndarray, gpus: int, local_experts: int) -> np.ndarray:
+        """One MoE layer's time from its busiest GPU's tokens (array of any shape)."""
+        return (self.expert_time_s(busiest_gpu_tokens, local_experts)
+                + self.all_to_all_time_s(busiest_gpu_tokens, gpus))
+
+    def step_time_s(self, busiest_gpu_tokens: np.ndarray, gpus: int, local_experts: int) -> np.ndarray:
+        """Step time from ``busiest_gpu_tokens[..., layers]`` (the max over GPUs per layer) with
+        ``local_experts`` expert slots per GPU."""
+        return self.dense_time_s(gpus) + self.moe_layer_time_s(busiest_gpu_tokens, gpus, local_experts).sum(axis=-1)
 
     def migration_time_s(self, arrivals: np.ndarray) -> float:
         """Stall for a re-plan from ``arrivals[layers, gpus]``, the experts each GPU receives per layer."""

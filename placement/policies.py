@@ -210,13 +210,15 @@ class PhaseAware:
             forecasts = all_forecasts[lo: lo + len(batch)]
             pairs = [list(pair) for pair in zip(setting.plan_many(forecasts),
                                                 setting.plan_many(forecasts, noise[lo: lo + len(batch)]), strict=True)]
-            recent = [self._rescaled(counts[max(0, t - self.replay): t], forecast,
-                                     max(self._cadence(stable), self.payback))
-                      for (t, stable), forecast in zip(batch, forecasts, strict=True)]
-            busiest = _busiest(recent, pairs, setting)
-            for (t, _), window, pair, pair_busiest in zip(batch, recent, pairs, busiest, strict=True):
+            recent = [self._rescaled(counts[max(0, t - self.replay): t], forecast) for (t, _), forecast
+                      in zip(batch, forecasts, strict=True)]
+            # A candidate's gain is weighed over the next check interval (or the payback span if longer).
+            horizons = [max(self._cadence(stable), self.payback) for _, stable in batch]
+            layer_time = _layer_time(recent, pairs, setting)
+            for (t, _), window, horizon, pair, pair_time in zip(batch, recent, horizons, pairs, layer_time,
+                                                                strict=True):
                 candidates = [align(current, new) for new in pair]
-                choice = _fastest(window, current, candidates, pair_busiest, setting)
+                choice = _fastest(window, current, candidates, pair_time, setting, horizon / len(window))
                 if choice.any():
                     current = _pick([current, *candidates], choice)
                     schedule.append((t, current))
@@ -260,14 +262,13 @@ class PhaseAware:
         return checks
 
     @staticmethod
-    def _rescaled(recent: np.ndarray, forecast: np.ndarray, horizon: int) -> np.ndarray:
-        """The recent counts rescaled to the forecast mean and stretched to ``horizon`` steps: what a plan is
-        replayed on to estimate its saving, so per-step noise, which replicas must absorb, is in the estimate,
-        not only the mean skew."""
+    def _rescaled(recent: np.ndarray, forecast: np.ndarray) -> np.ndarray:
+        """The recent counts rescaled to the forecast mean: what a plan is replayed on to estimate its saving, so
+        per-step noise, which replicas must absorb, is in the estimate, not only the mean skew."""
         recent_mean = recent.mean(axis=0)
         scale = np.divide(forecast * recent_mean.sum(axis=-1, keepdims=True), recent_mean,
                           out=np.ones_like(forecast), where=recent_mean > 0)
-        return recent * scale * (horizon / len(recent))
+        return recent * scale
 
 
 @dataclass(frozen=True)
@@ -292,11 +293,11 @@ class Oracle:
         for lo in range(1, len(starts), CHECKS_PER_BATCH):
             batch = range(lo, min(lo + CHECKS_PER_BATCH, len(starts)))
             windows = [counts[starts[i]: starts[i] + self.every] for i in batch]
-            busiest = _busiest(windows, [plans[i * n: (i + 1) * n] for i in batch], setting)
-            for i, window, candidates_busiest in zip(batch, windows, busiest, strict=True):
+            layer_time = _layer_time(windows, [plans[i * n: (i + 1) * n] for i in batch], setting)
+            for i, window, candidates_time in zip(batch, windows, layer_time, strict=True):
                 current = schedule[-1][1]
                 candidates = [align(current, candidate) for candidate in plans[i * n: (i + 1) * n]]
-                choice = _fastest(window, current, candidates, candidates_busiest, setting)
+                choice = _fastest(window, current, candidates, candidates_time, setting)
                 if choice.any():
                     schedule.append((starts[i], _pick([current, *candidates], choice)))
         return schedule
@@ -318,14 +319,16 @@ def backtest_choice(forecasts: np.ndarray, actual: np.ndarray, window: int) -> n
                            np.argmin(recent, axis=1)])
 
 
-def _busiest(windows: list[np.ndarray], plans: list[list[Plan]], setting: Setting) -> np.ndarray:
-    """float64 ``[windows, plans per window, layers]``: the busiest GPU's tokens, summed over the steps of
-    ``windows[i][steps, layers, experts]``, under each plan of ``plans[i]``.
+def _layer_time(windows: list[np.ndarray], plans: list[list[Plan]], setting: Setting) -> np.ndarray:
+    """float64 ``[windows, plans per window, layers]``: each MoE layer's time (the busiest GPU's expert work and
+    all-to-alls, :meth:`CostModel.moe_layer_time_s`), summed over the steps of ``windows[i][steps, layers,
+    experts]``, under each plan of ``plans[i]``.
 
     The busiest GPU does not depend on how GPUs are numbered, so plans may be replayed before they are aligned
     to the plan in force; windows of one length are replayed together, as extra layers of one dispatch call.
     """
     layers, n_plans = windows[0].shape[1], len(plans[0])
+    local_experts = plans[0][0].slots_per_gpu
     result = np.empty((len(windows), n_plans, layers))
     by_length = defaultdict(list)
     for i, window in enumerate(windows):
@@ -336,20 +339,22 @@ def _busiest(windows: list[np.ndarray], plans: list[list[Plan]], setting: Settin
             index = group[lo: lo + per_call]
             stacked = np.concatenate([windows[i] for i in index for _ in range(n_plans)], axis=1)
             tokens = gpu_tokens(stacked, planners.stack([p for i in index for p in plans[i]]), setting.dispatch)
-            result[index] = tokens.max(axis=-1).sum(axis=0).reshape(len(index), n_plans, layers)
+            seconds = setting.cost.moe_layer_time_s(tokens.max(axis=-1), setting.gpus, local_experts)
+            result[index] = seconds.sum(axis=0).reshape(len(index), n_plans, layers)
     return result
 
 
-def _fastest(counts: np.ndarray, current: Plan, candidates: list[Plan], candidates_busiest: np.ndarray,
-             setting: Setting) -> np.ndarray:
+def _fastest(counts: np.ndarray, current: Plan, candidates: list[Plan], candidates_time: np.ndarray,
+             setting: Setting, stretch: float = 1.0) -> np.ndarray:
     """Per layer, the index into ``[current, *candidates]`` of the plan that replays ``counts`` fastest,
     counting each candidate's migration stall from ``current`` (ties keep the current plan).
-    ``candidates_busiest[candidates, layers]``: their busiest-GPU tokens over ``counts`` (:func:`_busiest`)."""
+    ``candidates_time[candidates, layers]``: their layer time over ``counts`` (:func:`_layer_time`); replay times
+    count ``stretch`` times (the replayed steps standing for a longer span) against the one-off stall."""
     plans = [current, *candidates]
-    busiest = np.concatenate([_busiest([counts], [[current]], setting)[0], candidates_busiest])
+    replayed = np.concatenate([_layer_time([counts], [[current]], setting)[0], candidates_time])
     stall_s = np.stack([arrivals(current, plan).max(axis=1) for plan in plans]) * (
         setting.cost.bytes_per_expert / setting.cost.link_bandwidth)
-    return np.argmin(busiest * setting.cost.seconds_per_token(setting.gpus) + stall_s, axis=0)
+    return np.argmin(replayed * stretch + stall_s, axis=0)
 
 
 def _pick(plans: list[Plan], choice: np.ndarray) -> Plan:

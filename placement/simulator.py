@@ -53,7 +53,8 @@ def replay(counts: np.ndarray, schedule: list, setting: Setting) -> dict[str, np
             stacked = np.concatenate([counts[lo: lo + length] for lo, _ in batch], axis=1)
             tokens = gpu_tokens(stacked, stack([plan for _, plan in batch]), setting.dispatch)
             imb = imbalance(tokens).reshape(length, len(batch), layers)
-            time_s = setting.cost.step_time_s(tokens.max(axis=-1).reshape(length, len(batch), layers), setting.gpus)
+            time_s = setting.cost.step_time_s(tokens.max(axis=-1).reshape(length, len(batch), layers),
+                                              setting.gpus, batch[0][1].slots_per_gpu)
             for j, (lo, _) in enumerate(batch):
                 result["imbalance"][lo: lo + length] = imb[:, j]
                 result["step_time_s"][lo: lo + length] = time_s[:, j]
@@ -111,7 +112,7 @@ def policy_records(outcomes: dict[str, dict[str, Any]], setting: Setting, stable
                 per_phase[phase] |= {"mean_imbalance_bound": float(bound[span].mean()),
                                      "p99_imbalance_bound": float(np.percentile(bound[span], 99))}
         record = {"policy": name, "gpus": setting.gpus, "redundant": setting.redundant, **per_phase["all"],
-                  "replans": outcome["replans"], "dispatch": setting.dispatch}
+                  "replans": outcome["replans"], "dispatch": setting.dispatch, "cost_model": setting.cost.name}
         if len(phases) > 1:
             record["phases"] = {phase: figures for phase, figures in per_phase.items() if phase != "all"}
         result.append(record)
@@ -157,7 +158,7 @@ def format_table(records: list[dict[str, Any]], setting: Setting, stable_from: i
     split = ("no stable phase found" if stable_from is None else "stable throughout" if stable_from == 0
              else f"stable phase from step {stable_from}")
     lines = [f"{setting.gpus} GPUs, {setting.redundant} redundant slots, planner {setting.planner}, "
-             f"dispatch {setting.dispatch}; {split}",
+             f"dispatch {setting.dispatch}; {split}; cost model {setting.cost.name}",
              f"{'phase':<10} {'policy':<8} {'mean imb':>8} {'p99 imb':>8} {'migrations':>10} {'moved GB':>9} "
              f"{'step ms':>9} {'vs static':>9}"]
     for phase in ("all", "transient", "stable"):

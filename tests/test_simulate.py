@@ -30,7 +30,9 @@ def test_static_imbalance_and_step_time_by_hand():
     assert record["mean_imbalance"] == pytest.approx(1.25)
     assert record["p99_imbalance"] == pytest.approx(1.0 + 0.5 * 0.99)  # linear interpolation between the two
     busiest = np.array([4.0, 6.0])
-    hand = COST.dense_time_s(2) + busiest * COST.seconds_per_token(2) + 4 * COST.a2a_latency
+    expert_s = busiest * 6 * COST.expert_params / COST.matmul_flops  # linear model: forward + backward FLOPs
+    a2a_s = 4 * (busiest * 2 * COST.hidden / 2 / COST.a2a_bandwidth + COST.a2a_latency)  # half the tokens cross
+    hand = COST.dense_time_s(2) + expert_s + a2a_s
     assert record["est_step_time_s"] == pytest.approx(hand.mean())
     assert record["migrations"] == 0 and record["moved_bytes"] == 0 and record["step_time_vs_static"] == 1.0
 
@@ -213,10 +215,10 @@ def test_candidate_replays_do_not_depend_on_gpu_numbering_or_batching():
     plans = [setting.plan(props[i: i + 50].mean(axis=0)) for i in range(0, 200, 50)]
     windows = [counts[i: i + 40] for i in range(0, 160, 40)]
     pairs = [[plans[i], plans[(i + 1) % 4]] for i in range(4)]
-    batched = policies._busiest(windows, pairs, setting)
+    batched = policies._layer_time(windows, pairs, setting)
     for i in range(4):
-        one = policies._busiest([windows[i]], [pairs[i]], setting)[0]
-        renumbered = policies._busiest([windows[i]], [[align(plans[3 - i], p) for p in pairs[i]]], setting)[0]
+        one = policies._layer_time([windows[i]], [pairs[i]], setting)[0]
+        renumbered = policies._layer_time([windows[i]], [[align(plans[3 - i], p) for p in pairs[i]]], setting)[0]
         np.testing.assert_array_equal(batched[i], one)
         np.testing.assert_array_equal(renumbered, one)
 

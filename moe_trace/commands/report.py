@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="redundant expert slots over all GPUs (default: one per GPU)")
     parser.add_argument("--policy", default=Cluster.policies,
                         help="comma list of placement policies, or all (default: %(default)s)")
+    parser.add_argument("--cost", default=None, metavar="{measured,linear,FILE}",
+                        help="placement cost model (default: the shipped GPU calibration where present, else linear)")
     parser.add_argument("--no-place", action="store_true", help="skip the placement replay")
     parser.set_defaults(run=run)
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     protocol = None if args.no_predict else Protocol(
         predictors=tuple(split_specs(args.predictors)), horizons=tuple(args.horizons), stride=args.stride,
         min_history=args.min_history)
-    cluster = None if args.no_place else Cluster(gpus=args.gpus, redundant=args.redundant, policies=args.policy)
+    cluster = None if args.no_place else Cluster(gpus=args.gpus, redundant=args.redundant, policies=args.policy,
+                                                  cost=args.cost)
     analysis = report.analyse(report.load_run(args.trace), window=args.window, protocol=protocol, cluster=cluster)
     written = report.write_report(analysis, args.out)
     for path in written:

@@ -7,8 +7,11 @@ from typing import Any
 
 from moe_trace.commands._common import add_trace_argument, write_json
 
-HELP_COST = ("cost-model overrides (defaults in placement/cost.py): --matmul-tflops achieved expert GEMM rate, "
-             "--a2a-gbps all-to-all GB/s per GPU, --link-gbps migration GB/s, --hidden model width")
+HELP_COST = ("--cost measured (the default once placement/calibration/h200.json ships) prices a layer's expert work "
+             "and all-to-all from GPU measurements (benchmarks/expert_cost.py); --cost linear from a FLOP rate and a "
+             "bandwidth; --cost FILE from another calibration. Overrides (defaults in placement/cost.py): "
+             "--matmul-tflops achieved expert GEMM rate (linear model), --a2a-gbps all-to-all GB/s per GPU (linear "
+             "model, and measured beyond one host), --link-gbps migration GB/s, --hidden model width")
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,6 +24,9 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                    help="planner every re-plan uses (default: %(default)s)")
     p.add_argument("--dispatch", default="balanced", choices=("balanced", "even"),
                    help="how replicas split an expert's tokens (default: %(default)s)")
+    p.add_argument("--cost", default=None, metavar="{measured,linear,FILE}",
+                   help="cost model: measured (shipped GPU calibration), linear, or a calibration file "
+                        "(default: measured where shipped, else linear)")
     p.add_argument("--matmul-tflops", type=float, default=None)
     p.add_argument("--a2a-gbps", type=float, default=None)
     p.add_argument("--link-gbps", type=float, default=None)
@@ -31,6 +37,7 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 def make_setting(meta: dict[str, Any], args: argparse.Namespace):
     """The :class:`placement.policies.Setting` the cluster options describe; bad values raise UsageError."""
     from moe_trace.errors import UsageError
+    from placement import calibration
     from placement.cost import CostModel
     from placement.planners import slots_per_gpu_for
     from placement.policies import Setting
@@ -42,7 +49,8 @@ def make_setting(meta: dict[str, Any], args: argparse.Namespace):
         raise UsageError("--matmul-tflops, --a2a-gbps, --link-gbps and --hidden must be > 0")
     redundant = args.gpus if args.redundant is None else args.redundant
     slots_per_gpu_for(int(meta["num_experts"]), args.gpus, redundant)  # validates gpus and redundant
-    return Setting(gpus=args.gpus, redundant=redundant, cost=CostModel.from_meta(meta, **overrides),
+    cost = CostModel.from_meta(meta, calibration.resolve(args.cost), **overrides)
+    return Setting(gpus=args.gpus, redundant=redundant, cost=cost,
                    planner=args.planner, dispatch=args.dispatch)
 
 
