@@ -464,7 +464,7 @@ class Cluster:
 
     @property
     def spare_slots(self) -> int:
-        return self.gpus if self.redundant is None else self.redundant
+        return (self.gpus if self.gpus > 1 else 0) if self.redundant is None else self.redundant
 
 
 @dataclass
@@ -502,8 +502,10 @@ def analyse(run: Run, window: int | None = None, protocol: Protocol | None = Pro
 def _setting(run: Run, cluster: Cluster):
     from placement import calibration
     from placement.cost import CostModel
+    from placement.planners import even_slots_per_gpu
     from placement.policies import Setting
 
+    even_slots_per_gpu(int(run.trace.meta["num_experts"]), cluster.gpus, cluster.spare_slots)
     cost = CostModel.from_meta(run.trace.meta, calibration.resolve(cluster.cost))
     return Setting(gpus=cluster.gpus, redundant=cluster.spare_slots, cost=cost)
 

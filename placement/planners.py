@@ -81,6 +81,21 @@ def slots_per_gpu_for(experts: int, gpus: int, redundant: int) -> int:
     return -(-(experts + redundant) // gpus)
 
 
+def even_slots_per_gpu(experts: int, gpus: int, redundant: int) -> int:
+    """Slots per GPU when ``experts + redundant`` copies fill ``gpus`` GPUs exactly, as expert-parallel systems
+    (EPLB, SGLang, this harness's training) require; a request that does not fit raises PlacementError."""
+    slots = slots_per_gpu_for(experts, gpus, redundant)
+    if (experts + redundant) % gpus:
+        lower = redundant - (experts + redundant) % gpus
+        hint = f"{lower} or {lower + gpus}" if lower >= 0 else f"{lower + gpus}"
+        raise PlacementError(f"{experts} experts + {redundant} redundant copies do not fill {gpus} GPUs evenly: "
+                             f"experts + redundant must be a multiple of the GPUs (--redundant {hint})")
+    if experts + redundant > experts * gpus:
+        raise PlacementError(f"{experts + redundant} copies of {experts} experts on {gpus} GPU(s) put more copies of "
+                             f"some expert than there are GPUs; --redundant can be at most {experts * (gpus - 1)}")
+    return slots
+
+
 def _check(loads: np.ndarray, gpus: int, slots_per_gpu: int, redundant: int) -> np.ndarray:
     loads = np.asarray(loads, dtype=np.float64)
     if loads.ndim != 2 or loads.shape[1] == 0:

@@ -19,7 +19,8 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     add_trace_argument(p)
     p.add_argument("--gpus", type=int, required=True, help="simulated GPUs")
     p.add_argument("--redundant", type=int, default=None,
-                   help="redundant expert slots over all GPUs (default: one per GPU)")
+                   help="redundant expert slots over all GPUs; experts + redundant must be a multiple of --gpus "
+                        "(default: one per GPU)")
     p.add_argument("--planner", default="eplb", choices=("eplb", "greedy", "contiguous"),
                    help="planner every re-plan uses (default: %(default)s)")
     p.add_argument("--dispatch", default="balanced", choices=("balanced", "even"),
@@ -34,12 +35,17 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the result as JSON to this file (- for stdout only)")
 
 
+def default_redundant(gpus: int) -> int:
+    """One spare expert slot per GPU; none on one GPU, where a second copy of an expert splits nothing."""
+    return gpus if gpus > 1 else 0
+
+
 def make_setting(meta: dict[str, Any], args: argparse.Namespace):
     """The :class:`placement.policies.Setting` the cluster options describe; bad values raise UsageError."""
     from moe_trace.errors import UsageError
     from placement import calibration
     from placement.cost import CostModel
-    from placement.planners import slots_per_gpu_for
+    from placement.planners import even_slots_per_gpu
     from placement.policies import Setting
 
     overrides = {"matmul_flops": args.matmul_tflops and args.matmul_tflops * 1e12,
@@ -47,8 +53,8 @@ def make_setting(meta: dict[str, Any], args: argparse.Namespace):
                  "link_bandwidth": args.link_gbps and args.link_gbps * 1e9, "hidden": args.hidden}
     if any(v is not None and v <= 0 for v in overrides.values()):
         raise UsageError("--matmul-tflops, --a2a-gbps, --link-gbps and --hidden must be > 0")
-    redundant = args.gpus if args.redundant is None else args.redundant
-    slots_per_gpu_for(int(meta["num_experts"]), args.gpus, redundant)  # validates gpus and redundant
+    redundant = default_redundant(args.gpus) if args.redundant is None else args.redundant
+    even_slots_per_gpu(int(meta["num_experts"]), args.gpus, redundant)  # the copies must fill the GPUs evenly
     cost = CostModel.from_meta(meta, calibration.resolve(args.cost), **overrides)
     return Setting(gpus=args.gpus, redundant=redundant, cost=cost,
                    planner=args.planner, dispatch=args.dispatch)
