@@ -27,7 +27,7 @@ from moe_trace.attention.quantize import quantize_per_token, quantize_v_blocks
 LOG2E = math.log2(math.e)
 ROWS_PER_WARPGROUP = 64  # wgmma's M per warpgroup; a program holds two warpgroups' rows
 BLOCK_N = 128  # keys per stage; also the block of V's scales and of P's row maxima in mode "int8"
-NUM_STAGES = 2
+NUM_STAGES = 3
 
 try:  # Gluon ships with Triton >= 3.5; a CPU-only or older install has none, and this module must still import
     import triton
@@ -79,23 +79,32 @@ if _HAVE_GLUON:
                 tma.async_copy_global_to_shared(v_desc, [kv_row + i * BLOCK_N, 0], bar, v_smem.index(stage))
 
     @gluon.jit
-    def _attend_block(
-        i, acc, l_i, m_i, q, q_scale, offs_m, k_smem, v_smem, ready, empty, K_scale, V_scale, V_offset, seq_k,
-        S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
-        INT8_PV: gl.constexpr,
+    def _issue_scores(
+        i, q, k_smem, ready,
+        S_LAYOUT: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     ):  # fmt: skip
-        """One key block: the same arithmetic, in the same order, as the Triton kernel's ``_attend_blocks``."""
+        """Wait for key block ``i`` and start its S = Q·Kᵀ on the tensor cores (INT8 in, INT32 out)."""
         stage = i % NUM_STAGES
         mbarrier.wait(ready.index(stage), (i // NUM_STAGES) & 1)
         k_tile = k_smem.index(stage)
-        v_tile = v_smem.index(stage)
-        ROWS: gl.constexpr = q.shape[0]
-        s_int = warpgroup_mma(q, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.int32, S_LAYOUT),
-                              use_acc=False, is_async=True)
+        s = warpgroup_mma(q, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.int32, S_LAYOUT),
+                          use_acc=False, is_async=True)
+        return s, k_tile
+
+    @gluon.jit
+    def _softmax(
+        i, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k,
+        S_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_DTYPE: gl.constexpr,
+        BLOCK_N: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr, INT8_PV: gl.constexpr,
+    ):  # fmt: skip
+        """Key block ``i``'s online-softmax step, the arithmetic of the Triton kernel's ``_attend_blocks``.
+
+        Returns P as the P·V product's register operand, the running maximum and sum, and the factors
+        (rows) that the accumulator takes once this block's P·V is done: ``alpha`` for what it holds and, in
+        mode ``"int8"``, ``weight`` for the block's INT32 P·V.
+        """
         cols = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
         k_scale = gl.load(K_scale + cols, mask=cols < seq_k, other=0.0) if MASKED else gl.load(K_scale + cols)
-        s_int, _, _ = warpgroup_mma_wait(0, deps=[s_int, q, k_tile])
         # Scores without Q's (positive) scale; it is applied inside exp2's argument, one FMA per score.
         s = _int32_to_float(s_int) * k_scale[None, :]
         if MASKED:
@@ -107,35 +116,54 @@ if _HAVE_GLUON:
         m_new = gl.maximum(m_i, m_block)
         alpha = gl.exp2(m_i - m_new)
         o_rows: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-        o_cols: gl.constexpr = gl.SliceLayout(0, O_LAYOUT)
         if INT8_PV:
             p = gl.exp2(s * q_scale[:, None] - m_block[:, None])  # in [0, 1], each row's largest entry 1
             # round(p * 255) = u lands in the low mantissa bits; their low byte read as a signed byte is u - 128.
             p_bits = p * 255.0 + (MAGIC + 128.0)
-            p_centered = gl.convert_layout(p_bits.to(gl.int32, bitcast=True).to(gl.int8), P_LAYOUT)
-            pv_int = warpgroup_mma(p_centered, v_tile.permute((1, 0)),
-                                   gl.zeros([ROWS, HEAD_DIM], gl.int32, O_LAYOUT), use_acc=False, is_async=True)
+            p_op = gl.convert_layout(p_bits.to(gl.int32, bitcast=True).to(gl.int8), P_LAYOUT)
             row_weight = gl.exp2(m_block - m_new) * (1.0 / 255.0)
             # sum(u), exact in FP32: the normaliser uses the same quantized weights as P·V.
             l_i = l_i * alpha + gl.sum(p_bits - (MAGIC + 128.0), axis=1) * row_weight
-            offs_d = gl.arange(0, HEAD_DIM, layout=o_cols)
-            v_scale = gl.load(V_scale + i * HEAD_DIM + offs_d)
-            v_offset = gl.load(V_offset + i * HEAD_DIM + offs_d)
-            pv_int, _ = warpgroup_mma_wait(0, deps=[pv_int, v_tile])
-            mbarrier.arrive(empty.index(stage), count=1)
-            # sum_j u_j v_j = (P·V with u - 128) + 128 * sum_j v_j, the second term precomputed per block.
-            pv = (pv_int + MAGIC_BITS).to(gl.float32, bitcast=True) - (MAGIC - v_offset[None, :])
             weight = gl.convert_layout(row_weight, o_rows)
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None] + pv * (weight[:, None] * v_scale[None, :])
         else:
             p = gl.exp2(s * q_scale[:, None] - m_new[:, None])
             l_i = l_i * alpha + gl.sum(p, axis=1)
-            p16 = gl.convert_layout(p.to(v_tile.dtype), P_LAYOUT)
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            acc = warpgroup_mma(p16, v_tile, acc, is_async=True)
-            acc, _ = warpgroup_mma_wait(0, deps=[acc, v_tile])
-            mbarrier.arrive(empty.index(stage), count=1)
-        return acc, l_i, m_new
+            p_op = gl.convert_layout(p.to(P_DTYPE), P_LAYOUT)
+            weight = gl.convert_layout(alpha, o_rows)  # unused
+        return p_op, m_new, l_i, gl.convert_layout(alpha, o_rows), weight
+
+    @gluon.jit
+    def _issue_pv(j, p_op, acc, v_smem, O_LAYOUT: gl.constexpr, NUM_STAGES: gl.constexpr, INT8_PV: gl.constexpr):
+        """Start key block ``j``'s P·V: into a fresh INT32 tile (mode ``"int8"``), else onto the accumulator."""
+        v_tile = v_smem.index(j % NUM_STAGES)
+        if INT8_PV:  # V is stored [head_dim, keys]: K-major, as INT8 wgmma wants
+            pv = warpgroup_mma(p_op, v_tile.permute((1, 0)), gl.zeros_like(acc, dtype=gl.int32), use_acc=False,
+                               is_async=True)
+        else:
+            pv = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+        return pv, v_tile
+
+    @gluon.jit
+    def _wait_pv(pv_tok, p_op, v_tile, INT8_PV: gl.constexpr):
+        # 3.6's wgmma wait takes no 8-bit register operand as a dependency; ptxas still keeps P's registers
+        # alive until the wgmma that reads them has completed.
+        if INT8_PV:
+            return warpgroup_mma_wait(0, deps=[pv_tok, v_tile])[0]
+        return warpgroup_mma_wait(0, deps=[pv_tok, p_op, v_tile])[0]
+
+    @gluon.jit
+    def _merge_pv(j, pv, acc, alpha, weight, V_scale, V_offset,
+                  O_LAYOUT: gl.constexpr, HEAD_DIM: gl.constexpr, INT8_PV: gl.constexpr):
+        """The accumulator once block ``j``'s P·V is done (``alpha``, ``weight``: that block's factors)."""
+        if INT8_PV:
+            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_LAYOUT))
+            v_scale = gl.load(V_scale + j * HEAD_DIM + offs_d)
+            v_offset = gl.load(V_offset + j * HEAD_DIM + offs_d)
+            # sum_j u_j v_j = (P·V with u - 128) + 128 * sum_j v_j, the second term precomputed per block.
+            pv_f = (pv + MAGIC_BITS).to(gl.float32, bitcast=True) - (MAGIC - v_offset[None, :])
+            return acc * alpha[:, None] + pv_f * (weight[:, None] * v_scale[None, :])
+        else:
+            return pv
 
     @gluon.jit
     def _consume_partition(
@@ -145,6 +173,9 @@ if _HAVE_GLUON:
         HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, INT8_PV: gl.constexpr,
     ):  # fmt: skip
+        """One warpgroup's ``ROWS`` query rows against all key blocks, software-pipelined as in FlashAttention-3:
+        block i's Q·Kᵀ and block i-1's P·V are in flight on the tensor cores while block i's softmax waits only
+        for the first; the accumulator is rescaled once the second is done."""
         S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 32])
         if INT8_PV:
@@ -155,6 +186,7 @@ if _HAVE_GLUON:
             O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                                instr_shape=[16, HEAD_DIM, 16])
             P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+        P_DTYPE: gl.constexpr = v_smem.dtype
         s_rows: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         offs_m = m_start + wg * ROWS + gl.arange(0, ROWS, layout=s_rows)
         q_scale = gl.load(Q_scale + q_row + wg * ROWS + gl.arange(0, ROWS, layout=s_rows), mask=offs_m < seq_q,
@@ -168,16 +200,42 @@ if _HAVE_GLUON:
         m_i = gl.full([ROWS], NEG_LARGE, gl.float32, s_rows)
         q_tile = q_smem.index(wg)
         mbarrier.wait(q_bars.index(wg), 0)
-        for i in range(0, n_full):
-            acc, l_i, m_i = _attend_block(
-                i, acc, l_i, m_i, q_tile, q_scale, offs_m, k_smem, v_smem, ready, empty, K_scale, V_scale,
-                V_offset, seq_k, S_LAYOUT, O_LAYOUT, P_LAYOUT, HEAD_DIM, BLOCK_N, NUM_STAGES, False, CAUSAL, INT8_PV,
-            )  # fmt: skip
-        for i in range(n_full, n_end):
-            acc, l_i, m_i = _attend_block(
-                i, acc, l_i, m_i, q_tile, q_scale, offs_m, k_smem, v_smem, ready, empty, K_scale, V_scale,
-                V_offset, seq_k, S_LAYOUT, O_LAYOUT, P_LAYOUT, HEAD_DIM, BLOCK_N, NUM_STAGES, True, CAUSAL, INT8_PV,
-            )  # fmt: skip
+
+        # Block 0 goes through the masked softmax whatever it needs: with every key visible the mask is a no-op.
+        s_tok, k_tile = _issue_scores(0, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
+        s_int = warpgroup_mma_wait(0, deps=[s_tok, q_tile, k_tile])[0]
+        p_op, m_i, l_i, alpha, weight = _softmax(
+            0, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT, P_DTYPE, BLOCK_N,
+            True, CAUSAL, INT8_PV,
+        )  # fmt: skip
+        for i in range(1, n_end):
+            s_tok, k_tile = _issue_scores(i, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
+            if not INT8_PV:
+                acc = acc * alpha[:, None]
+            pv_tok, v_tile = _issue_pv(i - 1, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, INT8_PV)
+            s_int = warpgroup_mma_wait(1, deps=[s_tok, q_tile, k_tile])[0]  # this block's scores; P·V runs on
+            prev_alpha, prev_weight = alpha, weight
+            if i < n_full:
+                p_next, m_i, l_i, alpha, weight = _softmax(
+                    i, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT, P_DTYPE,
+                    BLOCK_N, False, CAUSAL, INT8_PV,
+                )  # fmt: skip
+            else:
+                p_next, m_i, l_i, alpha, weight = _softmax(
+                    i, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT, P_DTYPE,
+                    BLOCK_N, True, CAUSAL, INT8_PV,
+                )  # fmt: skip
+            pv = _wait_pv(pv_tok, p_op, v_tile, INT8_PV)
+            mbarrier.arrive(empty.index((i - 1) % NUM_STAGES), count=1)
+            acc = _merge_pv(i - 1, pv, acc, prev_alpha, prev_weight, V_scale, V_offset, O_LAYOUT, HEAD_DIM, INT8_PV)
+            p_op = p_next
+        if not INT8_PV:
+            acc = acc * alpha[:, None]
+        pv_tok, v_tile = _issue_pv(n_end - 1, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, INT8_PV)
+        pv = _wait_pv(pv_tok, p_op, v_tile, INT8_PV)
+        mbarrier.arrive(empty.index((n_end - 1) % NUM_STAGES), count=1)
+        acc = _merge_pv(n_end - 1, pv, acc, alpha, weight, V_scale, V_offset, O_LAYOUT, HEAD_DIM, INT8_PV)
+
         o_rows: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         l_o = gl.convert_layout(l_i, o_rows)
         out = acc / gl.where(l_o > 0.0, l_o, 1.0)[:, None]
