@@ -28,13 +28,20 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moe_trace.attention import int8_flash_attention
-from moe_trace.attention.gluon_int8_attention import BLOCK_N, gluon_available, gluon_int8_flash_attention
+from moe_trace.attention.gluon_int8_attention import (
+    BLOCK_N,
+    consumer_warpgroups,
+    gluon_available,
+    gluon_int8_flash_attention,
+)
+from moe_trace.attention.quantize import quantize_per_token
 from moe_trace.attention.reference import accuracy, attention_float64, emulate_int8_attention
 
 MODE_NAMES = ("int8_qk", "int8")
-# batch, heads, kv_heads, seq, head_dim, causal
-EQUALITY_SHAPES = [(1, 2, 2, 200, 64, False), (2, 8, 8, 1000, 64, True), (2, 8, 8, 1000, 64, False),
-                   (2, 8, 2, 777, 128, True), (2, 8, 2, 777, 128, False), (1, 4, 4, 2048, 64, True)]  # fmt: skip
+# batch, heads, kv_heads, seq, head_dim, causal, consumer warpgroups (None: the kernel's choice)
+EQUALITY_SHAPES = [(1, 2, 2, 200, 64, False, None), (2, 8, 8, 1000, 64, True, None), (2, 8, 8, 1000, 64, False, None),
+                   (2, 8, 2, 777, 128, True, None), (2, 8, 2, 777, 128, False, None), (1, 4, 4, 2048, 64, True, None),
+                   (2, 8, 8, 1000, 64, True, 2), (2, 8, 2, 777, 128, True, 3)]  # fmt: skip
 # batch, heads, seq, head_dim, causal, label
 BENCH_SHAPES = [(8, 12, 2048, 64, True, "gpt-125m-moe"), (8, 16, 2048, 64, True, "gpt-350m-moe"),
                 (4, 16, 4096, 128, False, ""), (1, 16, 16384, 128, False, "")]  # fmt: skip
@@ -59,12 +66,12 @@ def random_inputs(batch, heads, kv_heads, seq, head_dim, seed):
 
 def check_equality(result: dict) -> bool:
     ok_all = True
-    for batch, heads, kv_heads, seq, head_dim, causal in EQUALITY_SHAPES:
+    for batch, heads, kv_heads, seq, head_dim, causal, consumers in EQUALITY_SHAPES:
         q, k, v = random_inputs(batch, heads, kv_heads, seq, head_dim, seed=seq * 7 + head_dim + causal)
         exact = attention_float64(q, k, v, causal)
         for mode in MODE_NAMES:
             t0 = time.time()
-            out = gluon_int8_flash_attention(q, k, v, causal=causal, mode=mode)
+            out = gluon_int8_flash_attention(q, k, v, causal=causal, mode=mode, consumers=consumers)
             torch.cuda.synchronize()
             out = out.float()
             expected = emulate_int8_attention(q, k, v, causal, head_dim**-0.5, mode, block_n=BLOCK_N).float()
@@ -81,13 +88,16 @@ def check_equality(result: dict) -> bool:
             ok = err is None and acc["rel_l1"] < bound and not out.isnan().any().item()
             ok_all &= ok
             rec = dict(batch=batch, heads=heads, kv_heads=kv_heads, seq=seq, head_dim=head_dim, causal=causal,
-                       mode=mode, equal_to_emulation=err is None, error=err,
+                       mode=mode, consumers=consumers, equal_to_emulation=err is None, error=err,
                        max_abs_diff=(out - expected).abs().max().item(), nan=bool(out.isnan().any().item()),
                        **acc)  # fmt: skip
             result["equality"].append(rec)
-            log(f"{'PASS' if ok else 'FAIL'} B{batch} H{heads}/{kv_heads} S{seq} D{head_dim} causal={causal} "
+            log(
+                f"{'PASS' if ok else 'FAIL'} B{batch} H{heads}/{kv_heads} S{seq} D{head_dim} causal={causal} "
+                f"consumers={consumers} "
                 f"{mode:8s} max|d|={rec['max_abs_diff']:.2e} rel_l1={acc['rel_l1']:.4f} cos={acc['cosine']:.6f} "
-                f"nan={rec['nan']} ({time.time() - t0:.1f}s){'' if err is None else ' ' + err}")
+                f"nan={rec['nan']} ({time.time() - t0:.1f}s){'' if err is None else ' ' + err}"
+            )
     return ok_all
 
 
@@ -101,6 +111,10 @@ def implementations(q, k, v, causal: bool) -> dict:
     for mode in MODE_NAMES:
         impls[f"gluon {mode}"] = lambda mode=mode: gluon_int8_flash_attention(q, k, v, causal, mode=mode)
         impls[f"triton {mode}"] = lambda mode=mode: int8_flash_attention(q, k, v, causal, mode=mode)
+        other = 2 if consumer_warpgroups(q.shape[-1]) == 3 else 3  # the kernel's other choice, for comparison
+        impls[f"gluon {mode} c{other}"] = lambda mode=mode, other=other: gluon_int8_flash_attention(
+            q, k, v, causal, mode=mode, consumers=other
+        )
     for name, backend in (("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
 
         def run(backend=backend):
@@ -108,6 +122,12 @@ def implementations(q, k, v, causal: bool) -> dict:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         impls[name] = run
+
+    def quantize_q_k():  # the part of every INT8 row that is not attention: Q and K (and K's mean) to INT8
+        quantize_per_token(q, 1.0)
+        return quantize_per_token(k, mean=k.mean(dim=2, dtype=torch.float32))
+
+    impls["quantize q,k only"] = quantize_q_k
     return impls
 
 
@@ -120,13 +140,27 @@ def time_shapes(result: dict, out_path: Path) -> None:
         row = {}
         for name, fn in impls.items():
             ms = bench(fn)
-            rel_l1 = accuracy(fn()[:1, :2], exact)["rel_l1"]
+            rel_l1 = None if name.startswith("quantize") else accuracy(fn()[:1, :2], exact)["rel_l1"]
             row[name] = flops / ms * 1e-9
-            result["records"].append(dict(batch=batch, heads=heads, seq=seq, head_dim=head_dim, causal=causal,
-                                          label=label, impl=name, tflops=row[name], ms=ms, rel_l1=rel_l1))
-            log(f"B{batch} H{heads} S{seq} D{head_dim} causal={causal} {name:15s} {ms:.3f} ms "
-                f"{row[name]:6.1f} TFLOP/s rel_l1={rel_l1:.4f}")
-        for rec in result["records"][-len(impls):]:
+            result["records"].append(
+                dict(
+                    batch=batch,
+                    heads=heads,
+                    seq=seq,
+                    head_dim=head_dim,
+                    causal=causal,
+                    label=label,
+                    impl=name,
+                    tflops=row[name],
+                    ms=ms,
+                    rel_l1=rel_l1,
+                )
+            )
+            log(
+                f"B{batch} H{heads} S{seq} D{head_dim} causal={causal} {name:15s} {ms:.3f} ms "
+                f"{row[name]:6.1f} TFLOP/s rel_l1={rel_l1}"
+            )
+        for rec in result["records"][-len(impls) :]:
             rec["ratio_vs_cudnn"] = rec["tflops"] / row["sdpa cudnn"]
         write(result, out_path)
 
@@ -144,6 +178,7 @@ def print_table(result: dict) -> None:
     impls = list(dict.fromkeys(r["impl"] for r in result["records"]))
     log("\nTFLOP/s (quantization included), ratio to SDPA cuDNN in brackets")
     log("shape".ljust(34) + "".join(name.rjust(17) for name in impls))
+
     def shape_of(r):
         return r["batch"], r["heads"], r["seq"], r["head_dim"], r["causal"]
 

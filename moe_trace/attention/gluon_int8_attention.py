@@ -61,9 +61,10 @@ if _HAVE_GLUON:
     def _load_partition(
         q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
         q_row, kv_row, vt_row, n_blocks,
-        INT8_PV: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+        INT8_PV: gl.constexpr, CONSUMERS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
     ):  # fmt: skip
-        for wg in gl.static_range(2):
+        for wg in gl.static_range(CONSUMERS):
             mbarrier.expect(q_bars.index(wg), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [q_row + wg * ROWS, 0], q_bars.index(wg), q_smem.index(wg))
         for i in range(n_blocks):
@@ -131,6 +132,19 @@ if _HAVE_GLUON:
             p_op = gl.convert_layout(p.to(P_DTYPE), P_LAYOUT)
             weight = gl.convert_layout(alpha, o_rows)  # unused
         return p_op, m_new, l_i, gl.convert_layout(alpha, o_rows), weight
+
+    @gluon.jit
+    def _softmax_block(
+        i, n_full, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k,
+        S_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_DTYPE: gl.constexpr,
+        BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, INT8_PV: gl.constexpr,
+    ):  # fmt: skip
+        """:func:`_softmax` without the mask for blocks below ``n_full``, with it from there on."""
+        if i < n_full:
+            return _softmax(i, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT,
+                            P_DTYPE, BLOCK_N, False, CAUSAL, INT8_PV)
+        return _softmax(i, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT,
+                        P_DTYPE, BLOCK_N, True, CAUSAL, INT8_PV)
 
     @gluon.jit
     def _issue_pv(j, p_op, acc, v_smem, O_LAYOUT: gl.constexpr, NUM_STAGES: gl.constexpr, INT8_PV: gl.constexpr):
@@ -213,22 +227,26 @@ if _HAVE_GLUON:
             if not INT8_PV:
                 acc = acc * alpha[:, None]
             pv_tok, v_tile = _issue_pv(i - 1, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, INT8_PV)
-            s_int = warpgroup_mma_wait(1, deps=[s_tok, q_tile, k_tile])[0]  # this block's scores; P·V runs on
-            prev_alpha, prev_weight = alpha, weight
-            if i < n_full:
-                p_next, m_i, l_i, alpha, weight = _softmax(
-                    i, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT, P_DTYPE,
-                    BLOCK_N, False, CAUSAL, INT8_PV,
+            if INT8_PV:
+                # Both products finish before the softmax: with an INT8 P·V kept in flight across it the kernel
+                # ran 1.9x slower on an H200 (benchmarks/NOTES_attention.md), its register operand the suspect.
+                s_int = warpgroup_mma_wait(0, deps=[s_tok, q_tile, k_tile])[0]
+                pv = _wait_pv(pv_tok, p_op, v_tile, INT8_PV)
+                mbarrier.arrive(empty.index((i - 1) % NUM_STAGES), count=1)
+                acc = _merge_pv(i - 1, pv, acc, alpha, weight, V_scale, V_offset, O_LAYOUT, HEAD_DIM, INT8_PV)
+                p_op, m_i, l_i, alpha, weight = _softmax_block(
+                    i, n_full, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT,
+                    P_DTYPE, BLOCK_N, CAUSAL, INT8_PV,
                 )  # fmt: skip
             else:
-                p_next, m_i, l_i, alpha, weight = _softmax(
-                    i, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT, P_DTYPE,
-                    BLOCK_N, True, CAUSAL, INT8_PV,
+                s_int = warpgroup_mma_wait(1, deps=[s_tok, q_tile, k_tile])[0]  # this block's scores; P·V runs on
+                p_next, m_i, l_i, alpha, weight = _softmax_block(
+                    i, n_full, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT,
+                    P_DTYPE, BLOCK_N, CAUSAL, INT8_PV,
                 )  # fmt: skip
-            pv = _wait_pv(pv_tok, p_op, v_tile, INT8_PV)
-            mbarrier.arrive(empty.index((i - 1) % NUM_STAGES), count=1)
-            acc = _merge_pv(i - 1, pv, acc, prev_alpha, prev_weight, V_scale, V_offset, O_LAYOUT, HEAD_DIM, INT8_PV)
-            p_op = p_next
+                acc = _wait_pv(pv_tok, p_op, v_tile, INT8_PV)
+                mbarrier.arrive(empty.index((i - 1) % NUM_STAGES), count=1)
+                p_op = p_next
         if not INT8_PV:
             acc = acc * alpha[:, None]
         pv_tok, v_tile = _issue_pv(n_end - 1, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, INT8_PV)
@@ -249,9 +267,9 @@ if _HAVE_GLUON:
         q_desc, k_desc, v_desc, Q_scale, K_scale, V_scale, V_offset, Out,
         num_heads, kv_group, seq_q, seq_k, num_v_blocks,
         HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, INT8_PV: gl.constexpr,
+        CAUSAL: gl.constexpr, INT8_PV: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     ):  # fmt: skip
-        BLOCK_M: gl.constexpr = 2 * ROWS
+        BLOCK_M: gl.constexpr = CONSUMERS * ROWS
         num_m_blocks = gl.cdiv(seq_q, BLOCK_M)
         bh = gl.program_id(1)
         # Causal: the longest query blocks (the last ones) start first, so the short ones fill the tail.
@@ -269,37 +287,73 @@ if _HAVE_GLUON:
             n_full = seq_k // BLOCK_N
         n_end = gl.cdiv(n_end_keys, BLOCK_N)
 
-        q_smem = gl.allocate_shared_memory(gl.int8, [2, ROWS, HEAD_DIM], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, ROWS, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(gl.int8, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(
             v_desc.dtype, [NUM_STAGES, v_desc.block_type.shape[0], v_desc.block_type.shape[1]], v_desc.layout
         )
-        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for j in gl.static_range(2):
+        for j in gl.static_range(CONSUMERS):
             mbarrier.init(q_bars.index(j), count=1)
         for j in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(j), count=1)
-            mbarrier.init(empty.index(j), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(empty.index(j), count=CONSUMERS)  # one arrival per consumer warpgroup
 
-        # The two consumers differ only in which warpgroup's rows they own (the 7th argument).
-        gl.warp_specialize(
-            [
-                (_consume_partition, (
-                    q_smem, k_smem, v_smem, q_bars, ready, empty, 0, Q_scale, K_scale, V_scale, V_offset, Out,
-                    q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                    HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
-                (_consume_partition, (
-                    q_smem, k_smem, v_smem, q_bars, ready, empty, 1, Q_scale, K_scale, V_scale, V_offset, Out,
-                    q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                    HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
-                (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
-                                   q_row, kv_row, bh_kv * HEAD_DIM, n_end, INT8_PV, ROWS, BLOCK_N, NUM_STAGES)),
-            ],
-            [4, 1],
-            [232, 24],
-        )
+        # The consumers differ only in which warpgroup's rows they own (the 7th argument). Gluon takes the
+        # partitions as a literal list, hence one per consumer count.
+        if CONSUMERS == 2:
+            gl.warp_specialize(
+                [
+                    (_consume_partition, (
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, 0, Q_scale, K_scale, V_scale, V_offset, Out,
+                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                    (_consume_partition, (
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, 1, Q_scale, K_scale, V_scale, V_offset, Out,
+                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                    (_load_partition, (
+                        q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
+                        q_row, kv_row, bh_kv * HEAD_DIM, n_end, INT8_PV, CONSUMERS, ROWS, BLOCK_N, NUM_STAGES)),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, 24],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_consume_partition, (
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, 0, Q_scale, K_scale, V_scale, V_offset, Out,
+                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                    (_consume_partition, (
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, 1, Q_scale, K_scale, V_scale, V_offset, Out,
+                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                    (_consume_partition, (
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, 2, Q_scale, K_scale, V_scale, V_offset, Out,
+                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                    (_load_partition, (
+                        q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
+                        q_row, kv_row, bh_kv * HEAD_DIM, n_end, INT8_PV, CONSUMERS, ROWS, BLOCK_N, NUM_STAGES)),
+                ],
+                [4, 4, 1],
+                [CONSUMER_REGS, CONSUMER_REGS, 24],
+            )
+
+
+# Registers per thread of each consumer warpgroup (setmaxnreg): the producer keeps 24 and the total stays within
+# the SM's 64K with one program per SM.
+CONSUMER_REGISTERS = {2: 232, 3: 160}
+
+
+def consumer_warpgroups(head_dim: int) -> int:
+    """Consumer warpgroups per program: three at head_dim <= 64, where the softmax (not the tensor cores) is
+    the limit and more warps hide its latency; two above, where the accumulators need the registers."""
+    return 3 if head_dim <= 64 else 2
 
 
 @functools.cache
@@ -319,8 +373,13 @@ def gluon_int8_flash_attention(
     causal: bool = False,
     sm_scale: float | None = None,
     mode: str = "int8",
+    *,
+    consumers: int | None = None,
 ) -> torch.Tensor:
     """:func:`~moe_trace.attention.int8_flash_attention` through the Gluon kernel (needs :func:`gluon_available`).
+
+    ``consumers`` (2 or 3 warpgroups of 64 query rows per program) overrides :func:`consumer_warpgroups`, for
+    benchmarks.
 
     The result equals :func:`~moe_trace.attention.reference.emulate_int8_attention` with ``block_n=BLOCK_N``.
     """
@@ -347,11 +406,12 @@ def gluon_int8_flash_attention(
     q_desc = _descriptor(q8.view(-1, head_dim), (ROWS_PER_WARPGROUP, head_dim), "int8")
     k_desc = _descriptor(k8.view(-1, head_dim), (BLOCK_N, head_dim), "int8")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    grid = (triton.cdiv(seq_q, 2 * ROWS_PER_WARPGROUP), batch * heads)
+    consumers = consumer_warpgroups(head_dim) if consumers is None else consumers
+    grid = (triton.cdiv(seq_q, consumers * ROWS_PER_WARPGROUP), batch * heads)
     _gluon_int8_attention_kernel[grid](
         q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, v_offset, out,
         heads, heads // kv_heads, seq_q, seq_k, num_v_blocks,
         HEAD_DIM=head_dim, ROWS=ROWS_PER_WARPGROUP, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, CAUSAL=causal,
-        INT8_PV=int8_pv, num_warps=4,
+        INT8_PV=int8_pv, CONSUMERS=consumers, CONSUMER_REGS=CONSUMER_REGISTERS[consumers], num_warps=4,
     )  # fmt: skip
     return out
