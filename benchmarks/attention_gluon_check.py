@@ -38,10 +38,11 @@ from moe_trace.attention.quantize import quantize_per_token
 from moe_trace.attention.reference import accuracy, attention_float64, emulate_int8_attention
 
 MODE_NAMES = ("int8_qk", "int8")
-# batch, heads, kv_heads, seq, head_dim, causal, consumer warpgroups (None: the kernel's choice)
-EQUALITY_SHAPES = [(1, 2, 2, 200, 64, False, None), (2, 8, 8, 1000, 64, True, None), (2, 8, 8, 1000, 64, False, None),
-                   (2, 8, 2, 777, 128, True, None), (2, 8, 2, 777, 128, False, None), (1, 4, 4, 2048, 64, True, None),
-                   (2, 8, 8, 1000, 64, True, 2), (2, 8, 2, 777, 128, True, 3)]  # fmt: skip
+# batch, heads, kv_heads, seq, head_dim, causal, keyword arguments (the kernel's other choices)
+EQUALITY_SHAPES = [(1, 2, 2, 200, 64, False, {}), (2, 8, 8, 1000, 64, True, {}), (2, 8, 8, 1000, 64, False, {}),
+                   (2, 8, 2, 777, 128, True, {}), (2, 8, 2, 777, 128, False, {}), (1, 4, 4, 2048, 64, True, {}),
+                   (2, 8, 8, 1000, 64, True, {"consumers": 2}), (2, 8, 2, 777, 128, True, {"consumers": 3}),
+                   (2, 8, 8, 1000, 64, True, {"pingpong": False})]  # fmt: skip
 # batch, heads, seq, head_dim, causal, label
 BENCH_SHAPES = [(8, 12, 2048, 64, True, "gpt-125m-moe"), (8, 16, 2048, 64, True, "gpt-350m-moe"),
                 (4, 16, 4096, 128, False, ""), (1, 16, 16384, 128, False, "")]  # fmt: skip
@@ -66,12 +67,12 @@ def random_inputs(batch, heads, kv_heads, seq, head_dim, seed):
 
 def check_equality(result: dict) -> bool:
     ok_all = True
-    for batch, heads, kv_heads, seq, head_dim, causal, consumers in EQUALITY_SHAPES:
+    for batch, heads, kv_heads, seq, head_dim, causal, options in EQUALITY_SHAPES:
         q, k, v = random_inputs(batch, heads, kv_heads, seq, head_dim, seed=seq * 7 + head_dim + causal)
         exact = attention_float64(q, k, v, causal)
         for mode in MODE_NAMES:
             t0 = time.time()
-            out = gluon_int8_flash_attention(q, k, v, causal=causal, mode=mode, consumers=consumers)
+            out = gluon_int8_flash_attention(q, k, v, causal=causal, mode=mode, **options)
             torch.cuda.synchronize()
             out = out.float()
             expected = emulate_int8_attention(q, k, v, causal, head_dim**-0.5, mode, block_n=BLOCK_N).float()
@@ -88,13 +89,13 @@ def check_equality(result: dict) -> bool:
             ok = err is None and acc["rel_l1"] < bound and not out.isnan().any().item()
             ok_all &= ok
             rec = dict(batch=batch, heads=heads, kv_heads=kv_heads, seq=seq, head_dim=head_dim, causal=causal,
-                       mode=mode, consumers=consumers, equal_to_emulation=err is None, error=err,
+                       mode=mode, options=options, equal_to_emulation=err is None, error=err,
                        max_abs_diff=(out - expected).abs().max().item(), nan=bool(out.isnan().any().item()),
                        **acc)  # fmt: skip
             result["equality"].append(rec)
             log(
                 f"{'PASS' if ok else 'FAIL'} B{batch} H{heads}/{kv_heads} S{seq} D{head_dim} causal={causal} "
-                f"consumers={consumers} "
+                f"{options or ''} "
                 f"{mode:8s} max|d|={rec['max_abs_diff']:.2e} rel_l1={acc['rel_l1']:.4f} cos={acc['cosine']:.6f} "
                 f"nan={rec['nan']} ({time.time() - t0:.1f}s){'' if err is None else ' ' + err}"
             )
@@ -111,10 +112,14 @@ def implementations(q, k, v, causal: bool) -> dict:
     for mode in MODE_NAMES:
         impls[f"gluon {mode}"] = lambda mode=mode: gluon_int8_flash_attention(q, k, v, causal, mode=mode)
         impls[f"triton {mode}"] = lambda mode=mode: int8_flash_attention(q, k, v, causal, mode=mode)
-        other = 2 if consumer_warpgroups(q.shape[-1]) == 3 else 3  # the kernel's other choice, for comparison
-        impls[f"gluon {mode} c{other}"] = lambda mode=mode, other=other: gluon_int8_flash_attention(
-            q, k, v, causal, mode=mode, consumers=other
-        )
+    # The kernel's other choices, for the training mode only (each variant is a compile of its own).
+    other = 2 if consumer_warpgroups(q.shape[-1]) == 3 else 3
+    impls[f"gluon int8_qk {other} consumers"] = lambda: gluon_int8_flash_attention(
+        q, k, v, causal, mode="int8_qk", consumers=other
+    )
+    impls["gluon int8_qk no ping-pong"] = lambda: gluon_int8_flash_attention(
+        q, k, v, causal, mode="int8_qk", pingpong=False
+    )
     for name, backend in (("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
 
         def run(backend=backend):

@@ -169,3 +169,13 @@ def test_bf16_baseline_kernel_is_exact_to_half_precision(causal):
     q, k, v = _qkv(1, 4, 2, 150, 150, 64, dtype=torch.float16, seed=19)
     stats = accuracy(bf16_flash_attention(q, k, v, causal, block_m=64, block_n=32), attention_float64(q, k, v, causal))
     assert stats["rel_l1"] < 1e-3, stats
+
+
+def test_gluon_kernel_module_imports_and_declines_without_an_sm90_gpu(monkeypatch):
+    from moe_trace.attention import gluon_int8_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gluon_int8_attention.gluon_available() is False
+    q, k, v = _qkv(1, 2, 2, 64, 64, 64)
+    with pytest.raises(RuntimeError, match="sm_90"):
+        gluon_int8_attention.gluon_int8_flash_attention(q, k, v, mode="int8_qk")

@@ -1,5 +1,5 @@
-"""The compiled INT8 kernel on a CUDA GPU against the torch emulation and float64, and training through the
-CLI on a warm compile cache (skipped without a GPU)."""
+"""The compiled INT8 kernels on a CUDA GPU (Triton everywhere, Gluon on sm_90) against the torch emulation and
+float64, and training through the CLI on a warm compile cache (skipped without a GPU)."""
 
 import os
 import subprocess
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moe_trace.attention import MODES, flash_attention_train, int8_flash_attention
+from moe_trace.attention.gluon_int8_attention import BLOCK_N, gluon_available, gluon_int8_flash_attention
 from moe_trace.attention.int8_attention import block_config
 from moe_trace.attention.reference import accuracy, attention_float64, emulate_int8_attention
 
@@ -20,23 +21,48 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize(("heads", "kv_heads", "seq", "head_dim"), [(8, 8, 1000, 64), (8, 2, 777, 128)])
-def test_compiled_kernel_equals_emulation(mode, causal, heads, kv_heads, seq, head_dim):
+KERNEL_CASES = [
+    pytest.param(mode, causal, *shape, id=f"{mode}-{'causal' if causal else 'full'}-{'x'.join(map(str, shape))}")
+    for mode in sorted(MODES)
+    for causal in (False, True)
+    for shape in ((8, 8, 1000, 64), (8, 2, 777, 128))
+]
+
+
+def _inputs(heads, kv_heads, seq, head_dim):
     g = torch.Generator(device="cuda").manual_seed(seq + head_dim)
     # Non-symmetric data (a shifted V, a K bias): a wrong P·V operand layout would show.
     q = torch.randn(2, heads, seq, head_dim, device="cuda", generator=g).bfloat16()
     k = (torch.randn(2, kv_heads, seq, head_dim, device="cuda", generator=g) + 0.5).bfloat16()
     v = (torch.rand(2, kv_heads, seq, head_dim, device="cuda", generator=g) * 3 - 1).bfloat16()
-    out = int8_flash_attention(q, k, v, causal=causal, mode=mode).float()
-    expected = emulate_int8_attention(
-        q, k, v, causal, head_dim**-0.5, mode, block_config(head_dim, mode)["block_n"]
-    ).float()
+    return q, k, v
+
+
+def _assert_equals_emulation(out, q, k, v, causal, mode, block_n):
+    out = out.float()
+    expected = emulate_int8_attention(q, k, v, causal, q.shape[-1] ** -0.5, mode, block_n).float()
     torch.testing.assert_close(out, expected, rtol=2**-6, atol=3e-2)
     assert (out - expected).abs().mean() <= 2**-8 * expected.abs().mean()
     bound = 0.015 if mode == "int8" else 0.01
     assert accuracy(out, attention_float64(q, k, v, causal))["rel_l1"] < bound
+
+
+@pytest.mark.parametrize(("mode", "causal", "heads", "kv_heads", "seq", "head_dim"), KERNEL_CASES)
+def test_compiled_kernel_equals_emulation(mode, causal, heads, kv_heads, seq, head_dim):
+    q, k, v = _inputs(heads, kv_heads, seq, head_dim)
+    out = int8_flash_attention(q, k, v, causal=causal, mode=mode)
+    _assert_equals_emulation(out, q, k, v, causal, mode, block_config(head_dim, mode)["block_n"])
+
+
+@pytest.mark.skipif(
+    not gluon_available(),
+    reason="needs an sm_90 GPU and Triton with Gluon, in a process whose Triton was not loaded by the interpreter",
+)
+@pytest.mark.parametrize(("mode", "causal", "heads", "kv_heads", "seq", "head_dim"), KERNEL_CASES)
+def test_gluon_kernel_equals_emulation(mode, causal, heads, kv_heads, seq, head_dim):
+    q, k, v = _inputs(heads, kv_heads, seq, head_dim)
+    out = gluon_int8_flash_attention(q, k, v, causal=causal, mode=mode)
+    _assert_equals_emulation(out, q, k, v, causal, mode, BLOCK_N)
 
 
 def test_compiled_training_path_gradients_equal_sdpa():

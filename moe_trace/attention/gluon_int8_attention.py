@@ -37,7 +37,9 @@ try:  # Gluon ships with Triton >= 3.5; a CPU-only or older install has none, an
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     _HAVE_GLUON = hasattr(gl, "warp_specialize")
-except ImportError:
+except (ImportError, AssertionError):
+    # AssertionError: Gluon refuses to load into a process whose Triton was first imported under
+    # TRITON_INTERPRET=1 (the CPU test suite does that); the interpreter runs no Gluon kernels anyway.
     _HAVE_GLUON = False
 
 
@@ -180,12 +182,29 @@ if _HAVE_GLUON:
             return pv
 
     @gluon.jit
+    def _take_turn(turns, wg, i, PINGPONG: gl.constexpr):
+        """Ping-pong (FlashAttention-3): the consumers issue their tensor-core work for key block ``i`` in turn,
+        0, 1, .., 0, so that one's softmax runs while another's products do, instead of all of them computing
+        (and then waiting) in step. Turn ``i`` of warpgroup ``wg`` is the ``i``-th completion of its barrier;
+        warpgroup 0 takes its first turn unasked."""
+        if PINGPONG:
+            if wg == 0:
+                mbarrier.wait(turns.index(0), (i + 1) & 1, pred=i > 0)
+            else:
+                mbarrier.wait(turns.index(wg), i & 1)
+
+    @gluon.jit
+    def _pass_turn(turns, wg, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
+        if PINGPONG:
+            mbarrier.arrive(turns.index((wg + 1) % CONSUMERS), count=1)
+
+    @gluon.jit
     def _consume_partition(
-        q_smem, k_smem, v_smem, q_bars, ready, empty, wg,
+        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, wg,
         Q_scale, K_scale, V_scale, V_offset, Out,
         q_row, m_start, kv_row, v_block_row, seq_q, seq_k, n_full, n_end,
         HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, INT8_PV: gl.constexpr,
+        CAUSAL: gl.constexpr, INT8_PV: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
     ):  # fmt: skip
         """One warpgroup's ``ROWS`` query rows against all key blocks, software-pipelined as in FlashAttention-3:
         block i's Q·Kᵀ and block i-1's P·V are in flight on the tensor cores while block i's softmax waits only
@@ -216,17 +235,21 @@ if _HAVE_GLUON:
         mbarrier.wait(q_bars.index(wg), 0)
 
         # Block 0 goes through the masked softmax whatever it needs: with every key visible the mask is a no-op.
+        _take_turn(turns, wg, 0, PINGPONG)
         s_tok, k_tile = _issue_scores(0, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
+        _pass_turn(turns, wg, CONSUMERS, PINGPONG)
         s_int = warpgroup_mma_wait(0, deps=[s_tok, q_tile, k_tile])[0]
         p_op, m_i, l_i, alpha, weight = _softmax(
             0, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT, P_DTYPE, BLOCK_N,
             True, CAUSAL, INT8_PV,
         )  # fmt: skip
         for i in range(1, n_end):
-            s_tok, k_tile = _issue_scores(i, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
             if not INT8_PV:
                 acc = acc * alpha[:, None]
+            _take_turn(turns, wg, i, PINGPONG)
+            s_tok, k_tile = _issue_scores(i, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
             pv_tok, v_tile = _issue_pv(i - 1, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, INT8_PV)
+            _pass_turn(turns, wg, CONSUMERS, PINGPONG)
             if INT8_PV:
                 # Both products finish before the softmax: with an INT8 P·V kept in flight across it the kernel
                 # ran 1.9x slower on an H200 (benchmarks/NOTES_attention.md), its register operand the suspect.
@@ -268,6 +291,7 @@ if _HAVE_GLUON:
         num_heads, kv_group, seq_q, seq_k, num_v_blocks,
         HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, INT8_PV: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        PINGPONG: gl.constexpr,
     ):  # fmt: skip
         BLOCK_M: gl.constexpr = CONSUMERS * ROWS
         num_m_blocks = gl.cdiv(seq_q, BLOCK_M)
@@ -295,8 +319,10 @@ if _HAVE_GLUON:
         q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
         for j in gl.static_range(CONSUMERS):
             mbarrier.init(q_bars.index(j), count=1)
+            mbarrier.init(turns.index(j), count=1)
         for j in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(j), count=1)
             mbarrier.init(empty.index(j), count=CONSUMERS)  # one arrival per consumer warpgroup
@@ -307,13 +333,13 @@ if _HAVE_GLUON:
             gl.warp_specialize(
                 [
                     (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, 0, Q_scale, K_scale, V_scale, V_offset, Out,
-                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 0, Q_scale, K_scale, V_scale, V_offset,
+                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
                     (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, 1, Q_scale, K_scale, V_scale, V_offset, Out,
-                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 1, Q_scale, K_scale, V_scale, V_offset,
+                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
                     (_load_partition, (
                         q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
                         q_row, kv_row, bh_kv * HEAD_DIM, n_end, INT8_PV, CONSUMERS, ROWS, BLOCK_N, NUM_STAGES)),
@@ -325,17 +351,17 @@ if _HAVE_GLUON:
             gl.warp_specialize(
                 [
                     (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, 0, Q_scale, K_scale, V_scale, V_offset, Out,
-                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 0, Q_scale, K_scale, V_scale, V_offset,
+                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
                     (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, 1, Q_scale, K_scale, V_scale, V_offset, Out,
-                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 1, Q_scale, K_scale, V_scale, V_offset,
+                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
                     (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, 2, Q_scale, K_scale, V_scale, V_offset, Out,
-                        q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 2, Q_scale, K_scale, V_scale, V_offset,
+                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
                     (_load_partition, (
                         q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
                         q_row, kv_row, bh_kv * HEAD_DIM, n_end, INT8_PV, CONSUMERS, ROWS, BLOCK_N, NUM_STAGES)),
@@ -375,11 +401,12 @@ def gluon_int8_flash_attention(
     mode: str = "int8",
     *,
     consumers: int | None = None,
+    pingpong: bool = True,
 ) -> torch.Tensor:
     """:func:`~moe_trace.attention.int8_flash_attention` through the Gluon kernel (needs :func:`gluon_available`).
 
-    ``consumers`` (2 or 3 warpgroups of 64 query rows per program) overrides :func:`consumer_warpgroups`, for
-    benchmarks.
+    ``consumers`` (2 or 3 warpgroups of 64 query rows per program) overrides :func:`consumer_warpgroups`, and
+    ``pingpong=False`` lets the consumers issue their products whenever they are ready; both for benchmarks.
 
     The result equals :func:`~moe_trace.attention.reference.emulate_int8_attention` with ``block_n=BLOCK_N``.
     """
@@ -412,6 +439,7 @@ def gluon_int8_flash_attention(
         q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, v_offset, out,
         heads, heads // kv_heads, seq_q, seq_k, num_v_blocks,
         HEAD_DIM=head_dim, ROWS=ROWS_PER_WARPGROUP, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, CAUSAL=causal,
-        INT8_PV=int8_pv, CONSUMERS=consumers, CONSUMER_REGS=CONSUMER_REGISTERS[consumers], num_warps=4,
+        INT8_PV=int8_pv, CONSUMERS=consumers, CONSUMER_REGS=CONSUMER_REGISTERS[consumers], PINGPONG=pingpong,
+        num_warps=4,
     )  # fmt: skip
     return out
