@@ -30,7 +30,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from moe_trace.attention import int8_flash_attention
 from moe_trace.attention.gluon_int8_attention import (
     BLOCK_N,
-    consumer_warpgroups,
     gluon_available,
     gluon_int8_flash_attention,
 )
@@ -38,11 +37,9 @@ from moe_trace.attention.quantize import quantize_per_token
 from moe_trace.attention.reference import accuracy, attention_float64, emulate_int8_attention
 
 MODE_NAMES = ("int8_qk", "int8")
-# batch, heads, kv_heads, seq, head_dim, causal, keyword arguments (the kernel's other choices)
-EQUALITY_SHAPES = [(1, 2, 2, 200, 64, False, {}), (2, 8, 8, 1000, 64, True, {}), (2, 8, 8, 1000, 64, False, {}),
-                   (2, 8, 2, 777, 128, True, {}), (2, 8, 2, 777, 128, False, {}), (1, 4, 4, 2048, 64, True, {}),
-                   (2, 8, 8, 1000, 64, True, {"consumers": 2}), (2, 8, 2, 777, 128, True, {"consumers": 3}),
-                   (2, 8, 8, 1000, 64, True, {"pingpong": False})]  # fmt: skip
+# batch, heads, kv_heads, seq, head_dim, causal
+EQUALITY_SHAPES = [(1, 2, 2, 200, 64, False), (2, 8, 8, 1000, 64, True), (2, 8, 8, 1000, 64, False),
+                   (2, 8, 2, 777, 128, True), (2, 8, 2, 777, 128, False), (1, 4, 4, 2048, 64, True)]  # fmt: skip
 # batch, heads, seq, head_dim, causal, label
 BENCH_SHAPES = [(8, 12, 2048, 64, True, "gpt-125m-moe"), (8, 16, 2048, 64, True, "gpt-350m-moe"),
                 (4, 16, 4096, 128, False, ""), (1, 16, 16384, 128, False, "")]  # fmt: skip
@@ -67,12 +64,12 @@ def random_inputs(batch, heads, kv_heads, seq, head_dim, seed):
 
 def check_equality(result: dict) -> bool:
     ok_all = True
-    for batch, heads, kv_heads, seq, head_dim, causal, options in EQUALITY_SHAPES:
+    for batch, heads, kv_heads, seq, head_dim, causal in EQUALITY_SHAPES:
         q, k, v = random_inputs(batch, heads, kv_heads, seq, head_dim, seed=seq * 7 + head_dim + causal)
         exact = attention_float64(q, k, v, causal)
         for mode in MODE_NAMES:
             t0 = time.time()
-            out = gluon_int8_flash_attention(q, k, v, causal=causal, mode=mode, **options)
+            out = gluon_int8_flash_attention(q, k, v, causal=causal, mode=mode)
             torch.cuda.synchronize()
             out = out.float()
             expected = emulate_int8_attention(q, k, v, causal, head_dim**-0.5, mode, block_n=BLOCK_N).float()
@@ -89,13 +86,12 @@ def check_equality(result: dict) -> bool:
             ok = err is None and acc["rel_l1"] < bound and not out.isnan().any().item()
             ok_all &= ok
             rec = dict(batch=batch, heads=heads, kv_heads=kv_heads, seq=seq, head_dim=head_dim, causal=causal,
-                       mode=mode, options=options, equal_to_emulation=err is None, error=err,
+                       mode=mode, equal_to_emulation=err is None, error=err,
                        max_abs_diff=(out - expected).abs().max().item(), nan=bool(out.isnan().any().item()),
                        **acc)  # fmt: skip
             result["equality"].append(rec)
             log(
                 f"{'PASS' if ok else 'FAIL'} B{batch} H{heads}/{kv_heads} S{seq} D{head_dim} causal={causal} "
-                f"{options or ''} "
                 f"{mode:8s} max|d|={rec['max_abs_diff']:.2e} rel_l1={acc['rel_l1']:.4f} cos={acc['cosine']:.6f} "
                 f"nan={rec['nan']} ({time.time() - t0:.1f}s){'' if err is None else ' ' + err}"
             )
@@ -112,14 +108,6 @@ def implementations(q, k, v, causal: bool) -> dict:
     for mode in MODE_NAMES:
         impls[f"gluon {mode}"] = lambda mode=mode: gluon_int8_flash_attention(q, k, v, causal, mode=mode)
         impls[f"triton {mode}"] = lambda mode=mode: int8_flash_attention(q, k, v, causal, mode=mode)
-    # The kernel's other choices, for the training mode only (each variant is a compile of its own).
-    other = 2 if consumer_warpgroups(q.shape[-1]) == 3 else 3
-    impls[f"gluon int8_qk {other} consumers"] = lambda: gluon_int8_flash_attention(
-        q, k, v, causal, mode="int8_qk", consumers=other
-    )
-    impls["gluon int8_qk no ping-pong"] = lambda: gluon_int8_flash_attention(
-        q, k, v, causal, mode="int8_qk", pingpong=False
-    )
     for name, backend in (("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
 
         def run(backend=backend):
@@ -180,17 +168,19 @@ def judge_goals(result: dict) -> None:
 
 
 def print_table(result: dict) -> None:
-    impls = list(dict.fromkeys(r["impl"] for r in result["records"]))
-    log("\nTFLOP/s (quantization included), ratio to SDPA cuDNN in brackets")
-    log("shape".ljust(34) + "".join(name.rjust(17) for name in impls))
+    quantize = "quantize q,k only"
+    impls = [name for name in dict.fromkeys(r["impl"] for r in result["records"]) if name != quantize]
+    log("\nTFLOP/s (quantization included), ratio to SDPA cuDNN in brackets; last column: quantizing Q and K alone")
+    log("shape".ljust(26) + "".join(name.rjust(18) for name in impls) + "quantize q,k".rjust(14))
 
     def shape_of(r):
         return r["batch"], r["heads"], r["seq"], r["head_dim"], r["causal"]
 
     for shape in dict.fromkeys(shape_of(r) for r in result["records"]):
         rows = {r["impl"]: r for r in result["records"] if shape_of(r) == shape}
-        cells = "".join(f"{rows[n]['tflops']:7.1f} ({rows[n]['ratio_vs_cudnn']:.2f}x)".rjust(17) for n in impls)
-        log(f"B{shape[0]} H{shape[1]} S{shape[2]} D{shape[3]} {'causal' if shape[4] else 'full'}".ljust(34) + cells)
+        cells = "".join(f"{rows[n]['tflops']:7.1f} ({rows[n]['ratio_vs_cudnn']:.2f}x)".rjust(18) for n in impls)
+        name = f"B{shape[0]} H{shape[1]} S{shape[2]} D{shape[3]} {'causal' if shape[4] else 'full'}"
+        log(name.ljust(26) + cells + f"{rows[quantize]['ms']:.3f} ms".rjust(14))
     for goal, verdict in result.get("goals", {}).items():
         log(f"goal {goal}: worst {verdict['measured_worst']}x -> {'MET' if verdict['met'] else 'missed'}")
 

@@ -1,16 +1,21 @@
-"""INT8 FlashAttention forward for Hopper (sm_90) in Gluon, FlashAttention-3 style.
+"""INT8 FlashAttention forward for Hopper (sm_90) in Gluon, after FlashAttention-3 (arXiv 2407.08608).
 
 Same arithmetic as :mod:`moe_trace.attention.int8_attention` (the portable Triton kernel, which documents the
-quantization) and the same inputs, made by the same quantization kernels; what differs is how the GPU is kept
+quantization) on the same inputs, made by the same quantization kernels; what differs is how the GPU is kept
 busy. Each program owns ``2 * ROWS_PER_WARPGROUP`` query rows and runs three warp-specialized partitions:
 
 * a one-warp producer that loads the two Q tiles once, then every key block's K and V tiles by TMA into a
   ``NUM_STAGES``-deep shared-memory ring ("ready" mbarriers carry the TMA byte counts; "empty" mbarriers are
   released by both consumers when their tensor cores are done with a stage);
 * two consumer warpgroups, each with its own 64 query rows against the same K/V stages: INT8 ``wgmma``
-  (s8·s8 -> s32) for S = Q·Kᵀ, the FP32 online softmax with the score dequant and P quantization tricks of the
-  Triton kernel, then ``wgmma`` for P·V (INT8 in mode ``"int8"``, 16-bit in ``"int8_qk"``). While one
-  warpgroup's softmax runs on the FP32/SFU pipes, the other's wgmma runs on the tensor cores.
+  (s8·s8 -> s32) for S = Q·Kᵀ, the FP32 online softmax with the score dequant and P quantization of the Triton
+  kernel, then ``wgmma`` for P·V (INT8 in mode ``"int8"``, 16-bit in ``"int8_qk"``). In ``"int8_qk"`` each
+  consumer is software-pipelined as in FlashAttention-3: block i's Q·Kᵀ and block i-1's P·V run on the tensor
+  cores while block i's softmax waits only for the first.
+
+Measured on an H200 (benchmarks/NOTES_attention.md): what did not pay, and is not here, is a third consumer
+warpgroup (register spills, 0.55x), FA3's ping-pong of the consumers' turns on the tensor cores (0.97-1.0x)
+and pipelining the INT8 P·V of mode ``"int8"`` (0.5-0.6x).
 """
 
 from __future__ import annotations
@@ -63,10 +68,9 @@ if _HAVE_GLUON:
     def _load_partition(
         q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
         q_row, kv_row, vt_row, n_blocks,
-        INT8_PV: gl.constexpr, CONSUMERS: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-        NUM_STAGES: gl.constexpr,
+        INT8_PV: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     ):  # fmt: skip
-        for wg in gl.static_range(CONSUMERS):
+        for wg in gl.static_range(2):
             mbarrier.expect(q_bars.index(wg), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [q_row + wg * ROWS, 0], q_bars.index(wg), q_smem.index(wg))
         for i in range(n_blocks):
@@ -90,8 +94,9 @@ if _HAVE_GLUON:
         stage = i % NUM_STAGES
         mbarrier.wait(ready.index(stage), (i // NUM_STAGES) & 1)
         k_tile = k_smem.index(stage)
-        s = warpgroup_mma(q, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.int32, S_LAYOUT),
-                          use_acc=False, is_async=True)
+        s = warpgroup_mma(
+            q, k_tile.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.int32, S_LAYOUT), use_acc=False, is_async=True
+        )
         return s, k_tile
 
     @gluon.jit
@@ -144,17 +149,18 @@ if _HAVE_GLUON:
         """:func:`_softmax` without the mask for blocks below ``n_full``, with it from there on."""
         if i < n_full:
             return _softmax(i, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT,
-                            P_DTYPE, BLOCK_N, False, CAUSAL, INT8_PV)
+                            P_DTYPE, BLOCK_N, False, CAUSAL, INT8_PV)  # fmt: skip
         return _softmax(i, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT,
-                        P_DTYPE, BLOCK_N, True, CAUSAL, INT8_PV)
+                        P_DTYPE, BLOCK_N, True, CAUSAL, INT8_PV)  # fmt: skip
 
     @gluon.jit
     def _issue_pv(j, p_op, acc, v_smem, O_LAYOUT: gl.constexpr, NUM_STAGES: gl.constexpr, INT8_PV: gl.constexpr):
         """Start key block ``j``'s P·V: into a fresh INT32 tile (mode ``"int8"``), else onto the accumulator."""
         v_tile = v_smem.index(j % NUM_STAGES)
         if INT8_PV:  # V is stored [head_dim, keys]: K-major, as INT8 wgmma wants
-            pv = warpgroup_mma(p_op, v_tile.permute((1, 0)), gl.zeros_like(acc, dtype=gl.int32), use_acc=False,
-                               is_async=True)
+            pv = warpgroup_mma(
+                p_op, v_tile.permute((1, 0)), gl.zeros_like(acc, dtype=gl.int32), use_acc=False, is_async=True
+            )
         else:
             pv = warpgroup_mma(p_op, v_tile, acc, is_async=True)
         return pv, v_tile
@@ -168,8 +174,10 @@ if _HAVE_GLUON:
         return warpgroup_mma_wait(0, deps=[pv_tok, p_op, v_tile])[0]
 
     @gluon.jit
-    def _merge_pv(j, pv, acc, alpha, weight, V_scale, V_offset,
-                  O_LAYOUT: gl.constexpr, HEAD_DIM: gl.constexpr, INT8_PV: gl.constexpr):
+    def _merge_pv(
+        j, pv, acc, alpha, weight, V_scale, V_offset,
+        O_LAYOUT: gl.constexpr, HEAD_DIM: gl.constexpr, INT8_PV: gl.constexpr,
+    ):  # fmt: skip
         """The accumulator once block ``j``'s P·V is done (``alpha``, ``weight``: that block's factors)."""
         if INT8_PV:
             offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_LAYOUT))
@@ -182,100 +190,105 @@ if _HAVE_GLUON:
             return pv
 
     @gluon.jit
-    def _take_turn(turns, wg, i, PINGPONG: gl.constexpr):
-        """Ping-pong (FlashAttention-3): the consumers issue their tensor-core work for key block ``i`` in turn,
-        0, 1, .., 0, so that one's softmax runs while another's products do, instead of all of them computing
-        (and then waiting) in step. Turn ``i`` of warpgroup ``wg`` is the ``i``-th completion of its barrier;
-        warpgroup 0 takes its first turn unasked."""
-        if PINGPONG:
-            if wg == 0:
-                mbarrier.wait(turns.index(0), (i + 1) & 1, pred=i > 0)
-            else:
-                mbarrier.wait(turns.index(wg), i & 1)
+    def _attend_int8_pv(
+        acc, l_i, m_i, q_tile, q_scale, offs_m, k_smem, v_smem, ready, empty, K_scale, V_scale, V_offset, seq_k,
+        n_full, n_end, S_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+        ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr,
+    ):  # fmt: skip
+        """Mode ``"int8"``: each block's two products one after the other (kept in flight across the softmax,
+        the INT8 P·V made the kernel 1.7-1.9x slower on an H200)."""
+        for i in range(0, n_end):
+            s_tok, k_tile = _issue_scores(i, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
+            s_int = warpgroup_mma_wait(0, deps=[s_tok, q_tile, k_tile])[0]
+            p_op, m_i, l_i, alpha, weight = _softmax_block(
+                i, n_full, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT,
+                gl.int8, BLOCK_N, CAUSAL, True,
+            )  # fmt: skip
+            pv_tok, v_tile = _issue_pv(i, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, True)
+            pv = _wait_pv(pv_tok, p_op, v_tile, True)
+            mbarrier.arrive(empty.index(i % NUM_STAGES), count=1)
+            acc = _merge_pv(i, pv, acc, alpha, weight, V_scale, V_offset, O_LAYOUT, HEAD_DIM, True)
+        return acc, l_i
 
     @gluon.jit
-    def _pass_turn(turns, wg, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
-        if PINGPONG:
-            mbarrier.arrive(turns.index((wg + 1) % CONSUMERS), count=1)
+    def _attend_16bit_pv(
+        acc, l_i, m_i, q_tile, q_scale, offs_m, k_smem, v_smem, ready, empty, K_scale, seq_k, n_full, n_end,
+        S_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, ROWS: gl.constexpr,
+        BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+    ):  # fmt: skip
+        """Mode ``"int8_qk"``, software-pipelined as in FlashAttention-3: block i's Q·Kᵀ and block i-1's P·V are
+        in flight on the tensor cores while block i's softmax waits only for the first; the accumulator takes
+        block i's rescale once the second is done."""
+        P_DTYPE: gl.constexpr = v_smem.dtype
+        # Block 0 goes through the masked softmax whatever it needs: with every key visible the mask is a no-op.
+        s_tok, k_tile = _issue_scores(0, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
+        s_int = warpgroup_mma_wait(0, deps=[s_tok, q_tile, k_tile])[0]
+        p_op, m_i, l_i, alpha, _ = _softmax(
+            0, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT, P_DTYPE, BLOCK_N,
+            True, CAUSAL, False,
+        )  # fmt: skip
+        for i in range(1, n_end):
+            acc = acc * alpha[:, None]
+            s_tok, k_tile = _issue_scores(i, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
+            pv_tok, v_tile = _issue_pv(i - 1, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, False)
+            s_int = warpgroup_mma_wait(1, deps=[s_tok, q_tile, k_tile])[0]  # this block's scores; P·V runs on
+            p_next, m_i, l_i, alpha, _ = _softmax_block(
+                i, n_full, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT, P_DTYPE,
+                BLOCK_N, CAUSAL, False,
+            )  # fmt: skip
+            acc = _wait_pv(pv_tok, p_op, v_tile, False)
+            mbarrier.arrive(empty.index((i - 1) % NUM_STAGES), count=1)
+            p_op = p_next
+        acc = acc * alpha[:, None]
+        pv_tok, v_tile = _issue_pv(n_end - 1, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, False)
+        acc = _wait_pv(pv_tok, p_op, v_tile, False)
+        mbarrier.arrive(empty.index((n_end - 1) % NUM_STAGES), count=1)
+        return acc, l_i
 
     @gluon.jit
     def _consume_partition(
-        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, wg,
+        q_smem, k_smem, v_smem, q_bars, ready, empty, wg,
         Q_scale, K_scale, V_scale, V_offset, Out,
         q_row, m_start, kv_row, v_block_row, seq_q, seq_k, n_full, n_end,
         HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, INT8_PV: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
+        CAUSAL: gl.constexpr, INT8_PV: gl.constexpr,
     ):  # fmt: skip
-        """One warpgroup's ``ROWS`` query rows against all key blocks, software-pipelined as in FlashAttention-3:
-        block i's Q·Kᵀ and block i-1's P·V are in flight on the tensor cores while block i's softmax waits only
-        for the first; the accumulator is rescaled once the second is done."""
-        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 32])
+        """Warpgroup ``wg``'s ``ROWS`` query rows against all key blocks, then its rows of the output."""
+        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+        )
         if INT8_PV:
-            O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, HEAD_DIM, 32])
+            O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
+            )
             P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=4)
         else:
-            O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, HEAD_DIM, 16])
+            O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(
+                version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+            )
             P_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
-        P_DTYPE: gl.constexpr = v_smem.dtype
         s_rows: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
         offs_m = m_start + wg * ROWS + gl.arange(0, ROWS, layout=s_rows)
-        q_scale = gl.load(Q_scale + q_row + wg * ROWS + gl.arange(0, ROWS, layout=s_rows), mask=offs_m < seq_q,
-                          other=1.0)
-        K_scale += kv_row
-        if INT8_PV:
-            V_scale += v_block_row * HEAD_DIM
-            V_offset += v_block_row * HEAD_DIM
+        q_scale = gl.load(
+            Q_scale + q_row + wg * ROWS + gl.arange(0, ROWS, layout=s_rows), mask=offs_m < seq_q, other=1.0
+        )
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, O_LAYOUT)
         l_i = gl.zeros([ROWS], gl.float32, s_rows)
         m_i = gl.full([ROWS], NEG_LARGE, gl.float32, s_rows)
         q_tile = q_smem.index(wg)
         mbarrier.wait(q_bars.index(wg), 0)
-
-        # Block 0 goes through the masked softmax whatever it needs: with every key visible the mask is a no-op.
-        _take_turn(turns, wg, 0, PINGPONG)
-        s_tok, k_tile = _issue_scores(0, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
-        _pass_turn(turns, wg, CONSUMERS, PINGPONG)
-        s_int = warpgroup_mma_wait(0, deps=[s_tok, q_tile, k_tile])[0]
-        p_op, m_i, l_i, alpha, weight = _softmax(
-            0, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT, P_DTYPE, BLOCK_N,
-            True, CAUSAL, INT8_PV,
-        )  # fmt: skip
-        for i in range(1, n_end):
-            if not INT8_PV:
-                acc = acc * alpha[:, None]
-            _take_turn(turns, wg, i, PINGPONG)
-            s_tok, k_tile = _issue_scores(i, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
-            pv_tok, v_tile = _issue_pv(i - 1, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, INT8_PV)
-            _pass_turn(turns, wg, CONSUMERS, PINGPONG)
-            if INT8_PV:
-                # Both products finish before the softmax: with an INT8 P·V kept in flight across it the kernel
-                # ran 1.9x slower on an H200 (benchmarks/NOTES_attention.md), its register operand the suspect.
-                s_int = warpgroup_mma_wait(0, deps=[s_tok, q_tile, k_tile])[0]
-                pv = _wait_pv(pv_tok, p_op, v_tile, INT8_PV)
-                mbarrier.arrive(empty.index((i - 1) % NUM_STAGES), count=1)
-                acc = _merge_pv(i - 1, pv, acc, alpha, weight, V_scale, V_offset, O_LAYOUT, HEAD_DIM, INT8_PV)
-                p_op, m_i, l_i, alpha, weight = _softmax_block(
-                    i, n_full, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT,
-                    P_DTYPE, BLOCK_N, CAUSAL, INT8_PV,
-                )  # fmt: skip
-            else:
-                s_int = warpgroup_mma_wait(1, deps=[s_tok, q_tile, k_tile])[0]  # this block's scores; P·V runs on
-                p_next, m_i, l_i, alpha, weight = _softmax_block(
-                    i, n_full, s_int, m_i, l_i, q_scale, offs_m, K_scale, seq_k, S_LAYOUT, P_LAYOUT, O_LAYOUT,
-                    P_DTYPE, BLOCK_N, CAUSAL, INT8_PV,
-                )  # fmt: skip
-                acc = _wait_pv(pv_tok, p_op, v_tile, INT8_PV)
-                mbarrier.arrive(empty.index((i - 1) % NUM_STAGES), count=1)
-                p_op = p_next
-        if not INT8_PV:
-            acc = acc * alpha[:, None]
-        pv_tok, v_tile = _issue_pv(n_end - 1, p_op, acc, v_smem, O_LAYOUT, NUM_STAGES, INT8_PV)
-        pv = _wait_pv(pv_tok, p_op, v_tile, INT8_PV)
-        mbarrier.arrive(empty.index((n_end - 1) % NUM_STAGES), count=1)
-        acc = _merge_pv(n_end - 1, pv, acc, alpha, weight, V_scale, V_offset, O_LAYOUT, HEAD_DIM, INT8_PV)
+        if INT8_PV:
+            acc, l_i = _attend_int8_pv(
+                acc, l_i, m_i, q_tile, q_scale, offs_m, k_smem, v_smem, ready, empty, K_scale + kv_row,
+                V_scale + v_block_row * HEAD_DIM, V_offset + v_block_row * HEAD_DIM, seq_k, n_full, n_end,
+                S_LAYOUT, P_LAYOUT, O_LAYOUT, ROWS, HEAD_DIM, BLOCK_N, NUM_STAGES, CAUSAL,
+            )  # fmt: skip
+        else:
+            acc, l_i = _attend_16bit_pv(
+                acc, l_i, m_i, q_tile, q_scale, offs_m, k_smem, v_smem, ready, empty, K_scale + kv_row, seq_k,
+                n_full, n_end, S_LAYOUT, P_LAYOUT, O_LAYOUT, ROWS, BLOCK_N, NUM_STAGES, CAUSAL,
+            )  # fmt: skip
 
         o_rows: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
         l_o = gl.convert_layout(l_i, o_rows)
@@ -290,10 +303,9 @@ if _HAVE_GLUON:
         q_desc, k_desc, v_desc, Q_scale, K_scale, V_scale, V_offset, Out,
         num_heads, kv_group, seq_q, seq_k, num_v_blocks,
         HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, INT8_PV: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-        PINGPONG: gl.constexpr,
+        CAUSAL: gl.constexpr, INT8_PV: gl.constexpr,
     ):  # fmt: skip
-        BLOCK_M: gl.constexpr = CONSUMERS * ROWS
+        BLOCK_M: gl.constexpr = 2 * ROWS
         num_m_blocks = gl.cdiv(seq_q, BLOCK_M)
         bh = gl.program_id(1)
         # Causal: the longest query blocks (the last ones) start first, so the short ones fill the tail.
@@ -311,75 +323,38 @@ if _HAVE_GLUON:
             n_full = seq_k // BLOCK_N
         n_end = gl.cdiv(n_end_keys, BLOCK_N)
 
-        q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, ROWS, HEAD_DIM], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(gl.int8, [2, ROWS, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(gl.int8, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(
             v_desc.dtype, [NUM_STAGES, v_desc.block_type.shape[0], v_desc.block_type.shape[1]], v_desc.layout
         )
-        q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
-        for j in gl.static_range(CONSUMERS):
+        for j in gl.static_range(2):
             mbarrier.init(q_bars.index(j), count=1)
-            mbarrier.init(turns.index(j), count=1)
         for j in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(j), count=1)
-            mbarrier.init(empty.index(j), count=CONSUMERS)  # one arrival per consumer warpgroup
+            mbarrier.init(empty.index(j), count=2)  # one arrival per consumer warpgroup
 
-        # The consumers differ only in which warpgroup's rows they own (the 7th argument). Gluon takes the
-        # partitions as a literal list, hence one per consumer count.
-        if CONSUMERS == 2:
-            gl.warp_specialize(
-                [
-                    (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 0, Q_scale, K_scale, V_scale, V_offset,
-                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
-                    (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 1, Q_scale, K_scale, V_scale, V_offset,
-                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
-                    (_load_partition, (
-                        q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
-                        q_row, kv_row, bh_kv * HEAD_DIM, n_end, INT8_PV, CONSUMERS, ROWS, BLOCK_N, NUM_STAGES)),
-                ],
-                [4, 1],
-                [CONSUMER_REGS, 24],
-            )
-        else:
-            gl.warp_specialize(
-                [
-                    (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 0, Q_scale, K_scale, V_scale, V_offset,
-                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
-                    (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 1, Q_scale, K_scale, V_scale, V_offset,
-                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
-                    (_consume_partition, (
-                        q_smem, k_smem, v_smem, q_bars, ready, empty, turns, 2, Q_scale, K_scale, V_scale, V_offset,
-                        Out, q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
-                        HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV, CONSUMERS, PINGPONG)),
-                    (_load_partition, (
-                        q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
-                        q_row, kv_row, bh_kv * HEAD_DIM, n_end, INT8_PV, CONSUMERS, ROWS, BLOCK_N, NUM_STAGES)),
-                ],
-                [4, 4, 1],
-                [CONSUMER_REGS, CONSUMER_REGS, 24],
-            )
-
-
-# Registers per thread of each consumer warpgroup (setmaxnreg): the producer keeps 24 and the total stays within
-# the SM's 64K with one program per SM.
-CONSUMER_REGISTERS = {2: 232, 3: 160}
-
-
-def consumer_warpgroups(head_dim: int) -> int:
-    """Consumer warpgroups per program: three at head_dim <= 64, where the softmax (not the tensor cores) is
-    the limit and more warps hide its latency; two above, where the accumulators need the registers."""
-    return 3 if head_dim <= 64 else 2
+        # The two consumers differ only in which warpgroup's rows they own (the 7th argument). The producer
+        # keeps 24 registers a thread and each consumer thread gets 232, within the SM's 64K.
+        gl.warp_specialize(
+            [
+                (_consume_partition, (
+                    q_smem, k_smem, v_smem, q_bars, ready, empty, 0, Q_scale, K_scale, V_scale, V_offset, Out,
+                    q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                    HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                (_consume_partition, (
+                    q_smem, k_smem, v_smem, q_bars, ready, empty, 1, Q_scale, K_scale, V_scale, V_offset, Out,
+                    q_row, m_start, kv_row, bh_kv * num_v_blocks, seq_q, seq_k, n_full, n_end,
+                    HEAD_DIM, ROWS, BLOCK_N, NUM_STAGES, CAUSAL, INT8_PV)),
+                (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, ready, empty,
+                                   q_row, kv_row, bh_kv * HEAD_DIM, n_end, INT8_PV, ROWS, BLOCK_N, NUM_STAGES)),
+            ],
+            [4, 1],
+            [232, 24],
+        )  # fmt: skip
 
 
 @functools.cache
@@ -388,8 +363,9 @@ def _shared_layout(block_shape: tuple[int, int], dtype_name: str):
 
 
 def _descriptor(t2d: torch.Tensor, block_shape: tuple[int, int], dtype_name: str):
-    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), list(block_shape),
-                            _shared_layout(block_shape, dtype_name))
+    return TensorDescriptor(
+        t2d, list(t2d.shape), list(t2d.stride()), list(block_shape), _shared_layout(block_shape, dtype_name)
+    )
 
 
 def gluon_int8_flash_attention(
@@ -399,14 +375,8 @@ def gluon_int8_flash_attention(
     causal: bool = False,
     sm_scale: float | None = None,
     mode: str = "int8",
-    *,
-    consumers: int | None = None,
-    pingpong: bool = True,
 ) -> torch.Tensor:
     """:func:`~moe_trace.attention.int8_flash_attention` through the Gluon kernel (needs :func:`gluon_available`).
-
-    ``consumers`` (2 or 3 warpgroups of 64 query rows per program) overrides :func:`consumer_warpgroups`, and
-    ``pingpong=False`` lets the consumers issue their products whenever they are ready; both for benchmarks.
 
     The result equals :func:`~moe_trace.attention.reference.emulate_int8_attention` with ``block_n=BLOCK_N``.
     """
@@ -433,13 +403,11 @@ def gluon_int8_flash_attention(
     q_desc = _descriptor(q8.view(-1, head_dim), (ROWS_PER_WARPGROUP, head_dim), "int8")
     k_desc = _descriptor(k8.view(-1, head_dim), (BLOCK_N, head_dim), "int8")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    consumers = consumer_warpgroups(head_dim) if consumers is None else consumers
-    grid = (triton.cdiv(seq_q, consumers * ROWS_PER_WARPGROUP), batch * heads)
+    grid = (triton.cdiv(seq_q, 2 * ROWS_PER_WARPGROUP), batch * heads)
     _gluon_int8_attention_kernel[grid](
         q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, v_offset, out,
         heads, heads // kv_heads, seq_q, seq_k, num_v_blocks,
         HEAD_DIM=head_dim, ROWS=ROWS_PER_WARPGROUP, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, CAUSAL=causal,
-        INT8_PV=int8_pv, CONSUMERS=consumers, CONSUMER_REGS=CONSUMER_REGISTERS[consumers], PINGPONG=pingpong,
-        num_warps=4,
+        INT8_PV=int8_pv, num_warps=4,
     )  # fmt: skip
     return out
