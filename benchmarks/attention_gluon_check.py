@@ -1,6 +1,7 @@
 """The Gluon (sm_90) INT8 attention kernel in one GPU call: equality with the torch emulation, accuracy, speed.
 
     PYTHONPATH=. python benchmarks/attention_gluon_check.py [--out $OUT/attention_gluon.json] [--skip-bench]
+    PYTHONPATH=. python benchmarks/attention_gluon_check.py --recheck --out benchmarks/results/attention_gluon.json
 
 1. Equality: both modes, causal and not, D=64 and 128, S not a multiple of the tiles, grouped-query heads,
    fresh non-symmetric inputs; the kernel must equal ``emulate_int8_attention`` to the tolerances of
@@ -9,7 +10,7 @@
    (both modes), the Triton INT8 kernel (both modes), SDPA cuDNN and SDPA flash, at the shapes issue 11's goals
    name; TFLOP/s counts 4·B·H·S²·D (halved when causal). The JSON (``benchmarks/attention.py``'s record
    format plus ``ratio_vs_cudnn`` and a ``goals`` block) is written after every step, so a cut-off run keeps
-   what it measured.
+   what it measured; ``--recheck`` recomputes the goals and the table from a stored JSON.
 """
 
 from __future__ import annotations
@@ -171,16 +172,20 @@ def print_table(result: dict) -> None:
     quantize = "quantize q,k only"
     impls = [name for name in dict.fromkeys(r["impl"] for r in result["records"]) if name != quantize]
     log("\nTFLOP/s (quantization included), ratio to SDPA cuDNN in brackets; last column: quantizing Q and K alone")
-    log("shape".ljust(26) + "".join(name.rjust(18) for name in impls) + "quantize q,k".rjust(14))
+    width = max(18, *(len(name) + 2 for name in impls))
+    log("shape".ljust(26) + "".join(name.rjust(width) for name in impls) + "quantize q,k".rjust(14))
 
     def shape_of(r):
         return r["batch"], r["heads"], r["seq"], r["head_dim"], r["causal"]
 
     for shape in dict.fromkeys(shape_of(r) for r in result["records"]):
         rows = {r["impl"]: r for r in result["records"] if shape_of(r) == shape}
-        cells = "".join(f"{rows[n]['tflops']:7.1f} ({rows[n]['ratio_vs_cudnn']:.2f}x)".rjust(18) for n in impls)
+        cells = "".join(
+            (f"{rows[n]['tflops']:7.1f} ({rows[n]['ratio_vs_cudnn']:.2f}x)" if n in rows else "-").rjust(width)
+            for n in impls
+        )
         name = f"B{shape[0]} H{shape[1]} S{shape[2]} D{shape[3]} {'causal' if shape[4] else 'full'}"
-        log(name.ljust(26) + cells + f"{rows[quantize]['ms']:.3f} ms".rjust(14))
+        log(name.ljust(26) + cells + (f"{rows[quantize]['ms']:.3f} ms" if quantize in rows else "-").rjust(14))
     for goal, verdict in result.get("goals", {}).items():
         log(f"goal {goal}: worst {verdict['measured_worst']}x -> {'MET' if verdict['met'] else 'missed'}")
 
@@ -194,11 +199,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/attention_gluon.json")
     parser.add_argument("--skip-bench", action="store_true", help="equality only")
+    parser.add_argument("--recheck", action="store_true", help="recompute goals and table from --out, no GPU")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.recheck:
+        result = json.loads(out.read_text())
+        judge_goals(result)
+        write(result, out)
+        print_table(result)
+        return 0
     if not gluon_available():
         print("needs an sm_90 GPU and Triton with Gluon", file=sys.stderr)
         return 2
-    out = Path(args.out)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
