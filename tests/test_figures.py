@@ -60,12 +60,25 @@ def _trace_summary(result: dict) -> list[list[str]]:
              f"{t['layers_never_stable']} of {t['moe_layers']}"] for t in result["traces"]]
 
 
+def _attention_gluon(result: dict) -> list[list[str]]:
+    def row(r):
+        attention = not r["impl"].startswith("quantize")  # the quantization row has no FLOPs of its own
+        return [f"B{r['batch']} H{r['heads']} S{r['seq']} D{r['head_dim']} {'causal' if r['causal'] else 'full'}",
+                r["impl"], f"{r['ms']:.3f} ms", f"{r['tflops']:.1f}" if attention else "-",
+                f"{r['ratio_vs_cudnn']:.2f}x" if attention else "-",
+                f"{r['rel_l1'] * 100:.2f} %" if attention else "-"]
+
+    return [row(r) for r in result["records"]]
+
+
 RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/train_throughput.json": _train_throughput,
     "benchmarks/results/train_throughput_loop_h100.json": _train_throughput_loop,
     "benchmarks/results/expert_parallel_scaling.json": _expert_parallel_scaling,
     "benchmarks/results/phase_detection.json": _phase_detection,
     "benchmarks/results/trace_summary.json": _trace_summary,
+    "benchmarks/results/attention_gluon.json": _attention_gluon,
+    "benchmarks/results/attention_gluon_runs/2_pipelined.json": _attention_gluon,
 }
 
 

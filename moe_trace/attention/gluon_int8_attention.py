@@ -14,8 +14,8 @@ busy. Each program owns ``2 * ROWS_PER_WARPGROUP`` query rows and runs three war
   cores while block i's softmax waits only for the first.
 
 Measured on an H200 (benchmarks/NOTES_attention.md): what did not pay, and is not here, is a third consumer
-warpgroup (register spills, 0.55x), FA3's ping-pong of the consumers' turns on the tensor cores (0.97-1.0x)
-and pipelining the INT8 P·V of mode ``"int8"`` (0.5-0.6x).
+warpgroup (register spills, 0.35-0.57x), FA3's ping-pong of the consumers' turns on the tensor cores
+(0.95-0.99x) and pipelining the INT8 P·V of mode ``"int8"`` (0.47-0.52x).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ if _HAVE_GLUON:
         CAUSAL: gl.constexpr,
     ):  # fmt: skip
         """Mode ``"int8"``: each block's two products one after the other (kept in flight across the softmax,
-        the INT8 P·V made the kernel 1.7-1.9x slower on an H200)."""
+        the INT8 P·V made the kernel 1.5-2.1x slower on an H200)."""
         for i in range(0, n_end):
             s_tok, k_tile = _issue_scores(i, q_tile, k_smem, ready, S_LAYOUT, ROWS, BLOCK_N, NUM_STAGES)
             s_int = warpgroup_mma_wait(0, deps=[s_tok, q_tile, k_tile])[0]
