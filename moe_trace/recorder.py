@@ -1,9 +1,12 @@
 """Per-step expert-load recording without host-device syncs in the training step.
 
-:class:`CountRecorder` sums each step's per-layer, per-expert counts (over micro-batches) into a device
-buffer of ``block`` steps. When the buffer is full it is summed over data-parallel ranks and copied to
-pinned host memory with a non-blocking copy and a CUDA event; :meth:`CountRecorder.flush` waits for those
-events (long completed by then) and writes the steps as one schema-1 part file.
+:class:`Recorder` accumulates the current step's per-layer, per-expert counts on the device (from expert
+ids with ``scatter_add_``, or from a layer's own count vector); :meth:`Recorder.step` moves them into a
+device buffer of ``block`` steps. When the buffer is full it is summed over data-parallel ranks (one
+all-reduce per block) and copied to pinned host memory with a non-blocking copy and a CUDA event;
+:meth:`Recorder.flush` waits for those events (long completed by then) and writes the steps as one
+schema-1 part file. What feeds a recorder (forward hooks on a model's MoE layers) is
+:mod:`moe_trace.record`'s job.
 
 :class:`MetricsLog` does the same for the per-step scalars of ``metrics.parquet``: the loss, aux loss and
 gradient norm stay device tensors until a flush or a progress update reads them.
@@ -12,7 +15,7 @@ gradient norm stay device tensors until a flush or a progress update reads them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,68 +26,135 @@ import torch.distributed as dist
 from moe_trace import trace
 
 
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-class CountRecorder:
-    """Collects ``[moe_layers, experts]`` counts per micro-batch and writes them as a trace.
+class Recorder:
+    """Counts of ``len(meta["moe_layers"])`` MoE layers x ``meta["num_experts"]`` experts, written as a trace.
 
     ``write=False`` (data-parallel ranks other than 0) still takes part in the all-reduce but writes nothing.
+    A part file is written every ``flush_every`` steps (``None``: only when :meth:`flush` is called).
+    ``on_block(steps, counts)`` is called with every block of summed host counts (for loggers such as
+    TensorBoard), when the block reaches the host at a flush. The first flush drops the trace's rows from
+    the first recorded step on (a resumed run records those steps again).
     """
 
     def __init__(self, trace_dir: str | os.PathLike, meta: Mapping[str, Any], device: torch.device,
-                 block: int = 25, write: bool = True):
-        self.trace_dir, self.meta, self.write = Path(trace_dir), dict(meta), write
-        shape = (block, len(meta["moe_layers"]), meta["num_experts"])
-        self._buffer = torch.zeros(shape, dtype=torch.int64, device=device)
+                 block: int = 25, write: bool = True, group: dist.ProcessGroup | None = None,
+                 flush_every: int | None = None, on_block: Callable[[np.ndarray, np.ndarray], None] | None = None):
+        self.trace_dir, self.meta, self.write, self.group = Path(trace_dir), dict(meta), write, group
+        self.num_layers, self.num_experts = len(self.meta["moe_layers"]), int(self.meta["num_experts"])
+        self.enabled = True  # hooks feeding this recorder do nothing while False
+        self.flush_every, self.on_block = flush_every, on_block
+        self._current = torch.zeros((self.num_layers, self.num_experts), dtype=torch.int64, device=device)
+        self._buffer = torch.zeros((block, self.num_layers, self.num_experts), dtype=torch.int64, device=device)
         self._pin = device.type == "cuda"
-        self._slot = 0
-        self._first_step: int | None = None
-        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self._steps: list[int] = []  # steps held in the device buffer
+        self._last_step: int | None = None
+        self._unflushed = 0  # steps closed since the last flush
+        self._sequences, self._seq_len = 0, 0  # input shapes seen in the current step (add_sequences)
+        self._truncated = False
+        self._pending: list[tuple[list[int], torch.Tensor, torch.cuda.Event | None]] = []
+        self._cleanup: list[Callable[[], None]] = []
 
-    def add(self, counts: torch.Tensor) -> None:
-        """Add one micro-batch's counts (int64 ``[moe_layers, experts]``, on the device) to the current step."""
-        self._buffer[self._slot] += counts
+    # -- feeding counts (called from forward hooks; never reads device values) --------------------------
 
-    def end_step(self, step: int) -> None:
-        """Close the current step as optimizer step ``step`` (steps arrive consecutively)."""
-        if self._first_step is None:
-            self._first_step = step
-        self._slot += 1
-        if self._slot == len(self._buffer):
+    def add_counts(self, layer: int, counts: torch.Tensor) -> None:
+        """Add an int64 count vector ``[experts]`` to MoE layer ``layer`` (position in ``moe_layers``)."""
+        self._current[layer] += counts
+
+    def add_expert_ids(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """Count each selected expert id once; ids outside ``0..experts-1`` (padding sentinels) are dropped."""
+        ids = expert_ids.reshape(-1).to(torch.int64)
+        valid = (ids >= 0) & (ids < self.num_experts)
+        # scatter_add_, not bincount: bincount reads the largest id on the host to size its output (a sync).
+        self._current[layer].scatter_add_(0, ids.clamp(0, self.num_experts - 1), valid.to(torch.int64))
+
+    def add_all(self, counts: torch.Tensor) -> None:
+        """Add int64 ``[layers, experts]`` counts (one micro-batch of every layer) to the current step."""
+        self._current += counts
+
+    def add_sequences(self, sequences: int, seq_len: int) -> None:
+        """Host-side shape of one counted forward's token ids: fills the sizes ``meta`` leaves as None."""
+        self._sequences += sequences
+        self._seq_len = seq_len
+
+    def _fill_sizes(self) -> None:
+        if self._sequences:
+            world = int(self.meta["world_size"])
+            observed = {"global_batch": self._sequences * world, "seq_len": self._seq_len,
+                        "tokens_per_step": self._sequences * self._seq_len * world}
+            for key, value in observed.items():
+                if self.meta.get(key) is None:
+                    self.meta[key] = value
+        self._sequences = 0
+
+    # -- steps and flushing ----------------------------------------------------------------------------
+
+    def step(self, step: int) -> None:
+        """Close the current step as optimizer step ``step``: what was counted since the last call."""
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"step {step} does not follow step {self._last_step}: steps must increase")
+        self._last_step = step
+        self._fill_sizes()
+        self._buffer[len(self._steps)].copy_(self._current)
+        self._current.zero_()
+        self._steps.append(step)
+        if len(self._steps) == len(self._buffer):
             self._copy_to_host()
+        self._unflushed += 1
+        if self.flush_every and self._unflushed >= self.flush_every:
+            self.flush()
 
     def _copy_to_host(self) -> None:
-        if self._slot == 0:
+        if not self._steps:
             return
-        block = self._buffer[: self._slot]
-        if _is_distributed():
-            dist.all_reduce(block)
+        block = self._buffer[: len(self._steps)]
+        if is_distributed(self.group):
+            dist.all_reduce(block, group=self.group)
         host = torch.empty(block.shape, dtype=torch.int64, pin_memory=self._pin)
         host.copy_(block, non_blocking=self._pin)
         event = None
         if self._pin:
             event = torch.cuda.Event()
             event.record()
-        # Stream order makes it safe to clear the buffer while the copy above is still in flight.
-        self._buffer.zero_()
-        self._pending.append((self._first_step, host, event))
-        self._slot, self._first_step = 0, None
+        # Stream order makes it safe to reuse the buffer while the copy above is still in flight.
+        self._pending.append((self._steps, host, event))
+        self._steps = []
 
     def flush(self) -> None:
-        """Write every step recorded so far as one part file (crash-safe: it appears only complete)."""
+        """Write every step closed so far as one part file (crash-safe: it appears only complete)."""
         self._copy_to_host()
+        self._unflushed = 0
         if not self._pending:
             return
         for _, _, event in self._pending:
             if event is not None:
                 event.synchronize()
-        steps = np.concatenate([first + np.arange(len(host)) for first, host, _ in self._pending])
+        steps = np.concatenate([np.asarray(s, dtype=np.int64) for s, _, _ in self._pending])
         counts = np.concatenate([host.numpy() for _, host, _ in self._pending])
         self._pending.clear()
+        if self.on_block is not None:
+            self.on_block(steps, counts)
         if self.write:
+            if not self._truncated:
+                trace.truncate(self.trace_dir, int(steps[0]))
+                self._truncated = True
             trace.write_part(self.trace_dir, steps, counts, self.meta)
+
+    def close(self) -> None:
+        """Flush, merge the trace's parts into one, and remove the hooks that fed this recorder."""
+        self.flush()
+        for cleanup in reversed(self._cleanup):
+            cleanup()
+        self._cleanup.clear()
+        if self.write and self.trace_dir.is_dir():
+            trace.compact(self.trace_dir)
+
+    def on_close(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` (e.g. a hook handle's ``remove``) at :meth:`close`."""
+        self._cleanup.append(cleanup)
 
 
 class MetricsLog:

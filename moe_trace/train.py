@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from moe_trace import __version__, expert_parallel, memory, optim, trace
+from moe_trace import __version__, expert_parallel, memory, optim, record, trace
 from moe_trace.data import TokenData, load_data
 from moe_trace.errors import UsageError
 from moe_trace.model import GPT, ModelConfig
-from moe_trace.recorder import CountRecorder, MetricsLog
+from moe_trace.recorder import MetricsLog
 
 CHECKPOINTS_KEPT = 2
 
@@ -106,7 +108,7 @@ def _shard(world: Distributed) -> str:
     return f".rank-{world.rank}" if world.world_size > 1 else ""
 
 
-def save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, shard: str = "") -> Path:
     """Save everything needed to continue at ``step`` (the next step to run)."""
     directory = run_dir / "checkpoints"
@@ -124,7 +126,7 @@ def save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer: torch.optim
     return path
 
 
-def load_checkpoint(run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
+def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, shard: str = "") -> int:
     """Restore the latest checkpoint into the given objects; return the step to continue from."""
     paths = _checkpoint_paths(run_dir, shard)
@@ -169,13 +171,13 @@ class _StopRequest:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, data: TokenData, config: TrainConfig, micro_batch: int, device: torch.device,
-             autocast: contextlib.AbstractContextManager, world: Distributed) -> float:
+def evaluate(model: nn.Module, data: TokenData, config: TrainConfig, micro_batch: int, seq_len: int,
+             device: torch.device, autocast: contextlib.AbstractContextManager, world: Distributed) -> float:
     """Mean validation cross-entropy over ``eval_batches`` fixed batches of this rank."""
     model.eval()
     losses = []
     for i in range(config.eval_batches):
-        x, y = data.batch("val", config.seed, 0, i, micro_batch, model.config.seq_len, world.rank)
+        x, y = data.batch("val", config.seed, 0, i, micro_batch, seq_len, world.rank)
         with autocast:
             losses.append(model(x.to(device), y.to(device))[1])
     model.train()
@@ -186,11 +188,17 @@ def evaluate(model: GPT, data: TokenData, config: TrainConfig, micro_batch: int,
     return loss.item()
 
 
-def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resume: bool = False) -> dict[str, Any]:
-    """Train, record and checkpoint into ``config.out``; return a summary of the run."""
+def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resume: bool = False,
+          build_model: Callable[[ModelConfig], nn.Module] = GPT) -> dict[str, Any]:
+    """Train, record and checkpoint into ``config.out``; return a summary of the run.
+
+    ``build_model`` makes the model from ``model_config`` (default this project's GPT; the command line passes
+    :class:`moe_trace.integrations.hf.CausalLM` for ``hf:<family>``): any module with ``forward(idx, targets)
+    -> (logits, loss)`` and ``aux_loss()`` whose MoE layers :func:`moe_trace.record.attach` finds.
+    """
     world, device = _setup_distributed(device_kind)
     try:
-        return _train(model_config, config, world, device, resume)
+        return _train(model_config, config, world, device, resume, build_model)
     finally:
         # Only after _train's model, optimizer and autograd state are freed: with gloo, freeing them once
         # the process group is gone can block (seen in tests/test_expert_parallel.py).
@@ -199,16 +207,19 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
 
 
 def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, device: torch.device,
-           resume: bool) -> dict[str, Any]:
+           resume: bool, build_model: Callable[[ModelConfig], nn.Module]) -> dict[str, Any]:
     run_dir = Path(config.out)
+    if world.world_size > 1 and build_model is not GPT:
+        raise UsageError(f"{model_config.name} trains on one process (torchrun's expert parallelism runs the "
+                         "GPT presets)")
     _check_run_dir(run_dir, resume, _shard(world))
     micro_batch = _micro_batch(model_config, config, world)
     accumulation = config.global_batch // (micro_batch * world.world_size)
 
     data = _load_data_once(model_config, config, world)
     torch.manual_seed(config.seed)
-    optimizer_name = _choose_optimizer(model_config, config, world, device)
-    model = GPT(model_config)
+    optimizer_name = _choose_optimizer(model_config, config, world, device, sized=build_model is GPT)
+    model = build_model(model_config)
     expert_names = _shard_experts(model, world)  # before the move: a rank's GPU never holds all the experts
     optim.cast_parameters(model, optimizer_name)
     model.to(device)
@@ -222,18 +233,16 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                 else contextlib.nullcontext())
 
     tokens_per_step = config.global_batch * model_config.seq_len
-    meta = trace.make_meta(
-        model=model_config.name, num_experts=model_config.num_experts, top_k=model_config.top_k,
-        moe_layers=model_config.moe_blocks, tokens_per_step=tokens_per_step, seq_len=model_config.seq_len,
-        global_batch=config.global_batch, seed=config.seed, moe_backend=model_config.moe_backend,
-        attention=model_config.attention, world_size=world.world_size)
     if world.is_main:
         _write_config(run_dir, model_config, dataclasses.replace(config, optimizer=optimizer_name), data, world,
                       device)
-        if config.record:
-            trace.truncate(run_dir / "trace", start)
-    recorder = CountRecorder(run_dir / "trace", meta, device, block=min(25, config.flush_every),
-                             write=world.is_main and config.record)
+    # Hooks on the MoE layers count every training forward (micro-batches sum into the step); the first
+    # flush drops any rows a killed run recorded from `start` on.
+    recorder = record.attach(model, run_dir, meta={
+        "model": model_config.name, "tokens_per_step": tokens_per_step, "seq_len": model_config.seq_len,
+        "global_batch": config.global_batch, "seed": config.seed, "world_size": world.world_size},
+        block=min(25, config.flush_every), flush_every=None,
+        write=world.is_main and config.record)
     metrics = MetricsLog(run_dir / "metrics.parquet", start, write=world.is_main)
 
     from tqdm import tqdm
@@ -270,7 +279,6 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                     _, loss = forward(x, y)
                     aux = model.aux_loss()
                 ((loss + aux) / accumulation).backward()
-                recorder.add(model.tokens_per_expert())
                 loss_sum += loss.detach()
                 aux_sum += aux.detach()
             grad_norm = (expert_parallel.clip_grad_norm_(model, config.grad_clip) if expert_names
@@ -282,7 +290,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
             if world.world_size > 1:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world.world_size
-            recorder.end_step(step)
+            recorder.step(step)
             metrics.add(step=step, loss=loss_sum / accumulation, lr=lr, grad_norm=grad_norm,
                         aux_loss=aux_sum / accumulation, step_time_s=time.perf_counter() - step_started,
                         tokens=tokens_per_step)
@@ -290,7 +298,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
 
             if step % config.eval_every == 0 or step == config.steps:
                 began = time.perf_counter()
-                val_loss = evaluate(model, data, config, micro_batch, device, autocast, world)
+                val_loss = evaluate(model, data, config, micro_batch, model_config.seq_len, device, autocast, world)
                 eval_s += time.perf_counter() - began
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 flush_and_checkpoint()
@@ -303,10 +311,9 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                                      tok_s=f"{(step - start) * tokens_per_step / elapsed:,.0f}", refresh=False)
             progress.update(1)
         flush_and_checkpoint()
+        recorder.close()
     progress.close()
     elapsed = time.perf_counter() - started
-    if world.is_main and config.record:
-        trace.compact(run_dir / "trace")
     return {
         "run_dir": str(run_dir), "rank": world.rank, "steps": step, "start_step": start,
         "stopped_early": step < config.steps,
@@ -318,9 +325,10 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
 
 
 def _choose_optimizer(model_config: ModelConfig, config: TrainConfig, world: Distributed,
-                      device: torch.device) -> str:
-    """``--optimizer``, or under ``auto`` the most exact one whose state fits this GPU (float32 AdamW on CPU)."""
-    if device.type != "cuda":
+                      device: torch.device, sized: bool = True) -> str:
+    """``--optimizer``, or under ``auto`` the most exact one whose state fits this GPU (float32 AdamW on CPU, and
+    for models whose size :mod:`moe_trace.memory` does not estimate, ``sized=False``: the hf:<family> ones)."""
+    if device.type != "cuda" or not sized:
         name = "adamw" if config.optimizer == "auto" else config.optimizer
     else:
         name = memory.choose_optimizer(model_config, torch.cuda.get_device_properties(device).total_memory,

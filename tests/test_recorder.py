@@ -1,24 +1,24 @@
-"""The count recorder and metrics log: blocks, flushes and resume truncation."""
+"""The count recorder and metrics log: blocks, flushes, sentinel ids and resume truncation."""
 
 import numpy as np
 import pytest
 import torch
 
 from moe_trace import trace
-from moe_trace.recorder import CountRecorder, MetricsLog
+from moe_trace.recorder import MetricsLog, Recorder
 
 META = trace.make_meta(model="test", num_experts=3, top_k=1, moe_layers=[1, 3], tokens_per_step=6, seq_len=2,
                        global_batch=3, seed=0, moe_backend="torch", attention="sdpa", world_size=1)
 
 
 def test_micro_batches_sum_and_parts_cover_every_step(tmp_path):
-    recorder = CountRecorder(tmp_path / "trace", META, torch.device("cpu"), block=4)
+    recorder = Recorder(tmp_path / "trace", META, torch.device("cpu"), block=4)
     rng = np.random.default_rng(0)
     expected = rng.integers(0, 10, size=(11, 2, 2, 3))  # steps, micro-batches, layers, experts
     for step in range(11):
         for micro in range(2):
-            recorder.add(torch.from_numpy(expected[step, micro]))
-        recorder.end_step(step)
+            recorder.add_all(torch.from_numpy(expected[step, micro]))
+        recorder.step(step)
         if step in (5, 10):  # flushes mid-block and at a block boundary
             recorder.flush()
     loaded = trace.load(tmp_path / "trace")
@@ -28,11 +28,46 @@ def test_micro_batches_sum_and_parts_cover_every_step(tmp_path):
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
-    recorder = CountRecorder(tmp_path / "trace", META, torch.device("cpu"), block=2, write=False)
-    recorder.add(torch.ones(2, 3, dtype=torch.int64))
-    recorder.end_step(0)
+    recorder = Recorder(tmp_path / "trace", META, torch.device("cpu"), block=2, write=False)
+    recorder.add_all(torch.ones(2, 3, dtype=torch.int64))
+    recorder.step(0)
     recorder.flush()
     assert not (tmp_path / "trace").exists()
+
+
+def test_expert_ids_are_counted_and_sentinels_dropped(tmp_path):
+    recorder = Recorder(tmp_path / "trace", META, torch.device("cpu"), block=4)
+    recorder.add_expert_ids(0, torch.tensor([[0, 2], [2, -1], [3, 1]]))  # -1 and 3 (= experts) are padding
+    recorder.add_expert_ids(1, torch.tensor([1, 1], dtype=torch.int32))
+    recorder.step(7)
+    recorder.flush()
+    loaded = trace.load(tmp_path / "trace")
+    assert loaded.steps.tolist() == [7]
+    assert loaded.counts[0].tolist() == [[1, 1, 2], [0, 2, 0]]
+
+
+def test_steps_must_increase_and_flush_every_writes_parts(tmp_path):
+    recorder = Recorder(tmp_path / "trace", META, torch.device("cpu"), block=2, flush_every=3)
+    for step in (0, 2, 5, 6):  # steps need not be consecutive
+        recorder.add_all(torch.ones(2, 3, dtype=torch.int64))
+        recorder.step(step)
+    assert len(list((tmp_path / "trace").glob("part-*.parquet"))) == 1  # steps 0, 2, 5
+    with pytest.raises(ValueError, match="must increase"):
+        recorder.step(6)
+    recorder.close()
+    assert trace.load(tmp_path / "trace").steps.tolist() == [0, 2, 5, 6]
+
+
+def test_first_flush_replaces_rows_from_the_first_recorded_step(tmp_path):
+    trace.write(tmp_path / "trace", np.full((6, 2, 3), 5), META)  # a killed run's steps 0..5
+    recorder = Recorder(tmp_path / "trace", META, torch.device("cpu"))
+    for step in (3, 4):  # resumed from a checkpoint at step 3
+        recorder.add_all(torch.ones(2, 3, dtype=torch.int64))
+        recorder.step(step)
+    recorder.close()
+    loaded = trace.load(tmp_path / "trace")
+    assert loaded.steps.tolist() == [0, 1, 2, 3, 4]
+    assert loaded.counts[:, 0, 0].tolist() == [5, 5, 5, 1, 1]
 
 
 def test_metrics_log_keeps_rows_before_the_resume_step(tmp_path):
@@ -56,13 +91,16 @@ def test_metrics_log_keeps_rows_before_the_resume_step(tmp_path):
 def test_moe_step_and_recording_do_not_sync_with_the_host(tmp_path):
     """Training steps across several recorder blocks (each ends in an all-reduce-free copy to pinned host
     memory) run without a host sync; only the flush, which training runs every ``--flush-every`` steps, waits."""
+    from moe_trace import record
     from moe_trace.moe import MoELayer
 
     layer = MoELayer(hidden=64, ffn=128, num_experts=4, top_k=1).cuda()
-    meta = {**META, "moe_layers": [1], "num_experts": 4}
-    recorder = CountRecorder(tmp_path / "trace", meta, torch.device("cuda"), block=4)
+    recorder = record.attach(layer, tmp_path, meta={"tokens_per_step": 512, "seq_len": 256, "global_batch": 2},
+                             block=4, flush_every=None)
     x = torch.randn(256, 64, device="cuda")
-    layer(x)  # warm-up: first calls may allocate with syncs
+    recorder.enabled = False
+    layer(x)  # warm-up, not recorded: first calls may allocate with syncs
+    recorder.enabled = True
     torch.cuda.synchronize()
     recorded = []
 
@@ -74,17 +112,16 @@ def test_moe_step_and_recording_do_not_sync_with_the_host(tmp_path):
                     with torch.autocast("cuda", dtype=torch.bfloat16):
                         out = layer(x)
                     (out.float().square().mean() + layer.aux_loss).backward()
-                    recorder.add(layer.tokens_per_expert.unsqueeze(0))
                     recorded.append(layer.tokens_per_expert.clone())
-                recorder.end_step(step)
+                recorder.step(step)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
     train_steps(range(10))  # blocks [0, 4) and [4, 8) copied to the host, steps 8, 9 still on the device
     recorder.flush()  # mid-block
     train_steps(range(10, 17))  # a fresh block after the flush: [10, 14), then 14..16
-    recorder.flush()
-    loaded = trace.load(tmp_path / "trace")
+    recorder.close()
+    loaded = trace.load(tmp_path)
     assert loaded.steps.tolist() == list(range(17))
     expected = torch.stack(recorded).view(17, 2, 1, 4).sum(dim=1).cpu().numpy()
     assert np.array_equal(loaded.counts, expected)

@@ -12,13 +12,17 @@ from pathlib import Path
 from moe_trace.errors import UsageError
 
 PRESET_NAMES = ("gpt-tiny-moe", "gpt-125m-moe", "gpt-350m-moe")  # moe_trace.model.PRESETS, without torch
+HF_PREFIX = "hf:"  # moe_trace.integrations.hf.PREFIX, without torch
+HF_BASE_PRESET = "gpt-tiny-moe"  # the sizes an hf:<family> model starts from before overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a GPT-MoE model and record per-step expert load",
                               description="Train a GPT-MoE preset; writes OUT/trace/, OUT/metrics.parquet, "
                                           "OUT/config.json and OUT/checkpoints/.")
-    p.add_argument("--model", help=f"preset: {', '.join(PRESET_NAMES)} (not needed with --resume)")
+    p.add_argument("--model", help=f"preset: {', '.join(PRESET_NAMES)}, or hf:<family> for a transformers MoE "
+                                   "architecture (hf:olmoe, hf:deepseek_v3, ...; random init at gpt-tiny-moe's size "
+                                   "unless overridden) (not needed with --resume)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with its saved settings "
@@ -102,28 +106,42 @@ def run(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, steps=args.steps)
     else:
         if args.model is None:
-            raise UsageError("--model is required (one of " + ", ".join(PRESET_NAMES) + ")")
-        if args.model not in model_lib.PRESETS:
-            raise UsageError(f"unknown model {args.model!r}; presets: {', '.join(model_lib.PRESETS)}")
+            raise UsageError("--model is required (one of " + ", ".join(PRESET_NAMES) + ", or hf:<family>)")
+        family = args.model.startswith(HF_PREFIX)
+        if not family and args.model not in model_lib.PRESETS:
+            raise UsageError(f"unknown model {args.model!r}; presets: {', '.join(model_lib.PRESETS)}, "
+                             "or hf:<family> (a transformers MoE architecture)")
         if args.data is not None and not Path(args.data).exists():
             raise UsageError(f"--data {args.data}: no such file or directory")
         overrides = {f: getattr(args, f) for f in MODEL_FIELDS}
-        overrides["attention"] = model_lib.resolve_attention(args.attention, device)
-        overrides["moe_backend"] = _moe_backend(args.moe_backend, device)
+        if family:
+            _check_hf_overrides(args)
+            # The family's own attention and experts run; the preset gives the sizes only.
+            overrides.update(name=args.model, attention="sdpa", moe_backend="torch")
+        else:
+            overrides["attention"] = model_lib.resolve_attention(args.attention, device)
+            overrides["moe_backend"] = _moe_backend(args.moe_backend, device)
         try:
-            model_config = model_lib.make_config(args.model, **overrides)
+            model_config = model_lib.make_config(HF_BASE_PRESET if family else args.model, **overrides)
         except ValueError as e:
             raise UsageError(str(e)) from None
         train_fields = {f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None}
         train_fields.setdefault("global_batch", model_config.global_batch)
         train_fields.setdefault("warmup", min(100, train_fields.get("steps", 1000) // 10))
         train_fields.setdefault("corpus_mb", 8.0 if model_config.vocab_size <= 8192 else 128.0)
-        compile_model = _default_compile(device, model_config) if args.compile is None else args.compile
+        compile_model = (_default_compile(device, model_config) and not family) if args.compile is None \
+            else args.compile
         config = train_lib.TrainConfig(out=args.out or f"runs/{args.model}", seed=args.seed, record=args.record,
                                        compile=compile_model, **train_fields)
     _check_positive(config)
 
-    summary = train_lib.train(model_config, config, device, resume=args.resume)
+    build_model = model_lib.GPT
+    if model_config.name.startswith(HF_PREFIX):
+        from moe_trace.integrations import hf
+
+        hf.check_family(model_config.name)
+        build_model = hf.CausalLM
+    summary = train_lib.train(model_config, config, device, resume=args.resume, build_model=build_model)
     if summary["rank"] != 0:
         return 0
     print(f"{model_config.name}: steps {summary['start_step']}..{summary['steps'] - 1}"
@@ -140,6 +158,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             Path(args.json).write_text(text)
     return 130 if summary["stopped_early"] else 0  # the shell's code for "interrupted", as the CLI uses
+
+
+def _check_hf_overrides(args: argparse.Namespace) -> None:
+    """Options a transformers family decides itself are refused rather than ignored."""
+    refused = [flag for flag, given in (("--moe-every", args.moe_every is not None),
+                                        ("--z-loss-weight", args.z_loss_weight is not None),
+                                        ("--moe-backend", args.moe_backend != "auto"),
+                                        ("--attention", args.attention != "auto")) if given]
+    if refused:
+        raise UsageError(f"{args.model}: {', '.join(refused)} apply to the GPT presets; the family decides "
+                         "where its MoE blocks sit and runs its own attention and experts")
 
 
 def _moe_backend(requested: str, device: str) -> str:
