@@ -4,6 +4,10 @@ A trace is a directory of ``part-<first>-<last>.parquet`` files, one row per (st
 per-expert token counts as a list column. Every part carries the run's metadata as JSON under the
 schema-metadata key ``moe_trace``, so any single part (or a one-file trace) describes itself.
 
+Readers also take part files of any other name ending ``.parquet`` (what pyarrow, duckdb or polars write:
+``part-0.parquet``, ``part-00000.parquet``) that carry the metadata: rows are ordered by ``step``, never by
+file name, and a step found in two files is an error naming both.
+
 Crash safety comes from the file system: a part is written to a temporary name, fsynced and renamed,
 so a reader only ever sees complete parts. A part whose step range lies inside another part's range is
 superseded by it (this is what a merge or a truncation leaves if it is killed between its rename and its
@@ -39,6 +43,7 @@ REQUIRED_META = (
 )
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "aux_loss", "step_time_s", "tokens")
 _PART_RE = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+SIDECARS = ("metrics.parquet", "placement.parquet")  # per-run files, never trace parts
 
 
 class TraceError(UsageError):
@@ -211,7 +216,10 @@ def truncate(directory: str | os.PathLike, from_step: int) -> None:
 
 
 def compact(directory: str | os.PathLike) -> Path | None:
-    """Merge all parts into one (safe to interrupt: the merged part supersedes the ones it covers)."""
+    """Merge this writer's parts into one (safe to interrupt: the merged part supersedes the ones it covers).
+
+    Parts of other names (another tool's) are left as they are.
+    """
     directory = Path(directory)
     live = _live_parts(directory)
     if not live:
@@ -219,10 +227,10 @@ def compact(directory: str | os.PathLike) -> Path | None:
     if len(live) == 1:
         merged = live[0][2]
     else:
-        trace = load(directory)
+        trace = _load_parts([p for _, _, p in live], directory)
         merged = write_part(directory, trace.steps, trace.counts, trace.meta)
-    for p in directory.glob("part-*.parquet"):
-        if p != merged:
+    for p in directory.iterdir():
+        if _PART_RE.match(p.name) and p != merged:
             p.unlink()
     _fsync_dir(directory)
     return merged
@@ -267,15 +275,27 @@ def _read_table(source: Path) -> tuple[pa.Table, dict[str, Any]]:
     return table, meta
 
 
+def _sources(path: Path) -> list[Path]:
+    """The files a reader reads at ``path``: this writer's live parts, then any other ``*.parquet`` part."""
+    if not path.is_dir():
+        return [path]
+    foreign = sorted(p for p in path.glob("*.parquet") if not _PART_RE.match(p.name) and p.name not in SIDECARS)
+    sources = [p for _, _, p in _live_parts(path)] + foreign
+    if not sources:
+        raise TraceError(f"{path} holds no .parquet part files")
+    return sources
+
+
 def load(path: str | os.PathLike) -> Trace:
     """Read a trace (directory of parts, single ``.parquet`` file, or run directory) and validate it.
 
     Raises :class:`TraceError` for anything that is not a complete, consistent schema-1 trace.
     """
     path = resolve(path)
-    sources = [p for _, _, p in _live_parts(path)] if path.is_dir() else [path]
-    if not sources:
-        raise TraceError(f"{path} holds no part-*.parquet files")
+    return _load_parts(_sources(path), path)
+
+
+def _load_parts(sources: list[Path], path: Path) -> Trace:
     tables, meta = [], None
     for source in sources:
         table, part_meta = _read_table(source)
@@ -285,7 +305,24 @@ def load(path: str | os.PathLike) -> Trace:
             raise TraceError(f"{source} belongs to a different run than {sources[0]}")
         tables.append(table.select(["step", "layer", "counts"]))
     assert meta is not None
+    _check_disjoint([t["step"].to_numpy() for t in tables], sources)
     return _assemble(pa.concat_tables(tables), meta, path)
+
+
+def _check_disjoint(steps_per_source: list[np.ndarray], sources: list[Path]) -> None:
+    """Refuse a step that two part files both hold, naming both."""
+    if len(sources) < 2:
+        return
+    unique = [np.unique(steps) for steps in steps_per_source]
+    steps = np.concatenate(unique)
+    owner = np.repeat(np.arange(len(unique)), [len(u) for u in unique])
+    order = np.argsort(steps, kind="stable")
+    steps, owner = steps[order], owner[order]
+    shared = np.flatnonzero(steps[1:] == steps[:-1])
+    if len(shared):
+        i = shared[0]
+        first, second = sources[owner[i]], sources[owner[i + 1]]
+        raise TraceError(f"step {steps[i]} is in both {first} and {second}: parts of one trace must not overlap")
 
 
 def _shape_keys(meta: Mapping[str, Any]) -> tuple:
@@ -329,10 +366,7 @@ def _assemble(table: pa.Table, meta: dict[str, Any], source: Path) -> Trace:
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a trace without reading its rows."""
-    path = resolve(path)
-    sources = [p for _, _, p in _live_parts(path)] if path.is_dir() else [path]
-    if not sources:
-        raise TraceError(f"{path} holds no part-*.parquet files")
+    sources = _sources(resolve(path))
     try:
         schema = pq.read_schema(sources[0])
     except (pa.ArrowException, OSError) as e:

@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -67,7 +68,46 @@ def test_duplicate_step_is_rejected(tmp_path):
     meta, counts = _meta(), _counts(10)
     trace.write_part(tmp_path, np.arange(0, 6), counts[:6], meta)
     trace.write_part(tmp_path, np.arange(5, 10), counts[5:], meta)
-    with pytest.raises(TraceError, match="twice"):
+    with pytest.raises(TraceError, match=r"step 5 is in both .*part-0000000000-0000000005\.parquet and "
+                                         r".*part-0000000005-0000000009\.parquet"):
+        trace.load(tmp_path)
+
+
+def _foreign_part(path, steps, counts, meta):
+    """A part written by plain pyarrow, as another tool would: any name, the moe_trace metadata, rows in any order."""
+    layers = np.asarray(meta["moe_layers"], dtype=np.int32)
+    table = pa.table({"step": np.repeat(steps, len(layers)).astype(np.int64), "layer": np.tile(layers, len(steps)),
+                      "counts": [row.tolist() for row in counts.reshape(-1, counts.shape[2])]})
+    table = table.replace_schema_metadata({"moe_trace": json.dumps(meta)})
+    pq.write_table(table.take(np.random.default_rng(0).permutation(len(table))), path)
+
+
+def test_foreign_part_files_are_ordered_by_step_not_name(tmp_path):
+    meta, counts = _meta(), _counts(12)
+    _foreign_part(tmp_path / "part-00000.parquet", np.arange(6, 12), counts[6:], meta)  # later steps, first name
+    _foreign_part(tmp_path / "part-00001.parquet", np.arange(0, 6), counts[:6], meta)
+    (tmp_path / "metrics.parquet").write_bytes(b"not a part")  # a sidecar, never read as a part
+    t = trace.load(tmp_path)
+    assert t.steps.tolist() == list(range(12))
+    np.testing.assert_array_equal(t.counts, counts)
+    assert trace.read_meta(tmp_path)["moe_layers"] == [1, 3]
+
+
+def test_foreign_part_beside_own_parts_and_compact_keeps_it(tmp_path):
+    meta, counts = _meta(), _counts(12)
+    trace.write_part(tmp_path, np.arange(0, 4), counts[:4], meta)
+    trace.write_part(tmp_path, np.arange(4, 8), counts[4:8], meta)
+    _foreign_part(tmp_path / "part-0.parquet", np.arange(8, 12), counts[8:], meta)
+    trace.compact(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-0.parquet", "part-0000000000-0000000007.parquet"]
+    np.testing.assert_array_equal(trace.load(tmp_path).counts, counts)
+
+
+def test_overlapping_foreign_parts_name_both_files(tmp_path):
+    meta, counts = _meta(), _counts(10)
+    _foreign_part(tmp_path / "a.parquet", np.arange(0, 6), counts[:6], meta)
+    _foreign_part(tmp_path / "b.parquet", np.arange(5, 10), counts[5:], meta)
+    with pytest.raises(TraceError, match=r"step 5 is in both .*a\.parquet and .*b\.parquet"):
         trace.load(tmp_path)
 
 
