@@ -29,6 +29,7 @@ from placement.calibration import NODE_GPUS, AllToAllTime, Calibration, ExpertTi
 # hidden size and transformer blocks per model preset (DESIGN.md), for traces whose metadata lacks them.
 PRESET_SHAPES = {"gpt-tiny-moe": (128, 4), "gpt-125m-moe": (768, 12), "gpt-350m-moe": (1024, 24)}
 DEFAULT_SHAPE_PRESET = "gpt-350m-moe"  # for synthetic or unknown models: hidden 1024, 2 blocks per MoE layer
+DEFAULT_SEQ_LEN = 2048  # for traces whose metadata has none (imported from logs that do not say)
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,15 @@ class CostModel:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], calibration: Calibration | None = None, **overrides: Any) -> CostModel:
-        """Shapes from the trace metadata (``hidden``, ``n_blocks`` if present, else the preset's); expert and
-        all-to-all times from ``calibration`` (None: the linear model)."""
+        """Shapes from the trace metadata (``hidden``, ``n_blocks``, ``seq_len`` if present, else defaults); expert
+        and all-to-all times from ``calibration`` (None: the linear model)."""
         hidden, n_blocks = PRESET_SHAPES.get(meta.get("model"), PRESET_SHAPES[DEFAULT_SHAPE_PRESET])
         n_moe = len(meta["moe_layers"])
         if meta.get("model") not in PRESET_SHAPES:
             n_blocks = 2 * n_moe
-        model = cls(hidden=int(meta.get("hidden", hidden)), n_blocks=int(meta.get("n_blocks", n_blocks)),
-                    n_moe_blocks=n_moe, seq_len=int(meta["seq_len"]), tokens_per_step=int(meta["tokens_per_step"]),
-                    calibration=calibration)
+        model = cls(hidden=int(meta.get("hidden") or hidden), n_blocks=int(meta.get("n_blocks") or n_blocks),
+                    n_moe_blocks=n_moe, seq_len=int(meta["seq_len"] or DEFAULT_SEQ_LEN),
+                    tokens_per_step=int(meta["tokens_per_step"]), calibration=calibration)
         return replace(model, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
