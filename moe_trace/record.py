@@ -103,7 +103,8 @@ def model_meta(model: nn.Module, sites: list[MoESite]) -> dict[str, Any]:
 
 
 def attach(model: nn.Module, out_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
-           tensorboard: str | os.PathLike | None = None, *, block: int = 25, flush_every: int | None = 100,
+           tensorboard: str | os.PathLike | TensorBoardLog | None = None, *, block: int = 25,
+           flush_every: int | None = 100,
            log_every: int = 1, count_eval: bool = False, write: bool | None = None,
            group: dist.ProcessGroup | None = None) -> Recorder:
     """Hook ``model``'s MoE layers; the returned recorder writes ``out_dir/trace/`` (schema 1).
@@ -112,8 +113,10 @@ def attach(model: nn.Module, out_dir: str | os.PathLike, meta: Mapping[str, Any]
     adds to or overrides the metadata read from the config (``tokens_per_step``, ``seq_len`` and
     ``global_batch`` default to what the first step's inputs show). ``block`` steps reach the host at once,
     a part file is written every ``flush_every`` steps (``None``: only at ``flush``/``close``).
-    ``tensorboard=DIR`` logs each MoE layer's load imbalance (max/mean) every ``log_every`` steps there.
-    ``write`` defaults to rank 0 of ``group``.
+    ``tensorboard=DIR`` logs each MoE layer's load imbalance (max/mean of its expert counts) every
+    ``log_every`` steps there, as ``load_imbalance/block_<b>`` (a :class:`TensorBoardLog` may be passed
+    instead, to share its writer); the values reach the host with the recorder's blocks, so this adds no
+    sync. ``write`` defaults to rank 0 of ``group``.
     """
     sites = find_moe_layers(model)
     fields = {**model_meta(model, sites), "seed": None, "tokens_per_step": None, "seq_len": None,
@@ -122,9 +125,13 @@ def attach(model: nn.Module, out_dir: str | os.PathLike, meta: Mapping[str, Any]
     if write is None:
         write = not is_distributed(group) or dist.get_rank(group) == 0
     device = next(_unwrap(model).parameters()).device
-    board = TensorBoardLog(tensorboard, fields["moe_layers"], log_every) if tensorboard is not None and write else None
+    board = None
+    if write and tensorboard is not None:
+        board = tensorboard if isinstance(tensorboard, TensorBoardLog) else TensorBoardLog(tensorboard, log_every)
     recorder = Recorder(Path(out_dir) / "trace", trace.make_meta(**fields), device, block=block, write=write,
-                        group=group, flush_every=flush_every, on_block=board.add_load if board else None)
+                        group=group, flush_every=flush_every,
+                        on_block=(lambda steps, counts: board.add_load(steps, counts, fields["moe_layers"]))
+                        if board is not None else None)
     if board is not None:
         recorder.on_close(board.close)
     for layer, site in enumerate(sites):

@@ -31,6 +31,7 @@ from torch import nn
 from moe_trace import __version__, expert_parallel, memory, optim, record, trace
 from moe_trace.data import TokenData, load_data
 from moe_trace.errors import UsageError
+from moe_trace.logs import TensorBoardLog
 from moe_trace.model import GPT, ModelConfig
 from moe_trace.recorder import MetricsLog
 
@@ -59,6 +60,8 @@ class TrainConfig:
     compile: bool = False
     optimizer: str = "auto"  # moe_trace.optim.CHOICES; the run's config.json records what auto chose
     compile_mode: str = "default"  # torch.compile's mode: "reduce-overhead" replays the step as CUDA graphs
+    tensorboard: str | None = None  # TensorBoard log directory
+    log_every: int = 10  # steps between TensorBoard scalars
 
 
 @dataclass
@@ -238,7 +241,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                       device)
     # Hooks on the MoE layers count every training forward (micro-batches sum into the step); the first
     # flush drops any rows a killed run recorded from `start` on.
-    recorder = record.attach(model, run_dir, meta={
+    board = TensorBoardLog(config.tensorboard, config.log_every) if config.tensorboard and world.is_main else None
+    recorder = record.attach(model, run_dir, tensorboard=board, meta={
         "model": model_config.name, "tokens_per_step": tokens_per_step, "seq_len": model_config.seq_len,
         "global_batch": config.global_batch, "seed": config.seed, "world_size": world.world_size},
         block=min(25, config.flush_every), flush_every=None,
@@ -251,11 +255,17 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     val_loss = float("nan")
     step, last_checkpoint, started = start, start, time.perf_counter()
     eval_s = checkpoint_s = 0.0  # time spent outside training steps, reported apart
+    last_log = (start, started)  # (first step since the last TensorBoard scalars, its start time)
+
+    def flush_logs() -> None:  # where device values are read: the trace, metrics and TensorBoard scalars
+        recorder.flush()
+        metrics.flush()
+        if board is not None:
+            board.flush()
 
     def flush_and_checkpoint() -> None:
         nonlocal last_checkpoint, checkpoint_s
-        recorder.flush()
-        metrics.flush()
+        flush_logs()
         if (world.is_main or expert_names) and step > last_checkpoint and config.checkpoint_every:
             began = time.perf_counter()
             save_checkpoint(run_dir, step, model, optimizer, scheduler, _shard(world))
@@ -267,6 +277,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
             step_started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             aux_sum = torch.zeros((), device=device)
+            logged = board is not None and board.logs(step)
+            layer_aux = 0
             for micro in range(accumulation):
                 # Micro-batch i of the step's global batch, whichever rank runs it: any world size sees the
                 # same data as one process (which expert parallelism's equal-counts promise needs).
@@ -281,6 +293,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                 ((loss + aux) / accumulation).backward()
                 loss_sum += loss.detach()
                 aux_sum += aux.detach()
+                if logged and isinstance(model, GPT):  # transformers families report one aux loss for all layers
+                    layer_aux = layer_aux + torch.stack([layer.aux_loss.detach() for layer in model.moe_layers])
             grad_norm = (expert_parallel.clip_grad_norm_(model, config.grad_clip) if expert_names
                          else torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             lr = float(scheduler.get_last_lr()[0])  # a CPU tensor under torchao's optimizers: no sync
@@ -294,6 +308,16 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
             metrics.add(step=step, loss=loss_sum / accumulation, lr=lr, grad_norm=grad_norm,
                         aux_loss=aux_sum / accumulation, step_time_s=time.perf_counter() - step_started,
                         tokens=tokens_per_step)
+            if logged:
+                now = time.perf_counter()
+                scalars = {"train/loss": loss_sum / accumulation, "train/lr": lr, "train/grad_norm": grad_norm,
+                           "train/aux_loss": aux_sum / accumulation,
+                           "train/tokens_per_s": (step + 1 - last_log[0]) * tokens_per_step / (now - last_log[1])}
+                if isinstance(model, GPT):
+                    scalars |= {f"aux_loss/block_{b}": v for b, v in zip(model_config.moe_blocks,
+                                                                          layer_aux / accumulation, strict=True)}
+                board.add_scalars(step, scalars)
+                last_log = (step + 1, now)
             step += 1
 
             if step % config.eval_every == 0 or step == config.steps:
@@ -303,8 +327,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 flush_and_checkpoint()
             elif step % config.flush_every == 0:
-                recorder.flush()
-                metrics.flush()
+                flush_logs()
             if world.is_main and (step % 10 == 0 or step == config.steps):
                 elapsed = time.perf_counter() - started
                 progress.set_postfix(loss=f"{metrics.last('loss'):.3f}", val=f"{val_loss:.3f}",

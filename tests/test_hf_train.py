@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from moe_trace import trace
 from moe_trace.cli import main
@@ -50,3 +51,19 @@ def test_missing_transformers_says_which_extra(tmp_path, capsys, monkeypatch):
     assert main(["train", "--model", "hf:olmoe", "--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
     assert "pip install 'moe-trace[hf]'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_hf_family_trains_on_the_gpu(corpus_cache, tmp_path, compiled):
+    """bf16 autocast with the experts' grouped GEMM in bf16 (fp32 master weights), eager and compiled."""
+    out = tmp_path / "gpu"
+    assert main(["train", "--model", "hf:olmoe", "--blocks", "2", "--hidden", "128", "--heads", "4", "--experts", "8",
+                 "--top-k", "2", "--seq-len", "128", "--global-batch", "8", "--steps", "30", "--device", "cuda",
+                 "--eval-every", "1000", "--out", str(out), "--compile" if compiled else "--no-compile"]) == 0
+    loaded = trace.load(out)
+    assert loaded.steps.tolist() == list(range(30))
+    assert (loaded.counts.sum(axis=2) == 8 * 128 * 2).all()
+    loss = trace.load_metrics(out / "metrics.parquet")["loss"]
+    assert np.isfinite(loss).all() and loss[-5:].mean() < loss[0]

@@ -97,7 +97,7 @@ def test_activation_checkpointing_recomputation_is_not_counted(tmp_path):
 def test_expert_count_comes_from_the_config_not_the_module(tmp_path):
     model = tiny("mixtral")
     for module in model.modules():
-        if type(module).__name__ == "MixtralExperts":
+        if type(module).__name__.endswith("MixtralExperts"):  # CausalLM's bf16 parametrization subclasses it
             module.num_experts = 4  # what transformers' expert parallelism leaves on a rank of two
     sites = record.find_moe_layers(model)
     assert record.model_meta(model, sites)["num_experts"] == 8

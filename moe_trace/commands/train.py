@@ -47,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-record", dest="record", action="store_false", help="do not write the expert-load trace")
     p.add_argument("--json", help="also write the run's summary (tokens/s, step, evaluation and checkpoint time, "
                                   "peak GPU memory, the optimizer used) as JSON to this file ('-': stdout)")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="also write TensorBoard scalars there: loss, lr, grad norm, tokens/s, aux loss, and per MoE "
+                        "layer the load imbalance (max/mean expert load) and aux loss (GPT presets)")
+    p.add_argument("--log-every", type=int, help="steps between TensorBoard scalars (default 10)")
 
     model = p.add_argument_group("model (override the preset)")
     model.add_argument("--blocks", type=int, dest="n_blocks")
@@ -79,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_every", "seq_len", "vocab_size",
                 "load_balancing_weight", "z_loss_weight")
 TRAIN_FIELDS = ("steps", "global_batch", "micro_batch", "lr", "warmup", "eval_every", "checkpoint_every",
-                "flush_every", "data", "corpus_mb", "optimizer", "compile_mode")
+                "flush_every", "data", "corpus_mb", "optimizer", "compile_mode", "tensorboard", "log_every")
 CHOICES = ("auto", "adamw", "adamw_bf16", "adamw8bit")  # moe_trace.optim.CHOICES, without importing torch
 
 
@@ -188,7 +192,7 @@ def _default_compile(device: str, model_config) -> bool:  # a model.ModelConfig
 
 
 def _check_positive(config) -> None:  # a train.TrainConfig
-    for name in ("steps", "global_batch", "eval_every", "checkpoint_every", "flush_every", "warmup"):
+    for name in ("steps", "global_batch", "eval_every", "checkpoint_every", "flush_every", "warmup", "log_every"):
         value = getattr(config, name)
         if value is None or value < (0 if name in ("warmup", "checkpoint_every") else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from moe_trace.errors import UsageError
 from moe_trace.model import ModelConfig
@@ -86,6 +87,14 @@ def hf_config(c: ModelConfig) -> Any:
     return AutoConfig.for_model(name, **fields)
 
 
+class _Bfloat16OnCuda(nn.Module):
+    """Expert weights as bf16 on CUDA: transformers' grouped GEMM (``F.grouped_mm``) takes bf16 only and autocast
+    does not cover it. The float32 master weights keep their gradients, as in this project's MoE layers."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight.to(torch.bfloat16) if weight.is_cuda else weight
+
+
 class CausalLM(nn.Module):
     """A transformers causal LM with the harness's model interface; random init from :func:`hf_config`."""
 
@@ -93,8 +102,15 @@ class CausalLM(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
+        from moe_trace.record import find_moe_layers
+
         self.model = AutoModelForCausalLM.from_config(hf_config(config))
         self.config = self.model.config  # what record.attach reads: experts, top-k, blocks
+        for site in find_moe_layers(self.model):
+            if site.kind == "ids":  # experts modules taking routed ids (Llama 4's dense-input experts use bmm)
+                for name, weight in list(site.module.named_parameters(recurse=False)):
+                    if weight.dim() == 3:
+                        parametrize.register_parametrization(site.module, name, _Bfloat16OnCuda(), unsafe=True)
         self._aux_loss: Tensor | None = None
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
