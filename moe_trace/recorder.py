@@ -71,10 +71,6 @@ class Recorder:
         # scatter_add_, not bincount: bincount reads the largest id on the host to size its output (a sync).
         self._current[layer].scatter_add_(0, ids.clamp(0, self.num_experts - 1), valid.to(torch.int64))
 
-    def add_all(self, counts: torch.Tensor) -> None:
-        """Add int64 ``[layers, experts]`` counts (one micro-batch of every layer) to the current step."""
-        self._current += counts
-
     def add_sequences(self, sequences: int, seq_len: int) -> None:
         """Host-side shape of one counted forward's token ids: fills the sizes ``meta`` leaves as None."""
         self._sequences += sequences

@@ -11,13 +11,19 @@ META = trace.make_meta(model="test", num_experts=3, top_k=1, moe_layers=[1, 3], 
                        global_batch=3, seed=0, moe_backend="torch", attention="sdpa", world_size=1)
 
 
+def add_layers(recorder, counts):
+    """One micro-batch's ``[layers, experts]`` counts, as the MoE layers' hooks add them."""
+    for layer, row in enumerate(counts):
+        recorder.add_counts(layer, row)
+
+
 def test_micro_batches_sum_and_parts_cover_every_step(tmp_path):
     recorder = Recorder(tmp_path / "trace", META, torch.device("cpu"), block=4)
     rng = np.random.default_rng(0)
     expected = rng.integers(0, 10, size=(11, 2, 2, 3))  # steps, micro-batches, layers, experts
     for step in range(11):
         for micro in range(2):
-            recorder.add_all(torch.from_numpy(expected[step, micro]))
+            add_layers(recorder, torch.from_numpy(expected[step, micro]))
         recorder.step(step)
         if step in (5, 10):  # flushes mid-block and at a block boundary
             recorder.flush()
@@ -29,7 +35,7 @@ def test_micro_batches_sum_and_parts_cover_every_step(tmp_path):
 
 def test_disabled_writer_writes_nothing(tmp_path):
     recorder = Recorder(tmp_path / "trace", META, torch.device("cpu"), block=2, write=False)
-    recorder.add_all(torch.ones(2, 3, dtype=torch.int64))
+    add_layers(recorder, torch.ones(2, 3, dtype=torch.int64))
     recorder.step(0)
     recorder.flush()
     assert not (tmp_path / "trace").exists()
@@ -49,7 +55,7 @@ def test_expert_ids_are_counted_and_sentinels_dropped(tmp_path):
 def test_steps_must_increase_and_flush_every_writes_parts(tmp_path):
     recorder = Recorder(tmp_path / "trace", META, torch.device("cpu"), block=2, flush_every=3)
     for step in (0, 2, 5, 6):  # steps need not be consecutive
-        recorder.add_all(torch.ones(2, 3, dtype=torch.int64))
+        add_layers(recorder, torch.ones(2, 3, dtype=torch.int64))
         recorder.step(step)
     assert len(list((tmp_path / "trace").glob("part-*.parquet"))) == 1  # steps 0, 2, 5
     with pytest.raises(ValueError, match="must increase"):
@@ -62,7 +68,7 @@ def test_first_flush_replaces_rows_from_the_first_recorded_step(tmp_path):
     trace.write(tmp_path / "trace", np.full((6, 2, 3), 5), META)  # a killed run's steps 0..5
     recorder = Recorder(tmp_path / "trace", META, torch.device("cpu"))
     for step in (3, 4):  # resumed from a checkpoint at step 3
-        recorder.add_all(torch.ones(2, 3, dtype=torch.int64))
+        add_layers(recorder, torch.ones(2, 3, dtype=torch.int64))
         recorder.step(step)
     recorder.close()
     loaded = trace.load(tmp_path / "trace")
