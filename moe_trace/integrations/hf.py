@@ -115,7 +115,7 @@ class CausalLM(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits ``[batch, seq, vocab]`` and, given targets (already shifted), the mean cross-entropy."""
-        out = self.model(input_ids=idx)
+        out = self.model(input_ids=idx, use_cache=False)  # training: no key/value cache to build
         aux = getattr(out, "aux_loss", None)
         coefficient = getattr(self.config, "router_aux_loss_coef", None)
         self._aux_loss = coefficient * aux if aux is not None and coefficient else None
