@@ -6,9 +6,9 @@ fields (blocks, hidden, heads, experts, top-k, sequence length, vocabulary): eve
 is the family's: its router (softmax top-k, DeepSeek-V3's sigmoid group-limited top-k with a shared
 expert, GPT-OSS's top-k-then-softmax), where its MoE blocks sit (DeepSeek-V3's first block is dense), its
 attention, and its load-balancing loss (transformers' ``load_balancing_loss_func``) weighted by the
-harness's ``--lb-weight`` (0.01, as for the GPT presets). DeepSeek-V3 trains without one: transformers
-keeps its bias-correction term as a buffer that no step updates, so it routes by the group-limited sigmoid
-scores alone.
+harness's ``--lb-weight`` (0.01, as for the GPT presets). DeepSeek-V3 and Llama 4 train without one
+(transformers computes none for them; DeepSeek-V3's bias-correction term is a buffer no step updates, so it
+routes by the group-limited sigmoid scores alone).
 
 :class:`CausalLM` puts the transformers model behind the harness's model interface
 (``forward(idx, targets) -> (logits, loss)``, ``aux_loss()``); its MoE layers are recorded by
@@ -50,7 +50,9 @@ FAMILIES = {
     "olmoe": lambda c: {"num_experts": c.num_experts},
     "deepseek_v3": _deepseek_v3,
     "gpt_oss": lambda c: {"num_local_experts": c.num_experts, "head_dim": c.hidden // c.heads,
-                          "layer_types": ["full_attention"] * c.n_blocks},
+                          "layer_types": ["full_attention"] * c.n_blocks,
+                          # plain RoPE: the default YaRN scaling is for 128k-token contexts
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
     "llama4_text": lambda c: {"num_local_experts": c.num_experts, "intermediate_size_mlp": 4 * c.hidden,
                               "interleave_moe_layer_step": 1, "head_dim": c.hidden // c.heads},
 }
