@@ -48,6 +48,10 @@ class Recorder:
         self.enabled = True  # hooks feeding this recorder do nothing while False
         self.flush_every, self.on_block = flush_every, on_block
         self._current = torch.zeros((self.num_layers, self.num_experts), dtype=torch.int64, device=device)
+        if device.type == "cuda":
+            # Hooks add to this tensor inside compiled graphs: a fixed address lets CUDA-graph replay
+            # (--compile-mode reduce-overhead) keep mutating it instead of refusing to capture the graph.
+            torch._dynamo.mark_static_address(self._current)
         self._buffer = torch.zeros((block, self.num_layers, self.num_experts), dtype=torch.int64, device=device)
         self._pin = device.type == "cuda"
         self._steps: list[int] = []  # steps held in the device buffer
