@@ -125,3 +125,25 @@ def test_harness_gpt_is_recorded_through_the_same_hooks(tmp_path):
 def test_model_without_moe_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no MoE layer"):
         record.attach(torch.nn.Linear(2, 2), tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_gpt_is_recorded_on_the_gpu(tmp_path, mode):
+    """The hooks run inside torch.compile's graphs, CUDA-graph replay (reduce-overhead) included."""
+    config = ModelConfig(name="tiny", vocab_size=256, seq_len=64, n_blocks=2, hidden=64, heads=2, num_experts=4,
+                         top_k=2, moe_every=1)
+    model = GPT(config).cuda().train()
+    recorder = record.attach(model, tmp_path, meta={"tokens_per_step": 4 * 64, "seq_len": 64, "global_batch": 4})
+    forward = torch.compile(model, mode=mode)
+    expected = []
+    for step in range(8):
+        x = torch.randint(0, 256, (4, 64), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = forward(x, x)
+        (loss + model.aux_loss()).backward()
+        expected.append(model.tokens_per_expert().clone())
+        recorder.step(step)
+    recorder.close()
+    assert np.array_equal(trace.load(tmp_path).counts, torch.stack(expected).cpu().numpy())
