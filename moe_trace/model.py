@@ -85,21 +85,6 @@ def make_config(preset: str, **overrides) -> ModelConfig:
     return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
-def resolve_attention(requested: str, device: torch.device | str) -> str:
-    """``"auto"`` means the INT8 kernel on CUDA when Triton and :mod:`moe_trace.attention` import, else SDPA."""
-    if requested != "auto":
-        return requested
-    if torch.device(device).type != "cuda":
-        return "sdpa"
-    try:
-        import triton  # noqa: F401
-
-        from moe_trace.attention import flash_attention_train  # noqa: F401
-    except ImportError:
-        return "sdpa"
-    return "int8"
-
-
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
     """Causal attention over ``[batch, heads, seq, head_dim]`` inputs."""
     if impl == "int8":

@@ -62,6 +62,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile's mode: "reduce-overhead" replays the step as CUDA graphs
     tensorboard: str | None = None  # TensorBoard log directory
     log_every: int = 10  # steps between TensorBoard scalars
+    attention_reason: str = ""  # why the model's attention was chosen (moe_trace.attention_choice)
 
 
 @dataclass
@@ -216,7 +217,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         raise UsageError(f"{model_config.name} trains on one process (torchrun's expert parallelism runs the "
                          "GPT presets)")
     _check_run_dir(run_dir, resume, _shard(world))
-    micro_batch = _micro_batch(model_config, config, world)
+    micro_batch = micro_batch_size(model_config, config, world.world_size)
     accumulation = config.global_batch // (micro_batch * world.world_size)
 
     data = _load_data_once(model_config, config, world)
@@ -368,10 +369,12 @@ def _check_run_dir(run_dir: Path, resume: bool, shard: str) -> None:
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
 
 
-def _micro_batch(model_config: ModelConfig, config: TrainConfig, world: Distributed) -> int:
-    per_rank, remainder = divmod(config.global_batch, world.world_size)
+def micro_batch_size(model_config: ModelConfig, config: TrainConfig, world_size: int) -> int:
+    """Sequences per forward on one rank: ``--micro-batch``, or the largest divisor of the rank's batch up to 16k
+    tokens."""
+    per_rank, remainder = divmod(config.global_batch, world_size)
     if remainder:
-        raise UsageError(f"--global-batch {config.global_batch} is not divisible by {world.world_size} ranks")
+        raise UsageError(f"--global-batch {config.global_batch} is not divisible by {world_size} ranks")
     micro = config.micro_batch or max(1, min(per_rank, 16384 // model_config.seq_len))
     while per_rank % micro:  # the largest divisor of the per-rank batch not above the request
         micro -= 1

@@ -1,6 +1,7 @@
 """The compiled INT8 kernels on a CUDA GPU (Triton everywhere, Gluon on sm_90) against the torch emulation and
 float64, and training through the CLI on a warm compile cache (skipped without a GPU)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -99,3 +100,24 @@ def test_second_training_run_on_a_warm_compile_cache(tmp_path, compile_flag):
     if compile_flag == "--compile":
         assert any(e.startswith("aotautograd") for e in entries[0]), "the cold run stored no compiled graph"
         assert entries[1] == entries[0], "the warm run compiled afresh instead of loading the cache"
+
+
+def test_auto_measures_once_and_says_what_it_chose(tmp_path):
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 50257, size=400_000, dtype=np.int32))
+    env = {**os.environ, "MOE_TRACE_CACHE": str(tmp_path / "cache")}
+    first_lines = []
+    for run in ("first", "second"):
+        command = [sys.executable, "-m", "moe_trace", "train", "--model", "gpt-125m-moe", "--data", str(ids),
+                   "--global-batch", "8", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "0",
+                   "--no-record", "--attention", "auto", "--no-compile", "--out", str(tmp_path / run)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        first_lines.append(result.stdout.splitlines()[0])
+        config = json.loads((tmp_path / run / "config.json").read_text())
+        assert first_lines[-1] == f"attention {config['model']['attention']} ({config['train']['attention_reason']})"
+    print(first_lines[0])
+    assert first_lines[0] == first_lines[1]  # the second run read the first one's measurement
+    assert " at B8 H12 S2048 D64 causal on " in first_lines[0]
+    (stack,) = json.loads((tmp_path / "cache" / "attention_timings.json").read_text()).values()
+    assert list(stack) == ["B8 H12 S2048 D64 causal"]

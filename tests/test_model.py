@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_trace.model import GPT, PRESETS, ModelConfig, flops_per_token, make_config, num_parameters, resolve_attention
+from moe_trace.model import GPT, PRESETS, ModelConfig, flops_per_token, make_config, num_parameters
 
 
 def small_config(**overrides):
@@ -51,11 +51,6 @@ def test_active_parameters_count_k_of_e_experts():
     padding = (128 - 97) * 32  # embedding rows past the vocabulary
     assert num_parameters(model, active=True) == total - expert_params * 6 // 8 - 16 * 32 - padding
     assert flops_per_token(model) > 6 * num_parameters(model, active=True)
-
-
-def test_auto_attention_is_sdpa_on_cpu():
-    assert resolve_attention("auto", "cpu") == "sdpa"
-    assert resolve_attention("int8", "cpu") == "int8"
 
 
 def test_bad_config_is_rejected():

@@ -123,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
             # The family's own attention and experts run; the preset gives the sizes only.
             overrides.update(name=args.model, attention="sdpa", moe_backend="torch")
         else:
-            overrides["attention"] = model_lib.resolve_attention(args.attention, device)
             overrides["moe_backend"] = _moe_backend(args.moe_backend, device)
         try:
             model_config = model_lib.make_config(HF_BASE_PRESET if family else args.model, **overrides)
@@ -138,6 +137,14 @@ def run(args: argparse.Namespace) -> int:
         config = train_lib.TrainConfig(out=args.out or f"runs/{args.model}", seed=args.seed, record=args.record,
                                        compile=compile_model, **train_fields)
     _check_positive(config)
+    if not args.resume:
+        if model_config.name.startswith(HF_PREFIX):
+            config = dataclasses.replace(config, attention_reason=f"{model_config.name} runs its own attention")
+        else:
+            model_config, config = _choose_attention(args.attention, device, model_config, config)
+    if int(os.environ.get("RANK", 0)) == 0:  # the run's first line: which attention runs, and why
+        print(f"attention {model_config.attention}" + (f" ({config.attention_reason})" if config.attention_reason
+                                                        else ""), flush=True)
 
     build_model = model_lib.GPT
     if model_config.name.startswith(HF_PREFIX):
@@ -173,6 +180,21 @@ def _check_hf_overrides(args: argparse.Namespace) -> None:
     if refused:
         raise UsageError(f"{args.model}: {', '.join(refused)} apply to the GPT presets; the family decides "
                          "where its MoE blocks sit and runs its own attention and experts")
+
+
+def _choose_attention(requested: str, device: str, model_config, config):  # -> (model.ModelConfig, TrainConfig)
+    """``--attention`` resolved at the run's per-GPU attention shape (``auto`` measures; attention_choice says how)."""
+    from moe_trace import attention_choice
+    from moe_trace.train import micro_batch_size
+
+    shape = attention_choice.AttentionShape(
+        micro_batch_size(model_config, config, int(os.environ.get("WORLD_SIZE", 1))), model_config.heads,
+        model_config.seq_len, model_config.hidden // model_config.heads)
+    if device == "cuda":  # measure on this rank's GPU (train() makes it the current device only later)
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    choice = attention_choice.choose_attention(requested, device, shape)
+    return (dataclasses.replace(model_config, attention=choice.impl),
+            dataclasses.replace(config, attention_reason=choice.reason))
 
 
 def _moe_backend(requested: str, device: str) -> str:
