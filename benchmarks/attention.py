@@ -1,7 +1,10 @@
 """Attention forward on one GPU: INT8 Triton kernel (every mode, with and without quantization) against
-SDPA (flash, cuDNN), the bf16 Triton kernel built the same way, and SageAttention 1.0.6, in one run.
+SDPA (flash, cuDNN), the bf16 Triton kernel built the same way, and SageAttention 1.0.6, in one run; also
+every mode of the other INT8 kernels ``moe_trace.attention.kernels`` offers on this GPU (rows named
+``"<kernel> <mode>"``, e.g. ``gluon int8_qk``; the Triton kernel's rows are named by the mode alone).
 
-    PYTHONPATH=. python benchmarks/attention.py [--sweep] [--goal-shapes] [--out benchmarks/results/attention.json]
+    PYTHONPATH=. python benchmarks/attention.py [--sweep] [--goal-shapes | --training-shapes]
+        [--out benchmarks/results/attention.json]
 
 Shapes: 16k tokens per batch, H=16, S in {1k..16k}, D in {64, 128}, causal and not, plus the training
 shapes of gpt-125m-moe (12 heads) and gpt-350m-moe (16 heads), S=2048, D=64, causal. Times are medians of
@@ -9,7 +12,8 @@ shapes of gpt-125m-moe (12 heads) and gpt-350m-moe (16 heads), S=2048, D=64, cau
 float64 on the first batch element's first two heads. ``--sweep`` first times tile configurations (with
 and without Triton's warp specialisation) and records whether the compiler actually specialised;
 ``--goal-shapes`` keeps only the shapes issue 4's speed goals name (S >= 2048, non-causal) and sweeps only
-``int8_qk`` and bf16, so that sweep and table fit in a few minutes.
+``int8_qk`` and bf16, so that sweep and table fit in a few minutes; ``--training-shapes`` keeps only the
+models' training shapes. An implementation that refuses a shape (raises on its first call) is left out of it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from moe_trace.attention import MODES
 from moe_trace.attention.bf16_attention import _bf16_attention_kernel, bf16_flash_attention
 from moe_trace.attention.int8_attention import _int8_attention_kernel, attend_quantized, block_config, quantize_inputs
+from moe_trace.attention.kernels import int8_kernels
 from moe_trace.attention.reference import accuracy, attention_float64
 
 TOKENS = 16384
@@ -50,14 +55,18 @@ def bench(fn) -> float:
 def implementations(q, k, v, causal, configs):
     """name -> zero-argument callable returning the attention output."""
     impls = {}
+    sm = 1.0 / math.sqrt(q.shape[-1])
     for mode in MODES:
         cfg = configs.get((mode, q.shape[-1], causal)) or block_config(q.shape[-1], mode)
-        sm = 1.0 / math.sqrt(q.shape[-1])
         impls[mode] = lambda mode=mode, cfg=cfg, sm=sm: attend_quantized(
             quantize_inputs(q, k, v, sm, mode, cfg["block_n"]), q.dtype, causal, **cfg
         )
         pre = quantize_inputs(q, k, v, sm, mode, cfg["block_n"])
         impls[f"{mode} (no quant)"] = lambda pre=pre, cfg=cfg: attend_quantized(pre, q.dtype, causal, **cfg)
+    for kernel_name, kernel in int8_kernels(q.device).items():
+        if kernel_name != "triton":  # the Triton kernel's rows are above, with their tile configurations
+            for mode in MODES:
+                impls[f"{kernel_name} {mode}"] = lambda kernel=kernel, mode=mode: kernel(q, k, v, causal, sm, mode)
     bf16_cfg = configs.get(("bf16", q.shape[-1], causal)) or {}
     impls["triton bf16"] = lambda: bf16_flash_attention(q, k, v, causal, **bf16_cfg)
     for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -126,13 +135,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/attention.json")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--goal-shapes", action="store_true")
+    shapes_group = parser.add_mutually_exclusive_group()
+    shapes_group.add_argument("--goal-shapes", action="store_true")
+    shapes_group.add_argument("--training-shapes", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     sweep_results: list = []
     sweep_modes = ["int8_qk", "bf16"] if args.goal_shapes else [*MODES, "bf16"]
     configs = sweep(sweep_results, sweep_modes) if args.sweep else {}
     shapes = [s for s in SHAPES if s[2] >= 2048 and not s[4] and not s[5]] if args.goal_shapes else SHAPES
+    if args.training_shapes:
+        shapes = [s for s in SHAPES if s[5]]
     write_json(Path(args.out), configs, sweep_results, [])
 
     records: list = []
@@ -143,7 +156,11 @@ def main() -> None:
         ref = attention_float64(q[:1, :2], k[:1, :2], v[:1, :2], causal)
         flops = 4 * batch * heads * seq * seq * d / (2 if causal else 1)
         for name, fn in implementations(q, k, v, causal, configs).items():
-            acc = accuracy(fn()[:1, :2], ref)
+            try:
+                acc = accuracy(fn()[:1, :2], ref)
+            except (ValueError, NotImplementedError) as e:  # a kernel that does not take this shape or mode
+                print(f"{name} skipped at B={batch} H={heads} S={seq} D={d} causal={causal}: {e}")
+                continue
             ms = bench(fn)
             records.append({"batch": batch, "heads": heads, "seq": seq, "head_dim": d, "causal": causal,
                             "label": label, "impl": name, "ms": ms, "tflops": flops / ms / 1e9, **acc})  # fmt: skip
