@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from moe_trace.errors import UsageError
-from moe_trace.model import ModelConfig
+from moe_trace.model import ModelConfig, padded_vocab
 
 PREFIX = "hf:"
 
@@ -82,7 +82,9 @@ def hf_config(c: ModelConfig) -> Any:
     name = family(c.name)
     fields = {"num_hidden_layers": c.n_blocks, "hidden_size": c.hidden, "num_attention_heads": c.heads,
               "num_key_value_heads": c.heads, "intermediate_size": 4 * c.hidden, "num_experts_per_tok": c.top_k,
-              "max_position_embeddings": c.seq_len, "vocab_size": c.vocab_size, "output_router_logits": True,
+              # Padded as the GPT presets' embedding (an odd vocabulary makes the logits GEMMs slow); the padding
+              # rows' logits are cut off before the loss.
+              "max_position_embeddings": c.seq_len, "vocab_size": padded_vocab(c), "output_router_logits": True,
               "router_aux_loss_coef": c.load_balancing_weight,
               "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
               **FAMILIES[name](c)}
@@ -108,6 +110,7 @@ class CausalLM(nn.Module):
 
         self.model = AutoModelForCausalLM.from_config(hf_config(config))
         self.config = self.model.config  # what record.attach reads: experts, top-k, blocks
+        self.vocab_size = config.vocab_size
         for site in find_moe_layers(self.model):
             if site.kind == "ids":  # experts modules taking routed ids (Llama 4's dense-input experts use bmm)
                 for name, weight in list(site.module.named_parameters(recurse=False)):
@@ -121,10 +124,11 @@ class CausalLM(nn.Module):
         aux = getattr(out, "aux_loss", None)
         coefficient = getattr(self.config, "router_aux_loss_coef", None)
         self._aux_loss = coefficient * aux if aux is not None and coefficient else None
+        logits = out.logits[..., : self.vocab_size]
         if targets is None:
-            return out.logits, None
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
-        return out.logits.detach(), loss
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits.detach(), loss
 
     def aux_loss(self) -> Tensor:
         """The family's weighted load-balancing loss of the last forward (zero where it has none)."""
