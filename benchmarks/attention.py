@@ -24,6 +24,8 @@ import functools
 import json
 import math
 import platform
+import shlex
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -191,6 +193,7 @@ def print_goal_table(records: list) -> None:
 def write_json(out: Path, configs: dict, sweep_results: list, records: list) -> None:
     result = {
         "device": torch.cuda.get_device_name(),
+        "command": shlex.join(["python", *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {
             "python": platform.python_version(),

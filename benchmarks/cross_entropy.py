@@ -16,6 +16,8 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -110,6 +112,7 @@ def main() -> None:
         print(f"kernel BLOCK_V={block:5d} num_warps={warps:2d} {ms:7.3f} ms")
 
     record = {
+        "command": shlex.join(["python", *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
         "python": platform.python_version(),

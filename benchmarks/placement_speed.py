@@ -22,6 +22,8 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -89,6 +91,7 @@ def main() -> None:
 
     result = {
         "benchmark": "placement_speed",
+        "command": shlex.join(["python", *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                    "load_average_1m": os.getloadavg()[0]},

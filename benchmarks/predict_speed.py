@@ -17,6 +17,8 @@ import json
 import os
 import platform
 import resource
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -76,7 +78,8 @@ def main() -> None:
         print(f"{spec}: {timings[spec]:.1f} s wall, {cpu[spec]:.1f} CPU s", flush=True)
     fast = sum(timings.get(s, 0.0) for s in FAST)
     result = {
-        "benchmark": "predict_speed", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "predict_speed", "command": shlex.join(["python", *sys.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
         "load_average_at_end": os.getloadavg(),  # other work on the machine slows every figure
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "pandas": pandas.__version__,
