@@ -12,6 +12,10 @@ time, and runs the tests in processes forked from one warmed-up pytest session, 
 that call the mutated function. Cosmic-ray runs a fresh test command per mutant: on this project that is importing
 torch and collecting the tests again for each of a few thousand mutants, days instead of hours on two shared cores.
 
+Two kinds of code are not mutated, to spend the CPU where a figure can change: lines the module's tests do not
+execute on the CPU (the CUDA branches, which the GPU tests cover on the lead's GPU runs) and ``raise`` statements
+(an error message cannot change a reported number; the conditions that raise are mutated).
+
 Each module runs in its own copy of the repository under ``--workdir`` (mutmut keeps its results there, so a
 rerun only tests what changed) with the narrowest test selection that exercises it (``MODULES``); ``run`` writes
 ``benchmarks/results/mutation/<module>.json`` (counts and every surviving mutant's diff), and ``report`` turns
@@ -135,13 +139,16 @@ def run(args: argparse.Namespace) -> None:
         _copy_repo(work)
         _configure(work / "pyproject.toml", module)
         started = datetime.datetime.now(datetime.timezone.utc)
-        subprocess.run(["mutmut", "run", "--max-children", str(args.max_children)], cwd=work, env=_env(), check=False)
+        out = RESULTS / (module.replace("/", "__").removesuffix(".py") + ".json")
+        # After new tests, only the earlier survivors need another run (mutmut keeps every other verdict).
+        retest = [s["name"] for s in json.loads(out.read_text())["survivors"]] if args.retest and out.exists() else []
+        subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *retest], cwd=work, env=_env(),
+                       check=False)
         statuses = _statuses(work)
         survivors = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items() if s != "killed"]
         counts: dict[str, int] = {}
         for s in statuses.values():
             counts[s] = counts.get(s, 0) + 1
-        out = RESULTS / (module.replace("/", "__").removesuffix(".py") + ".json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(
             module=module, tests=MODULES[module], command=f"python scripts/mutation_testing.py run {module}",
@@ -164,6 +171,8 @@ also_copy = ["traces", "notebooks", "benchmarks", "scripts"]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
 pytest_add_cli_args_test_selection = [{tests}]
 process_isolation = "forkserver"
+mutate_only_covered_lines = true
+do_not_mutate_patterns = ['^\\s*raise ']
 """)
 
 
@@ -235,6 +244,8 @@ def main() -> None:
                             help="where each module's copy and mutmut's results live (kept between runs)")
     run_parser.add_argument("--max-children", type=int, default=1, help="mutants tested in parallel")
     run_parser.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
+    run_parser.add_argument("--retest", action="store_true",
+                            help="run only the survivors of the last run again (after adding tests)")
     run_parser.set_defaults(func=run)
     sub.add_parser("report", help="write benchmarks/results/mutation_report.md").set_defaults(func=report)
     args = parser.parse_args()

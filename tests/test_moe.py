@@ -63,6 +63,7 @@ def test_routing_matches_a_per_token_loop(top_k):
     routing = route(logits, top_k)
     chosen, counts, load_balancing, z = per_token_routing(logits, top_k)
     assert routing.expert_indices.tolist() == chosen  # which experts, best first
+    torch.testing.assert_close(routing.expert_weights, logits.softmax(-1).gather(1, routing.expert_indices))
     assert routing.tokens_per_expert.dtype == torch.int64 and routing.tokens_per_expert.tolist() == counts
     assert sum(counts) == 67 * top_k
     torch.testing.assert_close(routing.load_balancing_loss, load_balancing)
@@ -122,3 +123,12 @@ def test_grouped_mm_backend_matches_the_cpu_loop():
     out, ref = layer(x), cpu_layer(x.cpu())
     assert torch.equal(layer.tokens_per_expert.cpu(), cpu_layer.tokens_per_expert)
     assert ((out.cpu() - ref).abs().sum() / ref.abs().sum()).item() < 2e-2  # bf16 grouped GEMMs
+
+
+def test_weights_start_at_the_gpt2_scale():
+    torch.manual_seed(5)
+    layer = MoELayer(hidden=256, ffn=32, num_experts=16, top_k=2, out_init_std=0.005)
+    for weight, std in [(layer.router.weight, 0.02), (layer.w1, 0.02), (layer.w2, 0.005)]:
+        assert abs(weight.std().item() - std) < 0.05 * std and abs(weight.mean().item()) < 0.1 * std
+    assert layer.load_balancing_weight == 0.01 and layer.z_loss_weight == 0.0  # DESIGN.md's defaults
+    assert MoELayer(hidden=8, ffn=8, num_experts=4, top_k=1).w2.std().item() == pytest.approx(0.02, rel=0.1)
