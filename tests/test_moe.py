@@ -36,6 +36,9 @@ def test_moe_matches_per_token_loop(top_k, normalize):
     grads_ref = torch.autograd.grad(ref, [x_ref, *params_ref], upstream)
 
     torch.testing.assert_close(out, ref)
+    # What the recorder reads: each token counted once for each of its top-k experts.
+    chosen = (x.detach().reshape(-1, 16) @ layer.router.weight.detach().T).topk(top_k, dim=-1).indices
+    assert layer.tokens_per_expert.tolist() == torch.bincount(chosen.flatten(), minlength=6).tolist()
     for name, g, g_ref in zip(["x", "router", "w1", "w2"], grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, msg=lambda m, name=name: f"grad of {name}: {m}")
 
