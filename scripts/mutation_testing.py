@@ -70,7 +70,15 @@ KNOWN = [
 ]
 
 # Survivors that cannot change a result: (module, mutated function, the mutant's changed line) -> why.
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    ("moe_trace/moe.py", "MoELayer.forward", "order = routing.expert_indices.flatten().argsort(stable=False)"):
+        "the rows are put back by the inverse of the same permutation, and an expert's output for a row does not "
+        "depend on the order of the rows around it; stability only keeps the order reproducible",
+    **{("predictors/evaluate.py", "phase_masks", line): "numpy >= 2's default integer is int64 on every platform, "
+       "which holds the sentinel" for line in (
+           "starts = np.array([np.iinfo(np.int64).max if s is None else s for s in stable_from], dtype=None)",
+           "starts = np.array([np.iinfo(np.int64).max if s is None else s for s in stable_from], )")},
+}
 
 
 def _versions() -> dict[str, str]:
@@ -224,7 +232,10 @@ def report(args: argparse.Namespace) -> None:
 
 
 def _key(module: str, survivor: dict) -> tuple[str, str, str]:
-    function = survivor["name"].rsplit("__mutmut_", 1)[0].rsplit(".", 1)[-1].removeprefix("x_")
+    # mutmut names a mutant ``package.module.x_function__mutmut_N`` or ``...xǁClassǁmethod__mutmut_N``
+    package = module.removesuffix(".py").replace("/", ".") + "."
+    mangled = survivor["name"].rsplit("__mutmut_", 1)[0].removeprefix(package)
+    function = mangled.removeprefix("x_").removeprefix("xǁ").replace("ǁ", ".")
     added = [line[1:].strip() for line in survivor["diff"].splitlines()
              if line.startswith("+") and not line.startswith("+++")]
     return module, function, added[0] if added else ""

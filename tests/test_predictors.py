@@ -180,6 +180,10 @@ def test_records_split_origins_by_phase():
     assert rows[("transient", "all")]["step_wape"] == pytest.approx((1 + 2 + 4 + 6) / 4)
     assert rows[("transient", 1)]["step_wape"] == pytest.approx(4.0)
     assert ("stable", 1) not in rows
+    assert {r["layer"] for r in evaluate.records("x", {10: s}, [200, None])} == {"all"}  # per layer on request
+    # A layer without origins in a phase does not hide the next layer's.
+    rows = {(r["phase"], r["layer"]) for r in evaluate.records("x", {10: s}, [None, 200], per_layer=True)}
+    assert ("stable", 0) not in rows and ("stable", 1) in rows
 
 
 @pytest.fixture(scope="module")
@@ -230,13 +234,16 @@ def test_versus_best_picks_the_best_candidate_per_horizon_and_phase():
         return dict(predictor=predictor, horizon=horizon, phase=phase, layer=layer, step_wape=1.0, step_floor=1.0,
                     mean_wape=value, n_origins=1)
 
-    rows = [row("auto", 10, "stable", 0.3), row("auto", 10, "transient", 0.8), row("auto", 20, "stable", 0.5),
-            row("w1", 10, "stable", 0.4), row("w2", 10, "stable", 0.2), row("w1", 10, "transient", 1.0),
+    # Candidates' rows and a horizon without candidates come first: neither may end the search.
+    rows = [row("w1", 10, "stable", 0.4), row("auto", 20, "stable", 0.5), row("auto", 10, "stable", 0.3),
+            row("auto", 10, "transient", 0.8), row("w2", 10, "stable", 0.2), row("w1", 10, "transient", 1.0),
             row("w2", 10, "transient", 2.0), row("w2", 10, "stable", 0.01, layer=0)]  # per-layer rows ignored
     out = {(r["horizon"], r["phase"]): r for r in evaluate.versus_best(rows, "auto", ["w1", "w2"])}
     assert set(out) == {(10, "stable"), (10, "transient")}  # no candidate at horizon 20
-    assert out[10, "stable"]["best"] == "w2" and out[10, "stable"]["ratio"] == pytest.approx(1.5)
-    assert out[10, "transient"]["best"] == "w1" and out[10, "transient"]["ratio"] == pytest.approx(0.8)
+    assert out[10, "stable"] == dict(horizon=10, phase="stable", ratio=pytest.approx(1.5), best="w2", value=0.3,
+                                     best_value=0.2)
+    assert out[10, "transient"] == dict(horizon=10, phase="transient", ratio=pytest.approx(0.8), best="w1",
+                                        value=0.8, best_value=1.0)
 
 
 def test_auto_follows_a_load_that_reverts_to_uniform():
