@@ -74,6 +74,15 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("moe_trace/moe.py", "MoELayer.forward", "order = routing.expert_indices.flatten().argsort(stable=False)"):
         "the rows are put back by the inverse of the same permutation, and an expert's output for a row does not "
         "depend on the order of the rows around it; stability only keeps the order reproducible",
+    ("moe_trace/moe.py", "route", "probs = logits.softmax(dim=+1)"):
+        "route's logits are always [tokens, experts], so dim 1 is the last dim",
+    ("moe_trace/moe.py", "route", "weights, indices = probs.topk(top_k, )"): "topk's default dim is the last",
+    ("moe_trace/moe.py", "MoELayer.__init__", "self.router = nn.Linear(hidden, num_experts, bias=None)"):
+        "nn.Linear treats a falsy bias as no bias",
+    ("moe_trace/moe.py", "MoELayer.__init__", 'self.tokens_per_expert: Tensor | None = ""'):
+        "read only after a forward, which sets it",
+    ("moe_trace/moe.py", "MoELayer.__init__", 'self.aux_loss: Tensor | None = ""'):
+        "read only after a forward, which sets it",
     **{("predictors/evaluate.py", "phase_masks", line): "numpy >= 2's default integer is int64 on every platform, "
        "which holds the sentinel" for line in (
            "starts = np.array([np.iinfo(np.int64).max if s is None else s for s in stable_from], dtype=None)",
@@ -141,27 +150,34 @@ def run(args: argparse.Namespace) -> None:
         if module not in MODULES:
             sys.exit(f"unknown module {module!r}; choose from {', '.join(MODULES)}")
         work = Path(args.workdir) / module.replace("/", "__").removesuffix(".py")
-        if args.fresh and work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        _copy_repo(work)
-        _configure(work / "pyproject.toml", module)
         started = datetime.datetime.now(datetime.timezone.utc)
         out = RESULTS / (module.replace("/", "__").removesuffix(".py") + ".json")
-        # After new tests, only the earlier survivors need another run (mutmut keeps every other verdict).
-        retest = [s["name"] for s in json.loads(out.read_text())["survivors"]] if args.retest and out.exists() else []
-        subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *retest], cwd=work, env=_env(),
-                       check=False)
+        if not args.collect:
+            if args.fresh and work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True, exist_ok=True)
+            _copy_repo(work)
+            _configure(work / "pyproject.toml", module)
+            # After new tests, only the earlier survivors need another run (mutmut keeps every other verdict).
+            retest = ([s["name"] for s in json.loads(out.read_text())["survivors"]]
+                      if args.retest and out.exists() else [])
+            subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *retest], cwd=work,
+                           env=_env(), check=False)
         statuses = _statuses(work)
-        survivors = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items() if s != "killed"]
+        survivors = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items()
+                     if s not in ("killed", "not checked")]
+        earlier = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
+        killed_by_new_tests = earlier.get("killed_by_new_tests", []) + [
+            s for s in earlier.get("survivors", []) if statuses.get(s["name"]) == "killed"]
         counts: dict[str, int] = {}
         for s in statuses.values():
             counts[s] = counts.get(s, 0) + 1
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(
             module=module, tests=MODULES[module], command=f"python scripts/mutation_testing.py run {module}",
-            date=_now(), wall_s=round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()),
-            versions=_versions(), counts=counts,
+            date=_now(), wall_s=None if args.collect else round(
+                (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()),
+            versions=_versions(), counts=counts, killed_by_new_tests=killed_by_new_tests,
             survivors=[s | {"status": statuses[s["name"]]} for s in survivors]), indent=1) + "\n")
         print(f"{module}: {counts} -> {out.relative_to(ROOT)}")
 
@@ -215,17 +231,20 @@ def report(args: argparse.Namespace) -> None:
         if path.name == "known.json":
             continue
         result = json.loads(path.read_text())
-        module = result["module"]
-        lines += [f"## {module}", "", f"`{result['command']}` against {', '.join(result['tests'])}; "
-                  f"{result['date']}, {result['wall_s']} s. " + ", ".join(f"{k}: {v}" for k, v in
-                                                                         sorted(result["counts"].items())), ""]
+        module, counts = result["module"], result["counts"]
+        when = f"{result['date']}, {result['wall_s']} s" if result["wall_s"] else f"{result['date']}, still running"
+        verdicts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        lines += [f"## {module}", "", f"`{result['command']}` against {', '.join(result['tests'])} ({when}): "
+                  f"{verdicts}.", ""]
+        if result.get("killed_by_new_tests"):
+            lines += ["Survivors of the first run that tests added since kill:", ""]
+            lines += [f"- `{k['name']}`: `{_key(module, k)[2]}`" for k in result["killed_by_new_tests"]] + [""]
         for survivor in result["survivors"]:
             why = EQUIVALENT.get(_key(module, survivor))
-            if why is None:
-                open_count += 1
-            lines += [f"- `{survivor['name']}` ({survivor['status']}): " + (f"equivalent: {why}" if why else
-                                                                              "**open**"),
-                      "", "```diff", survivor["diff"].strip(), "```", ""]
+            open_count += why is None
+            verdict = f"equivalent: {why}" if why else "**open**"
+            lines += [f"- `{survivor['name']}` ({survivor['status']}): {verdict}", "", "```diff",
+                      survivor["diff"].strip(), "```", ""]
     lines += [f"Open survivors: {open_count}.", ""]
     REPORT.write_text("\n".join(lines))
     print(REPORT.relative_to(ROOT), f"({open_count} open)")
@@ -255,6 +274,8 @@ def main() -> None:
                             help="where each module's copy and mutmut's results live (kept between runs)")
     run_parser.add_argument("--max-children", type=int, default=1, help="mutants tested in parallel")
     run_parser.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
+    run_parser.add_argument("--collect", action="store_true",
+                            help="only gather the verdicts so far from --workdir (e.g. of a run still going)")
     run_parser.add_argument("--retest", action="store_true",
                             help="run only the survivors of the last run again (after adding tests)")
     run_parser.set_defaults(func=run)

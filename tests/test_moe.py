@@ -135,3 +135,22 @@ def test_weights_start_at_the_gpt2_scale():
         assert abs(weight.std().item() - std) < 0.05 * std and abs(weight.mean().item()) < 0.1 * std
     assert layer.load_balancing_weight == 0.01 and layer.z_loss_weight == 0.0  # DESIGN.md's defaults
     assert MoELayer(hidden=8, ffn=8, num_experts=4, top_k=1).w2.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_bf16_logits_are_routed_in_float32_and_the_output_keeps_the_input_dtype():
+    torch.manual_seed(6)
+    logits = torch.randn(50, 8)
+    low = route(logits.bfloat16(), 2)
+    full = route(logits.bfloat16().float(), 2)
+    assert low.expert_weights.dtype == low.load_balancing_loss.dtype == low.z_loss.dtype == torch.float32
+    torch.testing.assert_close(low.expert_weights, full.expert_weights, rtol=0, atol=0)
+    torch.testing.assert_close(low.z_loss, full.z_loss, rtol=0, atol=0)
+    layer = MoELayer(hidden=16, ffn=16, num_experts=4, top_k=2).bfloat16()
+    assert layer(torch.randn(3, 5, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_top_k_may_be_every_expert_and_no_more():
+    assert MoELayer(hidden=8, ffn=8, num_experts=4, top_k=4).top_k == 4
+    with pytest.raises(ValueError, match="top_k"):
+        MoELayer(hidden=8, ffn=8, num_experts=4, top_k=5)
+    assert not MoELayer(hidden=8, ffn=8, num_experts=4, top_k=1).normalize_weights  # DESIGN.md: plain top-k gates
