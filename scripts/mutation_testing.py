@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> None:
                            env=_env(), check=False)
         statuses = _statuses(work)
         survivors = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items()
-                     if s not in ("killed", "not checked")]
+                     if s not in ("killed", "not checked", "timeout")]
+        timeouts = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items() if s == "timeout"]
         earlier = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
         killed_by_new_tests = earlier.get("killed_by_new_tests", []) + [
             s for s in earlier.get("survivors", []) if statuses.get(s["name"]) == "killed"]
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> None:
             module=module, tests=MODULES[module], command=f"python scripts/mutation_testing.py run {module}",
             date=_now(), wall_s=None if args.collect else round(
                 (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()),
-            versions=_versions(), counts=counts, killed_by_new_tests=killed_by_new_tests,
+            versions=_versions(), counts=counts, killed_by_new_tests=killed_by_new_tests, timeouts=timeouts,
             survivors=[s | {"status": statuses[s["name"]]} for s in survivors]), indent=1) + "\n")
         print(f"{module}: {counts} -> {out.relative_to(ROOT)}")
 
@@ -239,6 +240,10 @@ def report(args: argparse.Namespace) -> None:
         if result.get("killed_by_new_tests"):
             lines += ["Survivors of the first run that tests added since kill:", ""]
             lines += [f"- `{k['name']}`: `{_key(module, k)[2]}`" for k in result["killed_by_new_tests"]] + [""]
+        if result.get("timeouts"):
+            lines += ["Timeouts (the tests ran 15x longer than without the mutant: a hang the suite would report, or, "
+                      "on a loaded machine, possibly a slow run of a survivor):", ""]
+            lines += [f"- `{t['name']}`: `{_key(module, t)[2]}`" for t in result["timeouts"]] + [""]
         for survivor in result["survivors"]:
             why = EQUIVALENT.get(_key(module, survivor))
             open_count += why is None
