@@ -28,6 +28,9 @@ from moe_trace.errors import UsageError
 # more than that, so that a tie (and a noisy flip) stays with SDPA, the exact and known-good default.
 MIN_SPEEDUP = 1.02
 TIMINGS_FILE = "attention_timings.json"
+# About 10 ms of GPU sleep (at ~2 GHz) before each timed block: far more than queuing 3 steps takes the CPU.
+QUEUE_AHEAD_CYCLES = 20_000_000
+MEASUREMENT = "forward+backward GPU time"  # in the cache key: timings taken another way are not reused
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def _stack_key(gpu: str, kernel: str) -> str:
     """Timings hold for one GPU model and software stack: a new torch or Triton measures again."""
     import triton
 
-    return f"{gpu} | torch {torch.__version__} | triton {triton.__version__} | {kernel}"
+    return f"{gpu} | torch {torch.__version__} | triton {triton.__version__} | {kernel} | {MEASUREMENT}"
 
 
 def _cached_timing(key: str, shape: AttentionShape, device: torch.device, measure: Measure, path: Path) -> Timing:
@@ -133,37 +136,42 @@ def _cached_timing(key: str, shape: AttentionShape, device: torch.device, measur
 
 
 def measure_training_step(shape: AttentionShape, device: torch.device, rounds: int = 7, reps: int = 3) -> Timing:
-    """Median time of attention forward + backward, INT8 training path and SDPA, interleaved on ``device``.
+    """Median GPU time of attention forward + backward, INT8 training path and SDPA, interleaved on ``device``.
 
     A few hundred milliseconds at the presets' shapes (plus the INT8 kernels' first compilation, which the
     run would pay anyway). q, k, v are views of one fused projection, as :class:`~moe_trace.model.GPT` makes them.
+    Each timed block starts behind a GPU sleep long enough for this thread to queue all its launches, so the
+    events time the GPU's work alone: a compiled training step keeps the GPU fed, and Python's launch overhead
+    would otherwise count against the path with more kernel launches.
     """
     from moe_trace.attention import flash_attention_train
 
-    generator = torch.Generator(device=device).manual_seed(0)
-    qkv = torch.randn(shape.batch, shape.seq, 3, shape.heads, shape.head_dim, device=device, generator=generator,
-                      dtype=torch.bfloat16).requires_grad_()
-    grad_out = torch.randn(shape.batch, shape.heads, shape.seq, shape.head_dim, device=device,
-                           generator=generator, dtype=torch.bfloat16)
     impls = {
         "int8": lambda q, k, v: flash_attention_train(q, k, v, causal=True),
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
-
-    def step(attention: Callable) -> None:
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        torch.autograd.grad(attention(q, k, v), qkv, grad_out)
-
-    for attention in impls.values():  # compile, autotune and allocate outside the timed region
-        step(attention)
     samples: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, attention in impls.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                step(attention)
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) / reps)
+    with torch.cuda.device(device):
+        generator = torch.Generator(device=device).manual_seed(0)
+        qkv = torch.randn(shape.batch, shape.seq, 3, shape.heads, shape.head_dim, device=device,
+                          generator=generator, dtype=torch.bfloat16).requires_grad_()
+        grad_out = torch.randn(shape.batch, shape.heads, shape.seq, shape.head_dim, device=device,
+                               generator=generator, dtype=torch.bfloat16)
+
+        def step(attention: Callable) -> None:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            torch.autograd.grad(attention(q, k, v), qkv, grad_out)
+
+        for attention in impls.values():  # compile, autotune and allocate outside the timed region
+            step(attention)
+        for _ in range(rounds):
+            for name, attention in impls.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
+                start.record()
+                for _ in range(reps):
+                    step(attention)
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / reps)
     return Timing(statistics.median(samples["int8"]), statistics.median(samples["sdpa"]))
