@@ -74,11 +74,13 @@ def choose_attention(
     shape: AttentionShape,
     measure: Measure | None = None,
     cache_dir: Path | None = None,
+    world_size: int = 1,
 ) -> AttentionChoice:
     """The attention to run for ``--attention requested`` on ``device`` at ``shape``, with the reason.
 
     ``measure`` times both implementations (default :func:`measure_training_step`); ``cache_dir`` holds the
-    timings (default ``$MOE_TRACE_CACHE``, as for tokenized data).
+    timings (default ``$MOE_TRACE_CACHE``, as for tokenized data). Under ``world_size > 1`` processes ``auto`` is
+    SDPA without measuring: ranks timing their own GPUs could choose differently.
     """
     device = torch.device(device)
     if requested == "int8" and device.type != "cuda":
@@ -88,6 +90,9 @@ def choose_attention(
         return AttentionChoice(requested, f"--attention {requested}")
     if device.type != "cuda":
         return AttentionChoice("sdpa", f"auto on {device.type}: the INT8 kernels run on CUDA GPUs")
+    if world_size > 1:  # every rank would time its own GPU, and a close call could go two ways
+        return AttentionChoice("sdpa", f"auto under {world_size} processes: sdpa, so that every rank runs the same "
+                                       "attention (pass --attention int8 to choose it)")
     try:
         from moe_trace.attention import TRAINING_MODE
         from moe_trace.attention.kernels import int8_kernel

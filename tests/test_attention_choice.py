@@ -52,6 +52,13 @@ def test_auto_takes_int8_only_where_it_was_measured_faster(fake_gpu, tmp_path, i
     assert set(stack) == {str(SHAPE), str(other_shape)}
 
 
+def test_auto_under_several_processes_is_sdpa_without_measuring(fake_gpu, tmp_path):
+    """Each rank would time its own GPU; a close call could give ranks different attention."""
+    choice = choose_attention("auto", fake_gpu, SHAPE, measure=_never_measured, cache_dir=tmp_path, world_size=2)
+    assert choice.impl == "sdpa" and "2 processes" in choice.reason
+    assert choose_attention("int8", fake_gpu, SHAPE, measure=_never_measured, world_size=2).impl == "int8"
+
+
 def test_timings_are_per_gpu_and_software_stack(fake_gpu, tmp_path, monkeypatch):
     choose_attention("auto", fake_gpu, SHAPE, measure=lambda s, d: Timing(0.5, 1.0), cache_dir=tmp_path)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")

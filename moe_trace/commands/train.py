@@ -187,12 +187,12 @@ def _choose_attention(requested: str, device: str, model_config, config):  # -> 
     from moe_trace import attention_choice
     from moe_trace.train import micro_batch_size
 
-    shape = attention_choice.AttentionShape(
-        micro_batch_size(model_config, config, int(os.environ.get("WORLD_SIZE", 1))), model_config.heads,
-        model_config.seq_len, model_config.hidden // model_config.heads)
-    if device == "cuda":  # measure on this rank's GPU (train() makes it the current device only later)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    shape = attention_choice.AttentionShape(micro_batch_size(model_config, config, world_size), model_config.heads,
+                                            model_config.seq_len, model_config.hidden // model_config.heads)
+    if device == "cuda":  # this rank's GPU (train() makes it the current device only later)
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    choice = attention_choice.choose_attention(requested, device, shape)
+    choice = attention_choice.choose_attention(requested, device, shape, world_size=world_size)
     return (dataclasses.replace(model_config, attention=choice.impl),
             dataclasses.replace(config, attention_reason=choice.reason))
 
