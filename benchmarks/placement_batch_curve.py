@@ -17,8 +17,9 @@ The ``16k (recorded)`` rows replay the trace itself. Each trace is replayed (``p
 (default: the shipped measured calibration). gpt-125m-moe has 16 experts: it runs on 8 GPUs only (expert
 parallelism over 32 GPUs would leave half of them without an expert); gpt-350m-moe runs on 8 and 32.
 
-    python benchmarks/placement_batch_curve.py                       # placement_batch_curve.json and .png
-    python benchmarks/placement_batch_curve.py --cost linear --out benchmarks/results/placement_batch_curve_linear.json
+    python benchmarks/placement_batch_curve.py --jobs 3          # placement_batch_curve.json and .png
+    python benchmarks/placement_batch_curve.py --cost linear --tokens 16384 131072 524288 --multinomial-tokens \
+        --jobs 2 --out benchmarks/results/placement_batch_curve_linear.json
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ import platform
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).parents[1]
 CASES = (("gpt-125m-moe", 8), ("gpt-350m-moe", 8), ("gpt-350m-moe", 32))
-TOKENS = (16384, 32768, 65536, 131072, 262144, 524288)
+TOKENS = (16384, 65536, 131072, 262144, 524288)
+MULTINOMIAL_TOKENS = (16384, 524288)  # the noise-free reference at both ends
 POLICIES = "static,history,phase"
 
 
@@ -73,6 +76,7 @@ def resample(smooth: np.ndarray, assignments: int, seed: int, overdispersion: np
 
 def run_case(model: str, gpus: int, tokens: int | None, cost_spec: str | None, smooth_window: int,
              seed: int, noise: str = "overdispersed") -> dict:
+    """Replay one trace (``tokens=None``: as recorded; else resampled with ``noise``) on ``gpus`` GPUs."""
     from moe_trace import trace
     from placement import calibration, policies, simulator
     from placement.cost import CostModel
@@ -149,17 +153,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--smooth", type=int, default=100, help="steps in the centred mean of the proportions")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--noise", nargs="+", default=["overdispersed", "multinomial"],
-                        choices=["overdispersed", "multinomial"])
+    parser.add_argument("--multinomial-tokens", type=int, nargs="*", default=list(MULTINOMIAL_TOKENS),
+                        help="batch sizes also resampled with multinomial noise")
+    parser.add_argument("--jobs", type=int, default=1, help="replays run at once (processes)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "placement_batch_curve.json"))
     args = parser.parse_args()
 
-    results = []
-    for model, gpus in CASES:
-        results.append(run_case(model, gpus, None, args.cost, args.smooth, args.seed))
-        for noise in args.noise:
-            for tokens in args.tokens:
-                results.append(run_case(model, gpus, tokens, args.cost, args.smooth, args.seed, noise))
+    runs = [(model, gpus, None, "recorded") for model, gpus in CASES]
+    runs += [(model, gpus, tokens, "overdispersed") for model, gpus in CASES for tokens in args.tokens]
+    runs += [(model, gpus, tokens, "multinomial") for model, gpus in CASES for tokens in args.multinomial_tokens]
+    with ProcessPoolExecutor(args.jobs) as pool:  # each run replays a whole trace: independent, CPU-bound
+        results = list(pool.map(run_case, *zip(*[(m, g, t, args.cost, args.smooth, args.seed, n)
+                                                   for m, g, t, n in runs], strict=True)))
+    noise_order = ("recorded", "overdispersed", "multinomial")
+    results.sort(key=lambda r: (CASES.index((r["model"], r["gpus"])), noise_order.index(r["noise"]),
+                                r["tokens_per_step"]))
     cost_model = results[0]["cost_model"].split(" (")[0]
     payload = {"what": __doc__.split("\n\n")[0],
                "resampling": " ".join(__doc__.split("\n\n")[1:3]).replace("\n", " "),
@@ -176,14 +184,14 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: per case and batch size, step time saved by phase and by history."""
-    lines = ["| model | GPUs | tokens/step | tokens per GPU per layer | static step ms | phase saves | "
-             "history saves |", "|---|---|---|---|---|---|---|"]
+    """Markdown: per case, batch size and noise, the static step time and what phase and history save."""
+    lines = ["| model | GPUs | tokens/step | per-step noise | tokens per GPU per MoE layer | static step | "
+             "phase saves | history saves |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         static = next(x for x in r["records"] if x["policy"] == "static")
-        lines.append(f"| {r['model']} | {r['gpus']} | {r['label']} | {r['mean_tokens_per_gpu_per_layer']:.0f} | "
-                     f"{1e3 * static['est_step_time_s']:.2f} | {100 * r['saved_by_phase']:.1f} % | "
-                     f"{100 * r['saved_by_history']:.1f} % |")
+        lines.append(f"| {r['model']} | {r['gpus']} | {r['tokens_per_step'] // 1024}k | {r['noise']} | "
+                     f"{r['mean_tokens_per_gpu_per_layer']:.0f} | {1e3 * static['est_step_time_s']:.2f} ms | "
+                     f"{100 * r['saved_by_phase']:.1f} % | {100 * r['saved_by_history']:.1f} % |")
     return "\n".join(lines)
 
 

@@ -71,8 +71,8 @@ class CostModel:
         expert = self._expert_time
         shape = f"H{self.hidden} F{self.ffn}"
         borrowed = "" if expert.source == shape else f"; experts scaled from {expert.source}"
-        a2a = (f"measured up to {NODE_GPUS} GPUs, linear beyond" if self._all_to_all_time is not None
-               else "linear")
+        linear = f"linear {self.a2a_bandwidth / 1e9:g} GB/s"
+        a2a = (f"measured up to {NODE_GPUS} GPUs, {linear} beyond" if self._all_to_all_time is not None else linear)
         return f"{self.calibration.label} ({shape}{borrowed}; all-to-all {a2a})"
 
     @cached_property

@@ -146,7 +146,7 @@ def test_simulate_records_name_their_cost_model(tmp_path, capsys):
         records = json.loads(capsys.readouterr().out)
         assert {r["cost_model"] for r in records} == {"linear" if cost == "linear" else
                                                       "measured:expert_cost_anchors.json, provisional "
-                                                      "(H1024 F4096; all-to-all linear)"}
+                                                      "(H1024 F4096; all-to-all linear 50 GB/s)"}
         figures[cost] = records[0]["est_step_time_s"]
     assert figures["linear"] != figures[str(ANCHORS)]
 

@@ -71,12 +71,39 @@ def _attention_gluon(result: dict) -> list[list[str]]:
     return [row(r) for r in result["records"]]
 
 
+def _expert_cost_vs_linear(result: dict) -> list[list[str]]:
+    """Selected even-split points of the placement calibration beside the linear model (GEMMs at 180 TFLOP/s)."""
+    rows = []
+    for hidden, ffn, experts in ((768, 3072, 2), (768, 3072, 4), (1024, 4096, 4), (1024, 4096, 16), (1024, 4096, 32)):
+        for tokens in (256, 2048, 16384, 131072):
+            key = (hidden, ffn, experts, tokens)
+            p = next(p for p in result["expert"]
+                     if p["split"] == "even" and (p["hidden"], p["ffn"], p["local_experts"], p["tokens"]) == key)
+            linear_ms = tokens * 6 * 2 * hidden * ffn / 180e12 * 1e3
+            rows.append([f"H{hidden} F{ffn}", str(experts), str(tokens), f"{p['gpu_ms']:.2f}", f"{p['wall_ms']:.2f}",
+                         f"{p['compiled_gpu_ms']:.2f}", f"{linear_ms:.2f}", f"{p['gpu_ms'] / linear_ms:.2f}"])
+    return rows
+
+
+def _placement_batch_curve(result: dict) -> list[list[str]]:
+    rows = []
+    for r in result["results"]:
+        static = next(x for x in r["records"] if x["policy"] == "static")
+        rows.append([r["model"], str(r["gpus"]), f"{r['tokens_per_step'] // 1024}k", r["noise"],
+                     f"{r['mean_tokens_per_gpu_per_layer']:.0f}", f"{static['est_step_time_s'] * 1e3:.2f} ms",
+                     _percent(r["saved_by_phase"]), _percent(r["saved_by_history"])])
+    return rows
+
+
 RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/train_throughput.json": _train_throughput,
     "benchmarks/results/train_throughput_loop_h100.json": _train_throughput_loop,
     "benchmarks/results/expert_parallel_scaling.json": _expert_parallel_scaling,
     "benchmarks/results/phase_detection.json": _phase_detection,
     "benchmarks/results/trace_summary.json": _trace_summary,
+    "placement/calibration/h200.json": _expert_cost_vs_linear,
+    "benchmarks/results/placement_batch_curve.json": _placement_batch_curve,
+    "benchmarks/results/placement_batch_curve_linear.json": _placement_batch_curve,
     "benchmarks/results/attention_gluon.json": _attention_gluon,
     "benchmarks/results/attention_gluon_runs/2_pipelined.json": _attention_gluon,
 }
