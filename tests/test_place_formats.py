@@ -130,3 +130,15 @@ def test_placements_that_do_not_fit_are_one_line_and_exit_2(trace_path, capsys, 
     if "--format" not in argv:
         assert main(["simulate", trace_path, "--policy", "static", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_sglang_needs_the_block_count_of_an_unknown_model(tmp_path, capsys):
+    counts, meta = synth.generate(layers=2, experts=8, steps=60, tokens_per_step=4096, seed=0)  # model "synthetic"
+    path = str(trace.write(tmp_path / "t", counts, meta))
+    common = ["place", path, "--gpus", "2", "--redundant", "2", "--at", "50", "--format", "sglang",
+              "--out", str(tmp_path / "plan.json")]
+    assert main(common) == 2
+    assert "--num-hidden-layers" in capsys.readouterr().err
+    assert main([*common, "--num-hidden-layers", "4"]) == 0
+    mapping = read(tmp_path / "plan.json")["physical_to_logical_map"]
+    assert mapping.shape == (4, 10) and (mapping[[0, 2]] == np.arange(10) % 8).all()
