@@ -11,7 +11,9 @@ by one of two rules, applied per step and layer:
   size its buffers. This is the default: replicas can then absorb per-step noise, not only mean skew.
 
 A token counted for an expert is one unit of work on the GPU it is sent to (``counts`` already count a
-token once per chosen expert). Token shares are kept fractional: these are load estimates.
+token once per chosen expert). Token shares are kept fractional: these are load estimates. Expert-parallel
+training sends whole tokens: :func:`routes` rounds the same rule's shares for one step and layer and says which
+rank sends how many rows to which slot.
 """
 
 from __future__ import annotations
@@ -26,6 +28,80 @@ _FULL = 1e18  # load given to padding GPUs so that water-filling never pours int
 
 def gpu_tokens(counts: np.ndarray, plan: Plan, rule: str = "balanced") -> np.ndarray:
     """Tokens each GPU processes: ``counts[steps, layers, experts]`` -> float64 ``[steps, layers, gpus]``."""
+    counts = _checked(counts, plan, rule)
+    tokens = _even(counts, plan)
+    return tokens if rule == "even" else _balanced(counts, plan, tokens)
+
+
+def expert_tokens(counts: np.ndarray, plan: Plan, rule: str = "balanced") -> np.ndarray:
+    """Tokens of each expert each GPU processes: float64 ``[steps, layers, gpus, experts]``, whose sum over
+    experts is :func:`gpu_tokens` (the same rule, expert by expert)."""
+    counts = _checked(counts, plan, rule)
+    split = counts[:, :, None, :] * (plan.slot_counts() / plan.replicas[:, None, :])
+    if rule == "balanced":
+        _balanced(counts, plan, split.sum(axis=-1), split=split)
+    return split
+
+
+def routes(counts_by_rank: np.ndarray, plan: Plan, rule: str = "balanced") -> np.ndarray:
+    """Whole tokens for one layer and step of expert-parallel training: int64 ``[ranks, slots]``, the rows
+    each rank sends to each physical slot of the one-layer ``plan`` (one rank per GPU).
+
+    ``counts_by_rank[ranks, experts]`` are the tokens each rank routed to each expert. An expert's tokens over
+    all ranks are split among its GPUs by :func:`expert_tokens`, rounded to whole tokens by largest
+    remainder, and given to the first slot of that expert on each GPU; then the ranks' rows, in rank order,
+    are cut into consecutive runs for those slots in slot order. Every rank computes the same table from the
+    same counts, so senders and receivers agree on every split size without exchanging them.
+    """
+    counts_by_rank = np.asarray(counts_by_rank, dtype=np.int64)
+    ranks, experts = counts_by_rank.shape
+    if plan.replicas.shape != (1, experts) or plan.gpus != ranks:
+        raise PlacementError(f"routes needs a one-layer plan over {ranks} GPUs for {experts} experts")
+    total = counts_by_rank.sum(axis=0)
+    share = expert_tokens(total[None, None], plan, rule)[0, 0]  # [gpus, experts]
+    hosts = plan.hosts()[0]
+    whole = np.floor(share).astype(np.int64)
+    remainder = np.where(hosts, share - whole, -1.0)  # the missing tokens go to hosts only
+    missing = total - whole.sum(axis=0)
+    rank_of = np.argsort(np.argsort(-remainder, axis=0, kind="stable"), axis=0, kind="stable")
+    whole += rank_of < missing
+    # Per slot: its GPU's tokens of its expert if it is that expert's first slot on the GPU, else none.
+    slot_expert = plan.slot_expert[0]
+    gpu = np.arange(len(slot_expert)) // plan.slots_per_gpu
+    hosted = slot_expert >= 0
+    first_on_gpu = hosted & ~_seen_before(gpu * (experts + 1) + slot_expert)
+    per_slot = np.where(first_on_gpu, whole[gpu, np.maximum(slot_expert, 0)], 0)
+    # Consecutive runs: slot s takes rows [slot_start, slot_start + per_slot) of its expert's rows over all ranks.
+    slot_start = run_starts(per_slot, slot_expert)
+    slot_end = slot_start + per_slot
+    rank_end = np.cumsum(counts_by_rank, axis=0)
+    rank_start = rank_end - counts_by_rank
+    expert = np.maximum(slot_expert, 0)
+    overlap = (np.minimum(rank_end[:, expert], slot_end) - np.maximum(rank_start[:, expert], slot_start))
+    return np.where(hosted, np.maximum(overlap, 0), 0)
+
+
+def run_starts(rows: np.ndarray, slot_expert: np.ndarray) -> np.ndarray:
+    """Where each slot's run of ``rows[slot]`` starts among its expert's rows, when every expert's slots take
+    consecutive runs in slot order (the layout :func:`routes` cuts)."""
+    by_expert = np.lexsort((np.arange(len(slot_expert)), slot_expert))  # slots grouped by expert, in slot order
+    ends = np.cumsum(rows[by_expert])
+    starts = ends - rows[by_expert]
+    group_first = np.searchsorted(slot_expert[by_expert], slot_expert[by_expert])
+    result = np.empty_like(rows)
+    result[by_expert] = starts - starts[group_first]
+    return result
+
+
+def _seen_before(keys: np.ndarray) -> np.ndarray:
+    """bool per position: the same key occurs at an earlier position."""
+    _, first = np.unique(keys, return_index=True)
+    seen = np.ones(len(keys), dtype=bool)
+    seen[first] = False
+    return seen
+
+
+def _checked(counts: np.ndarray, plan: Plan, rule: str) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 3 or counts.shape[1:] != plan.replicas.shape:
         raise PlacementError(f"counts {counts.shape} do not match the plan's [layers, experts] "
@@ -34,8 +110,7 @@ def gpu_tokens(counts: np.ndarray, plan: Plan, rule: str = "balanced") -> np.nda
         raise PlacementError("the plan leaves an expert without a replica")
     if rule not in RULES:
         raise PlacementError(f"unknown dispatch rule {rule!r}; choose from {', '.join(RULES)}")
-    tokens = _even(counts, plan)
-    return tokens if rule == "even" else _balanced(counts, plan, tokens)
+    return counts
 
 
 def imbalance(tokens: np.ndarray) -> np.ndarray:
@@ -57,8 +132,12 @@ def _even(counts: np.ndarray, plan: Plan) -> np.ndarray:
     return per_slot.reshape(*per_slot.shape[:2], plan.gpus, -1).sum(axis=-1)
 
 
-def _balanced(counts: np.ndarray, plan: Plan, even: np.ndarray, passes: int = 2) -> np.ndarray:
+def _balanced(counts: np.ndarray, plan: Plan, even: np.ndarray, passes: int = 2,
+              split: np.ndarray | None = None) -> np.ndarray:
     """Start from the even split, then re-pour each replicated expert's tokens (heaviest first) by water-filling.
+
+    ``split[steps, layers, gpus, experts]``, when given (holding the even split), receives every re-poured
+    expert's final shares.
 
     Two passes over the replicated experts. Each re-pour minimises the busiest of that expert's GPUs with
     every other share fixed and leaves the other GPUs alone, so no step ends more imbalanced than under the
@@ -100,6 +179,10 @@ def _balanced(counts: np.ndarray, plan: Plan, even: np.ndarray, passes: int = 2)
             level = np.where(padding[k], _FULL, tokens[gpu_rows[k]] - shares[:, k, :w])
             shares[:, k, :w] = water_fill(level, poured[:, k], axis=1)
             tokens[gpu_rows[k]] = level + shares[:, k, :w]
+    if split is not None:
+        for k, w in enumerate(width):
+            layer, j = np.nonzero((gpu_ids[:, k, :w] < gpus) & valid[:, k, None])
+            split[:, layer, gpu_ids[layer, k, j], order[layer, k]] = shares[layer, k, j].T
     return np.ascontiguousarray(tokens.reshape(layers, gpus + 1, -1)[:, :gpus].transpose(2, 0, 1))
 
 

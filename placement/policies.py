@@ -135,6 +135,9 @@ class Static:
     def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
         return [(0, setting.initial(*props.shape[1:]))]
 
+    def first_check(self) -> int | None:
+        return None
+
 
 @dataclass(frozen=True)
 class History:
@@ -143,10 +146,15 @@ class History:
     name: str = "history"
 
     def schedule(self, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
-        schedule = [(0, setting.initial(*props.shape[1:]))]
-        for t in range(self.every, len(props), self.every):
-            schedule.append((t, setting.plan(props[max(0, t - self.window): t].mean(axis=0), schedule[-1][1])))
-        return schedule
+        return online_schedule(self, counts, props, setting)
+
+    def first_check(self) -> int | None:
+        return self.every
+
+    def check(self, counts: np.ndarray, props: np.ndarray, current: Plan, setting: Setting,
+              memory: list) -> tuple[Plan | None, int]:
+        t = len(props)
+        return setting.plan(props[max(0, t - self.window): t].mean(axis=0), current), t + self.every
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,18 @@ class Predict:
         for t, new in zip(checks, setting.plan_many(forecasts), strict=True):
             schedule.append((t, align(schedule[-1][1], new)))
         return schedule
+
+    def first_check(self) -> int | None:
+        return self.first if 0 < self.first < self.every else self.every
+
+    def check(self, counts: np.ndarray, props: np.ndarray, current: Plan, setting: Setting,
+              memory: list) -> tuple[Plan | None, int]:
+        """The re-plan :meth:`schedule` makes at step ``len(props)``, one check at a time (online)."""
+        t = len(props)
+        forecast = _predict_mean(self.predictor, props[max(0, t - self.history): t], self.every)
+        following = (t // self.every + 1) * self.every
+        return align(current, setting.plan_many(forecast[None])[0]), (
+            self.first if t < self.first < following else following)
 
 
 def stable_layers(history: np.ndarray, threshold: float = 1.5, recent: int = 3) -> np.ndarray:
@@ -217,12 +237,43 @@ class PhaseAware:
             layer_time = _layer_time(recent, pairs, setting)
             for (t, _), window, horizon, pair, pair_time in zip(batch, recent, horizons, pairs, layer_time,
                                                                 strict=True):
-                candidates = [align(current, new) for new in pair]
-                choice = _fastest(window, current, candidates, pair_time, setting, horizon / len(window))
-                if choice.any():
-                    current = _pick([current, *candidates], choice)
+                new = self._choose(window, current, pair, pair_time, setting, horizon / len(window))
+                if new is not None:
+                    current = new
                     schedule.append((t, current))
         return schedule
+
+    def first_check(self) -> int | None:
+        return max(self.first, 1)
+
+    def check(self, counts: np.ndarray, props: np.ndarray, current: Plan, setting: Setting,
+              memory: list) -> tuple[Plan | None, int]:
+        """The decision :meth:`schedule` takes at step ``t = len(props)``, one check at a time (online).
+
+        ``memory`` holds the earlier checks ``(step, stable)``; this one is appended. Only the last ``backtest``
+        of them matter (the forecaster choice), so the same plan comes out as in the batched replay.
+        """
+        t = len(props)
+        stable, following = self._check_at(props, t)
+        memory.append((t, stable))
+        del memory[: -(self.backtest + 1)]
+        starts = [max(0, c - self.history) for c, _ in memory]
+        forecast = self.forecasts(props, memory, starts)[-1:]
+        noise = window_step_noise(props, starts[-1:], [t])
+        pair = [setting.plan_many(forecast)[0], setting.plan_many(forecast, noise)[0]]
+        window = self._rescaled(counts[max(0, t - self.replay): t], forecast[0])
+        horizon = max(self._cadence(stable), self.payback)
+        pair_time = _layer_time([window], [pair], setting)[0]
+        return self._choose(window, current, pair, pair_time, setting, horizon / len(window)), following
+
+    @staticmethod
+    def _choose(window: np.ndarray, current: Plan, pair: list[Plan], pair_time: np.ndarray, setting: Setting,
+                stretch: float) -> Plan | None:
+        """Per layer the fastest of the current plan and the candidates over ``window`` (:func:`_fastest`, replay
+        times counted ``stretch`` times against the migration stall); None if that is the current plan."""
+        candidates = [align(current, new) for new in pair]
+        choice = _fastest(window, current, candidates, pair_time, setting, stretch)
+        return _pick([current, *candidates], choice) if choice.any() else None
 
     def _cadence(self, stable: bool) -> int:
         return self.stable_every if stable else self.transient_every
@@ -254,12 +305,17 @@ class PhaseAware:
         ``stable_every`` once :func:`stable_layers` finds the whole model stable, on multiples of the cadence.
         """
         checks = []
-        t = max(self.first, 1)
+        t = self.first_check()
         while t < len(props):
-            stable = bool(stable_layers(props[max(0, t - self.history): t][-self.phase_history:]).all())
+            stable, following = self._check_at(props, t)
             checks.append((t, stable))
-            t = (t // self._cadence(stable) + 1) * self._cadence(stable)
+            t = following
         return checks
+
+    def _check_at(self, props: np.ndarray, t: int) -> tuple[bool, int]:
+        """Whether every layer looks stable at check ``t``, and the next check's step."""
+        stable = bool(stable_layers(props[max(0, t - self.history): t][-self.phase_history:]).all())
+        return stable, (t // self._cadence(stable) + 1) * self._cadence(stable)
 
     @staticmethod
     def _rescaled(recent: np.ndarray, forecast: np.ndarray) -> np.ndarray:
@@ -364,11 +420,26 @@ def _pick(plans: list[Plan], choice: np.ndarray) -> Plan:
                 np.stack([p.replicas for p in plans])[choice, layers], plans[0].gpus)
 
 
+def online_schedule(policy, counts: np.ndarray, props: np.ndarray, setting: Setting) -> Schedule:
+    """A policy's schedule made one check at a time from the steps before each (what a running job does)."""
+    schedule = [(0, setting.initial(*props.shape[1:]))]
+    memory: list = []
+    t = policy.first_check()
+    while t is not None and t < len(props):
+        new, following = policy.check(counts[:t], props[:t], schedule[-1][1], setting, memory)
+        if new is not None:
+            schedule.append((t, new))
+        t = following
+    return schedule
+
+
+ONLINE = ("static", "history", "predict", "phase")  # the policies a training run can follow (not the oracle)
 POLICIES = {"static": Static, "history": History, "predict": Predict, "phase": PhaseAware, "oracle": Oracle}
 
 
 def get(names: str, replan_every: int | None = None, predictor: str | None = None) -> list:
-    """Policies from a comma list (``all`` for every one); ``replan_every`` sets the EPLB-history cadence,
+    """Policies from a comma list (``all`` for every one); ``replan_every`` sets the cadence of ``history``,
+    ``predict`` and (in its transient phase) ``phase``,
     ``predictor`` the forecaster of ``predict`` and the only one of the transient phase of ``phase``."""
     chosen = list(POLICIES) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in POLICIES]
@@ -388,13 +459,15 @@ def get(names: str, replan_every: int | None = None, predictor: str | None = Non
         params: dict = {}
         if name == "history" and replan_every is not None:
             params = {"every": replan_every}
-        elif name == "predict" and predictor:
-            params = {"predictor": predictor}
-        elif name == "phase" and predictor:
-            params = {"transient_predictors": (predictor,)}
+        elif name == "predict":
+            params = {"predictor": predictor} if predictor else {}
+            params |= {"every": replan_every} if replan_every is not None else {}
+        elif name == "phase":
+            params = {"transient_predictors": (predictor,)} if predictor else {}
+            params |= {"transient_every": replan_every} if replan_every is not None else {}
         policies.append(POLICIES[name](**params))
     return policies
 
 
-__all__ = ["POLICIES", "History", "Oracle", "PhaseAware", "Predict", "Schedule", "Setting", "Static",
-           "backtest_choice", "get", "stable_layers", "step_noise", "window_step_noise"]
+__all__ = ["ONLINE", "POLICIES", "History", "Oracle", "PhaseAware", "Predict", "Schedule", "Setting", "Static",
+           "backtest_choice", "get", "online_schedule", "stable_layers", "step_noise", "window_step_noise"]

@@ -69,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_cluster_arguments(p)
     p.add_argument("--policy", default="all",
                    help="comma list of static, history, predict, phase, oracle, or all (default: %(default)s)")
-    p.add_argument("--replan-every", type=int, default=None, help="steps between EPLB-history re-plans (1000)")
+    p.add_argument("--replan-every", type=int, default=None,
+                   help="steps between re-plans of history (1000), predict (50) and phase while loads move (25)")
     p.add_argument("--predictor", default=None,
                    help="predictor spec for 'predict' and the transient phase of 'phase' "
                         "(defaults: ema:halflife=50 and ema:halflife=25)")
