@@ -1,72 +1,122 @@
 """Expert parallelism over the ranks of a ``torch.distributed`` process group (one process per GPU).
 
-Rank ``r`` of ``W`` holds experts ``[r * E/W, (r+1) * E/W)`` of every MoE layer; routers, attention and
-embeddings are replicated and trained data parallel (DDP all-reduces their gradients, not the experts').
-In each MoE layer every rank routes its own tokens, sends each row to the rank holding its expert with
-``all_to_all_single`` (autograd through ``torch.distributed.nn.functional``), runs its local experts,
-and sends the outputs back. The split sizes must be on the host, so each layer reads one small count
-table from the device: the one sync per layer that an uneven all-to-all forces.
+Each rank holds ``slots_per_rank`` expert slots of every MoE layer; a placement plan (``placement.planners``)
+says which logical expert each slot hosts: global slot ``rank * slots_per_rank + j`` is local slot ``j`` of
+``rank``. Without redundant slots and re-planning this is the even sharding (rank ``r`` holds experts
+``[r * E/W, (r+1) * E/W)``); with them a hot expert has copies on several ranks (:mod:`moe_trace.expert_placement`
+changes the plan during training). Routers, attention and embeddings are replicated and trained data parallel
+(DDP all-reduces their gradients, not the experts').
 
-Gradients: a rank's expert receives the gradients of every rank's tokens, summed by the all-to-all's
-backward. Data parallelism averages over ranks, so expert gradients are scaled by ``1/W`` to match
-(megablocks does the same); the result equals a single-process step over the union of the ranks' batches.
-Counts: each rank's ``tokens_per_expert`` covers its own tokens over all ``E`` experts; the recorder sums
-them over ranks once per flush block.
+In each MoE layer every rank routes its own tokens and all ranks gather the ``[ranks, experts]`` count table,
+the one host read per layer that an uneven all-to-all forces. From it every rank computes the same dispatch
+table (``placement.dispatch.routes``: an expert's tokens split among its copies by the simulator's rule),
+sends each row to its slot with ``all_to_all_single`` (autograd through ``torch.distributed.nn.functional``),
+runs its local slots and sends the outputs back.
+
+Gradients: a slot receives the gradients of every rank's tokens it served, summed by the all-to-all's backward.
+Data parallelism averages over ranks, so expert gradients are scaled by ``1/W`` to match (megablocks does the
+same); copies of one expert then add their gradients (:func:`sync_replica_grads`), so every copy holds the
+expert's whole gradient and, stepped by the same optimizer, stays identical. The result equals a
+single-process step over the union of the ranks' batches. Counts: each rank's ``tokens_per_expert`` covers its
+own tokens over all ``E`` logical experts; the recorder sums them over ranks once per flush block.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_autograd
 from torch import Tensor, nn
 
 from moe_trace.moe import MoELayer, expert_forward
+from placement.dispatch import routes, run_starts
+from placement.planners import Plan
 
 
 class ExpertParallelMoELayer(MoELayer):
-    """An :class:`MoELayer` that holds only its rank's share of the experts and exchanges tokens."""
+    """An :class:`MoELayer` that holds only its rank's expert slots and exchanges tokens with the other ranks."""
 
-    def __init__(self, layer: MoELayer, group: dist.ProcessGroup | None = None):
+    def __init__(self, layer: MoELayer, slot_expert: np.ndarray, group: dist.ProcessGroup | None = None,
+                 dispatch: str = "balanced"):
         nn.Module.__init__(self)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        if layer.num_experts % world:
-            raise ValueError(f"{layer.num_experts} experts do not divide evenly over {world} ranks")
+        if len(slot_expert) % world:
+            raise ValueError(f"{len(slot_expert)} slots do not divide evenly over {world} ranks")
         self.num_experts, self.top_k, self.normalize_weights = layer.num_experts, layer.top_k, layer.normalize_weights
         self.load_balancing_weight, self.z_loss_weight = layer.load_balancing_weight, layer.z_loss_weight
-        self.group, self.world_size = group, world
-        self.local_experts = layer.num_experts // world
-        self.first_expert = rank * self.local_experts
+        self.group, self.world_size, self.rank, self.dispatch = group, world, rank, dispatch
+        self.slots_per_rank = len(slot_expert) // world
         self.router = layer.router
-        # This rank's slice of the full layer's weights: any world size starts from the same model.
-        local = slice(self.first_expert, self.first_expert + self.local_experts)
-        self.w1 = nn.Parameter(layer.w1.detach()[local].clone())
-        self.w2 = nn.Parameter(layer.w2.detach()[local].clone())
+        self.set_plan(slot_expert)
+        # This rank's slots of the full layer's weights: any world size starts from the same model. Empty slots
+        # (expert -1) start at zero; a re-plan fills them.
+        hosted = torch.as_tensor(self.local_experts)
+        self.w1 = nn.Parameter(_rows(layer.w1.detach(), hosted))
+        self.w2 = nn.Parameter(_rows(layer.w2.detach(), hosted))
         for weight in (self.w1, self.w2):
             weight.register_hook(lambda grad: grad / world)
         self.tokens_per_expert = self.aux_loss = None
 
-    def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
-        world, local = self.world_size, self.local_experts
-        # received[s, e]: rows that rank s sends to local expert e.
-        received = torch.empty_like(tokens_per_expert)
-        dist.all_to_all_single(received, tokens_per_expert, group=self.group)
-        received = received.view(world, local)
-        host = torch.stack([tokens_per_expert.view(world, local).sum(1), received.sum(1)]).tolist()
-        send_splits, recv_splits = host
-        x_received = _all_to_all(x_sorted, recv_splits, send_splits, self.group)
+    def set_plan(self, slot_expert: np.ndarray) -> None:
+        """Host the experts of ``slot_expert[ranks * slots_per_rank]`` (the weights are moved separately)."""
+        slot_expert = np.asarray(slot_expert, dtype=np.int64)
+        replicas = np.bincount(slot_expert[slot_expert >= 0], minlength=self.num_experts)
+        self.plan = Plan(slot_expert[None], replicas[None], self.world_size)
+        local = slice(self.rank * self.slots_per_rank, (self.rank + 1) * self.slots_per_rank)
+        self.local_experts = slot_expert[local]
+        # The first copy of each expert (over all ranks) stands for it where it must count once (gradient norm).
+        _, first_slot = np.unique(slot_expert, return_index=True)
+        primary = np.zeros(len(slot_expert), dtype=bool)
+        primary[first_slot] = True
+        self.primary = torch.as_tensor(primary[local] & (self.local_experts >= 0))
 
-        # Rows arrive grouped by source rank, then by expert; run the experts on rows grouped by expert.
-        local_ids = torch.arange(local, device=x_sorted.device).repeat(world)
-        expert_of_row = torch.repeat_interleave(local_ids, received.flatten(), output_size=sum(recv_splits))
-        order = expert_of_row.argsort(stable=True)
-        y = expert_forward(x_received[order], received.sum(0), self.w1, self.w2)
+    def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        world, slots = self.world_size, self.slots_per_rank
+        gathered = [torch.empty_like(tokens_per_expert) for _ in range(world)]
+        dist.all_gather(gathered, tokens_per_expert, group=self.group)
+        counts = torch.stack(gathered).cpu().numpy()  # [rank, expert]
+        # rows[s, slot]: rows rank s sends to each global slot, the same table on every rank.
+        rows = routes(counts, self.plan, self.dispatch)
+        sent = rows[self.rank]
+        received = rows[:, self.rank * slots: (self.rank + 1) * slots]  # [source rank, local slot]
+        send_splits = sent.reshape(world, slots).sum(axis=1).tolist()
+        recv_splits = received.sum(axis=1).tolist()
+
+        # x_sorted is grouped by expert; send its rows in the order of their destination slots.
+        send_order = torch.from_numpy(_send_order(sent, self.plan.slot_expert[0], counts[self.rank]))
+        send_order = send_order.to(x_sorted.device, non_blocking=True)
+        x_received = _all_to_all(x_sorted[send_order], recv_splits, send_splits, self.group)
+
+        # Rows arrive grouped by source rank, then by local slot; run the slots on rows grouped by slot.
+        local_ids = torch.arange(slots, device=x_sorted.device).repeat(world)
+        slot_of_row = torch.repeat_interleave(local_ids, torch.from_numpy(received.ravel()).to(x_sorted.device),
+                                              output_size=sum(recv_splits))
+        order = slot_of_row.argsort(stable=True)
+        per_slot = torch.from_numpy(received.sum(axis=0)).to(x_sorted.device)
+        y = expert_forward(x_received[order], per_slot, self.w1, self.w2)
         y_received = torch.empty_like(y).index_copy(0, order, y)
-        return _all_to_all(y_received, send_splits, recv_splits, self.group)
+        y_sent = _all_to_all(y_received, send_splits, recv_splits, self.group)
+        return torch.empty_like(y_sent).index_copy(0, send_order, y_sent)
 
     def extra_repr(self) -> str:
-        return (f"experts={self.first_expert}..{self.first_expert + self.local_experts - 1} of {self.num_experts}, "
-                f"top_k={self.top_k}, hidden={self.w1.shape[1]}, ffn={self.w1.shape[2]}")
+        return (f"slots={self.local_experts.tolist()} of {self.num_experts} experts, top_k={self.top_k}, "
+                f"hidden={self.w1.shape[1]}, ffn={self.w1.shape[2]}")
+
+
+def _rows(weights: Tensor, experts: Tensor) -> Tensor:
+    """``weights[experts]`` with zeros where ``experts`` is -1 (an empty slot)."""
+    return torch.where((experts >= 0).view(-1, *[1] * (weights.dim() - 1)), weights[experts.clamp(min=0)],
+                       0).clone()
+
+
+def _send_order(sent: np.ndarray, slot_expert: np.ndarray, expert_rows: np.ndarray) -> np.ndarray:
+    """Indices into rows grouped by expert (``expert_rows[e]`` of them for expert ``e``), listing them slot by
+    slot: slot ``i`` takes ``sent[i]`` rows of its expert, the expert's slots taking consecutive runs in slot order."""
+    expert_start = np.cumsum(expert_rows) - expert_rows
+    start = expert_start[np.maximum(slot_expert, 0)] + run_starts(sent, slot_expert)
+    position = np.cumsum(sent) - sent  # where slot i's rows begin in the send buffer
+    return np.repeat(start - position, sent) + np.arange(sent.sum())
 
 
 def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
@@ -75,18 +125,26 @@ def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], gr
                                            group=group or dist.group.WORLD)
 
 
-def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> list[str]:
+def expert_layers(model: nn.Module) -> list[ExpertParallelMoELayer]:
+    return [m for m in model.modules() if isinstance(m, ExpertParallelMoELayer)]
+
+
+def shard_experts(model: nn.Module, slot_expert: np.ndarray | None = None, group: dist.ProcessGroup | None = None,
+                  dispatch: str = "balanced") -> list[str]:
     """Replace every :class:`MoELayer` of ``model`` in place by its expert-parallel shard.
 
-    Returns the names of the expert parameters, for ``DistributedDataParallel`` to leave alone.
+    ``slot_expert[moe_layers, slots]`` is the placement to start from (default: the even sharding, no spare
+    slots). Returns the names of the expert parameters, for ``DistributedDataParallel`` to leave alone.
     """
-    names = []
+    names, index = [], 0
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is MoELayer:
-                setattr(parent, child_name, ExpertParallelMoELayer(child, group))
+                row = np.arange(child.num_experts) if slot_expert is None else slot_expert[index]
+                setattr(parent, child_name, ExpertParallelMoELayer(child, row, group, dispatch))
                 prefix = f"{parent_name}.{child_name}" if parent_name else child_name
                 names += [f"{prefix}.w1", f"{prefix}.w2"]
+                index += 1
     return names
 
 
@@ -96,13 +154,40 @@ def data_parallel(model: nn.Module, expert_names: list[str], **ddp_kwargs) -> nn
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
 
+@torch.no_grad()
+def sync_replica_grads(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Give every copy of a replicated expert the sum of all its copies' gradients (one all-reduce for the
+    whole model, only over the replicated experts; nothing when no expert has two copies)."""
+    pieces, layouts = [], []
+    for layer in expert_layers(model):
+        replicated = np.flatnonzero(layer.plan.replicas[0] > 1)
+        if not len(replicated):
+            continue
+        local = np.flatnonzero(np.isin(layer.local_experts, replicated))
+        slots = torch.as_tensor(local, device=layer.w1.device)
+        target = torch.as_tensor(np.searchsorted(replicated, layer.local_experts[local]), device=layer.w1.device)
+        for weight in (layer.w1, layer.w2):
+            summed = weight.grad.new_zeros((len(replicated), *weight.shape[1:]))
+            summed.index_add_(0, target, weight.grad[slots])
+            pieces.append(summed.flatten())
+            layouts.append((weight, slots, target, summed.shape))
+    if not pieces:
+        return
+    flat = torch.cat(pieces)
+    dist.all_reduce(flat, group=group)
+    for (weight, slots, target, shape), summed in zip(layouts, flat.split([p.numel() for p in pieces]), strict=True):
+        weight.grad[slots] = summed.view(shape)[target]
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Clip by the norm of the whole (sharded) model's gradient: dense norm plus every rank's experts."""
-    experts = {id(p) for layer in model.modules() if isinstance(layer, ExpertParallelMoELayer)
-               for p in (layer.w1, layer.w2)}
+    """Clip by the norm of the whole (sharded) model's gradient: dense norm plus each expert once (its first
+    copy), summed over ranks. Call it after :func:`sync_replica_grads`."""
+    layers = expert_layers(model)
+    experts = {id(p) for layer in layers for p in (layer.w1, layer.w2)}
     params = [p for p in model.parameters() if p.grad is not None]
     dense = [p.grad for p in params if id(p) not in experts]
-    local = [p.grad for p in params if id(p) in experts]
+    local = [w.grad[layer.primary.to(w.grad.device)] for layer in layers for w in (layer.w1, layer.w2)
+             if w.grad is not None]
     device = params[0].grad.device
     squares = torch.stack([torch.nn.utils.get_total_norm(grads).to(device) if grads else torch.zeros((), device=device)
                            for grads in (dense, local)]).square()

@@ -60,6 +60,7 @@ class Recorder:
         self._sequences, self._seq_len = 0, 0  # input shapes seen in the current step (add_sequences)
         self._truncated = False
         self._pending: list[tuple[list[int], torch.Tensor, torch.cuda.Event | None]] = []
+        self._collected: list[tuple[list[int], torch.Tensor, torch.cuda.Event | None]] | None = None  # see collect
         self._cleanup: list[Callable[[], None]] = []
 
     # -- feeding counts (called from forward hooks; never reads device values) --------------------------
@@ -121,6 +122,8 @@ class Recorder:
             event.record()
         # Stream order makes it safe to reuse the buffer while the copy above is still in flight.
         self._pending.append((self._steps, host, event))
+        if self._collected is not None:
+            self._collected.append(self._pending[-1])
         self._steps = []
 
     def flush(self) -> None:
@@ -129,11 +132,7 @@ class Recorder:
         self._unflushed = 0
         if not self._pending:
             return
-        for _, _, event in self._pending:
-            if event is not None:
-                event.synchronize()
-        steps = np.concatenate([np.asarray(s, dtype=np.int64) for s, _, _ in self._pending])
-        counts = np.concatenate([host.numpy() for _, host, _ in self._pending])
+        steps, counts = _on_host(self._pending)
         self._pending.clear()
         if self.on_block is not None:
             self.on_block(steps, counts)
@@ -142,6 +141,17 @@ class Recorder:
                 trace.truncate(self.trace_dir, int(steps[0]))
                 self._truncated = True
             trace.write_part(self.trace_dir, steps, counts, self.meta)
+
+    def collect(self) -> tuple[np.ndarray, np.ndarray]:
+        """The steps closed since the previous call (at the first call: those not yet flushed) and their counts
+        ``[steps, layers, experts]`` summed over ranks, on the host; they are still written at the next flush.
+        One sync, and under data parallelism a collective that every rank calls at the same step."""
+        self._copy_to_host()
+        blocks = self._pending if self._collected is None else self._collected
+        self._collected = []
+        if not blocks:
+            return np.empty(0, dtype=np.int64), np.empty((0, self.num_layers, self.num_experts), dtype=np.int64)
+        return _on_host(blocks)
 
     def close(self) -> None:
         """Flush, merge the trace's parts into one, and remove the hooks that fed this recorder."""
@@ -155,6 +165,15 @@ class Recorder:
     def on_close(self, cleanup: Callable[[], None]) -> None:
         """Run ``cleanup`` (e.g. a hook handle's ``remove``) at :meth:`close`."""
         self._cleanup.append(cleanup)
+
+
+def _on_host(blocks: list[tuple[list[int], torch.Tensor, torch.cuda.Event | None]]) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and counts of blocks copied to the host, once their copies have completed."""
+    for _, _, event in blocks:
+        if event is not None:
+            event.synchronize()
+    steps = np.concatenate([np.asarray(s, dtype=np.int64) for s, _, _ in blocks])
+    return steps, np.concatenate([host.numpy() for _, host, _ in blocks])
 
 
 class MetricsLog:

@@ -416,3 +416,42 @@ def load_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if missing:
         raise TraceError(f"{path} lacks the columns {', '.join(missing)}")
     return {c: table[c].to_numpy() for c in METRIC_COLUMNS}
+
+
+# ---------------------------------------------------------------------------------------------------
+# placement.parquet: the expert placement in force, beside the trace of a run that places experts
+
+PLACEMENT_COLUMNS = ("step", "layer", "slot", "expert")
+
+
+def write_placement(path: str | os.PathLike, plans: Iterable[tuple[int, np.ndarray]], layers: Iterable[int]) -> None:
+    """Atomically (re)write ``placement.parquet`` from ``(step, slot_expert[layers, slots])`` pairs, each plan
+    in force from its step: one row per (step, layer, slot), ``expert`` -1 for an empty slot, ``layer`` the
+    block index as in the trace. Slot = GPU x slots_per_gpu + local slot."""
+    layer_ids = np.asarray(list(layers), dtype=np.int32)
+    columns: dict[str, list[np.ndarray]] = {c: [] for c in PLACEMENT_COLUMNS}
+    for step, slot_expert in plans:
+        n_layers, slots = slot_expert.shape
+        columns["step"].append(np.full(n_layers * slots, step, dtype=np.int64))
+        columns["layer"].append(np.repeat(layer_ids, slots))
+        columns["slot"].append(np.tile(np.arange(slots, dtype=np.int32), n_layers))
+        columns["expert"].append(np.asarray(slot_expert, dtype=np.int32).ravel())
+    table = pa.table({c: pa.array(np.concatenate(columns[c])) for c in PLACEMENT_COLUMNS})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def load_placement(path: str | os.PathLike) -> list[tuple[int, np.ndarray]]:
+    """The plans of a ``placement.parquet`` (or the one beside a trace): ``(step, slot_expert[layers, slots])``
+    in step order, layers in block order."""
+    path = Path(path)
+    if path.name != "placement.parquet":
+        path = resolve(path).parent / "placement.parquet"
+    if not path.exists():
+        raise TraceError(f"no placement at {path}")
+    columns = {c: pq.read_table(path)[c].to_numpy() for c in PLACEMENT_COLUMNS}
+    order = np.lexsort((columns["slot"], columns["layer"], columns["step"]))
+    step, layer, expert = columns["step"][order], columns["layer"][order], columns["expert"][order]
+    n_layers, n_slots = len(np.unique(layer)), int(columns["slot"].max()) + 1
+    return [(int(s), expert[step == s].astype(np.int64).reshape(n_layers, n_slots)) for s in np.unique(step)]

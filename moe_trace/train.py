@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_trace import __version__, expert_parallel, memory, optim, record, trace
+from moe_trace import __version__, expert_parallel, expert_placement, memory, optim, record, trace
 from moe_trace.data import TokenData, load_data
 from moe_trace.errors import UsageError
 from moe_trace.logs import TensorBoardLog
@@ -63,6 +63,9 @@ class TrainConfig:
     tensorboard: str | None = None  # TensorBoard log directory
     log_every: int = 10  # steps between TensorBoard scalars
     attention_reason: str = ""  # why the model's attention was chosen (moe_trace.attention_choice)
+    placement: str = "static"  # expert placement policy under expert parallelism (placement.policies.ONLINE)
+    redundant: int = 0  # spare expert slots over all ranks, for copies of hot experts
+    replan_every: int | None = None  # the policy's re-plan cadence (its default if None)
 
 
 @dataclass
@@ -108,13 +111,18 @@ def _checkpoint_paths(run_dir: Path, shard: str = "") -> list[Path]:
     return sorted(directory.glob(f"step-{'[0-9]' * 10}{shard}.pt")) if directory.is_dir() else []
 
 
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split(".")[0].removeprefix("step-"))
+
+
 def _shard(world: Distributed) -> str:
     return f".rank-{world.rank}" if world.world_size > 1 else ""
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, shard: str = "") -> Path:
-    """Save everything needed to continue at ``step`` (the next step to run)."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, shard: str = "",
+                    placement: expert_placement.PlacementRuntime | None = None) -> Path:
+    """Save everything needed to continue at ``step`` (the next step to run), the expert placement included."""
     directory = run_dir / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -123,6 +131,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
+    if placement is not None:
+        state["placement"] = placement.state_dict()
     path = directory / f"step-{step:010d}{shard}.pt"
     trace.atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in _checkpoint_paths(run_dir, shard)[:-CHECKPOINTS_KEPT]:
@@ -131,12 +141,24 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, shard: str = "") -> int:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, shard: str = "",
+                    placement: expert_placement.PlacementRuntime | None = None) -> int:
     """Restore the latest checkpoint into the given objects; return the step to continue from."""
     paths = _checkpoint_paths(run_dir, shard)
     if not paths:
         raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    state = torch.load(paths[-1], map_location="cpu", weights_only=False)
+    path = paths[-1]
+    if shard and dist.is_initialized():
+        # A run killed while its ranks were saving has the newest step on some ranks only: take the newest
+        # step that every rank holds (ranks save the same steps and keep the last CHECKPOINTS_KEPT).
+        common = torch.tensor(_checkpoint_step(path), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(common, op=dist.ReduceOp.MIN)
+        path = next((p for p in paths if _checkpoint_step(p) == common.item()), None)
+        if path is None:
+            raise UsageError(f"--resume: the ranks' checkpoints in {run_dir / 'checkpoints'} share no step")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if placement is not None:  # before the weights: they are laid out by the checkpoint's plan
+        placement.load_state_dict(state["placement"])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -200,13 +222,14 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
     :class:`moe_trace.integrations.hf.CausalLM` for ``hf:<family>``): any module with ``forward(idx, targets)
     -> (logits, loss)`` and ``aux_loss()`` whose MoE layers :func:`moe_trace.record.attach` finds.
     """
+    caller_group = dist.is_available() and dist.is_initialized()  # a caller's process group is theirs to end
     world, device = _setup_distributed(device_kind)
     try:
         return _train(model_config, config, world, device, resume, build_model)
     finally:
         # Only after _train's model, optimizer and autograd state are freed: with gloo, freeing them once
         # the process group is gone can block (seen in tests/test_expert_parallel.py).
-        if world.world_size > 1:
+        if world.world_size > 1 and not caller_group:
             dist.destroy_process_group()
 
 
@@ -220,23 +243,33 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     micro_batch = micro_batch_size(model_config, config, world.world_size)
     accumulation = config.global_batch // (micro_batch * world.world_size)
 
+    optimizer_name = _choose_optimizer(model_config, config, world, device, sized=build_model is GPT)
+    expert_placement.check_request(config.placement, config.redundant, config.replan_every, world.world_size,
+                                   model_config.num_experts, config.record, optimizer_name)
     data = _load_data_once(model_config, config, world)
     torch.manual_seed(config.seed)
-    optimizer_name = _choose_optimizer(model_config, config, world, device, sized=build_model is GPT)
+    tokens_per_step = config.global_batch * model_config.seq_len
+    placement = expert_placement.PlacementRuntime(
+        config.placement, config.redundant, config.replan_every, world.world_size,
+        {"model": model_config.name, "moe_layers": model_config.moe_blocks, "num_experts": model_config.num_experts,
+         "seq_len": model_config.seq_len, "tokens_per_step": tokens_per_step},
+        run_dir, write=world.is_main) if world.world_size > 1 else None
     model = build_model(model_config)
-    expert_names = _shard_experts(model, world)  # before the move: a rank's GPU never holds all the experts
+    # Before the move: a rank's GPU never holds all the experts.
+    expert_names = _shard_experts(model, world, placement.plan.slot_expert if placement else None)
     optim.cast_parameters(model, optimizer_name)
     model.to(device)
     optimizer = optim.build(optimizer_name, model, config.lr, config.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
-    start = load_checkpoint(run_dir, model, optimizer, scheduler, _shard(world)) if resume else 0
+    if placement:
+        placement.attach(expert_parallel.expert_layers(model), optimizer)
+    start = load_checkpoint(run_dir, model, optimizer, scheduler, _shard(world), placement) if resume else 0
     ddp_model = expert_parallel.data_parallel(model, expert_names) if world.world_size > 1 else model
     mode = None if config.compile_mode == "default" else config.compile_mode
     forward = torch.compile(ddp_model, mode=mode) if config.compile else ddp_model
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 
-    tokens_per_step = config.global_batch * model_config.seq_len
     if world.is_main:
         _write_config(run_dir, model_config, dataclasses.replace(config, optimizer=optimizer_name), data, world,
                       device)
@@ -248,6 +281,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         "global_batch": config.global_batch, "seed": config.seed, "world_size": world.world_size},
         block=min(25, config.flush_every), flush_every=None,
         write=world.is_main and config.record)
+    if placement:
+        placement.start(start, recorder)
     metrics = MetricsLog(run_dir / "metrics.parquet", start, write=world.is_main)
 
     from tqdm import tqdm
@@ -269,13 +304,15 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         flush_logs()
         if (world.is_main or expert_names) and step > last_checkpoint and config.checkpoint_every:
             began = time.perf_counter()
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, _shard(world))
+            save_checkpoint(run_dir, step, model, optimizer, scheduler, _shard(world), placement)
             checkpoint_s += time.perf_counter() - began
         last_checkpoint = step
 
     with _StopRequest() as stop:
         while step < config.steps and not stop.requested:
             step_started = time.perf_counter()
+            if placement:
+                placement.before_step(step, recorder)
             loss_sum = torch.zeros((), device=device)
             aux_sum = torch.zeros((), device=device)
             logged = board is not None and board.logs(step)
@@ -296,6 +333,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                 aux_sum += aux.detach()
                 if logged and isinstance(model, GPT):  # transformers families report one aux loss for all layers
                     layer_aux = layer_aux + torch.stack([layer.aux_loss.detach() for layer in model.moe_layers])
+            if expert_names:
+                expert_parallel.sync_replica_grads(model)
             grad_norm = (expert_parallel.clip_grad_norm_(model, config.grad_clip) if expert_names
                          else torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             lr = float(scheduler.get_last_lr()[0])  # a CPU tensor under torchao's optimizers: no sync
@@ -396,15 +435,16 @@ def _load_data_once(model_config: ModelConfig, config: TrainConfig, world: Distr
     return data if data is not None else load()
 
 
-def _shard_experts(model: GPT, world: Distributed) -> list[str]:
-    """Expert parallelism over all ranks (the torch backend's layers); the names of the sharded parameters."""
+def _shard_experts(model: GPT, world: Distributed, slot_expert: np.ndarray | None) -> list[str]:
+    """Expert parallelism over all ranks (the torch backend's layers) from the placement ``slot_expert``; the
+    names of the sharded parameters."""
     if world.world_size == 1:
         return []
     if model.config.moe_backend != "torch":
         raise UsageError("expert parallelism under torchrun runs the torch MoE backend; use --moe-backend torch")
     if model.config.num_experts % world.world_size:
         raise UsageError(f"--experts {model.config.num_experts} does not divide over {world.world_size} ranks")
-    return expert_parallel.shard_experts(model)
+    return expert_parallel.shard_experts(model, slot_expert)
 
 
 def _write_config(run_dir: Path, model_config: ModelConfig, config: TrainConfig, data: TokenData,

@@ -77,13 +77,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--checkpoint-every", type=int,
                      help="steps between checkpoints; 0: none, not even at the end (for state too large to write)")
     opt.add_argument("--flush-every", type=int, help="steps between trace part files")
+
+    place = p.add_argument_group("expert placement (expert parallel, under torchrun)")
+    place.add_argument("--placement", help="policy that places experts on the ranks, as moe-trace simulate replays "
+                                           "it: static (default, the even sharding), history, predict, phase")
+    place.add_argument("--redundant", type=int, help="spare expert slots over all ranks for copies of hot experts "
+                                                     "(a multiple of the ranks; default 0)")
+    place.add_argument("--replan-every", type=int, help="steps between re-plans (history 1000, predict 50, "
+                                                        "phase 25 while loads move)")
     p.set_defaults(run=run)
 
 
 MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_every", "seq_len", "vocab_size",
                 "load_balancing_weight", "z_loss_weight")
 TRAIN_FIELDS = ("steps", "global_batch", "micro_batch", "lr", "warmup", "eval_every", "checkpoint_every",
-                "flush_every", "data", "corpus_mb", "optimizer", "compile_mode", "tensorboard", "log_every")
+                "flush_every", "data", "corpus_mb", "optimizer", "compile_mode", "tensorboard", "log_every",
+                "placement", "redundant", "replan_every")
 CHOICES = ("auto", "adamw", "adamw_bf16", "adamw8bit")  # moe_trace.optim.CHOICES, without importing torch
 
 

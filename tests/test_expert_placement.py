@@ -1,0 +1,209 @@
+"""Placement that acts: replicas and migration in expert-parallel training, against the static sharding.
+
+The multi-process tests run gloo on CPU: a run placing experts by ``phase`` or ``history`` (with copies of hot
+experts and migrations) trains the same model as the static run, so its losses match within float rounding and
+its logical counts are identical, step by step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_trace import cli, expert_placement, synth, trace
+from moe_trace.errors import UsageError
+from placement import policies
+from placement.cost import CostModel
+from placement.dispatch import expert_tokens, gpu_tokens, routes
+from placement.planners import plan
+from placement.policies import Setting
+
+TINY = dict(n_blocks=2, hidden=32, heads=2, num_experts=4, moe_every=1, seq_len=32)
+TINY_ARGS = ["--model", "gpt-tiny-moe", "--blocks", "2", "--hidden", "32", "--heads", "2", "--experts", "4",
+             "--moe-every", "1", "--seq-len", "32", "--global-batch", "8", "--device", "cpu", "--eval-every", "1000",
+             "--threads", "1"]
+STEPS = 40
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure parts: the dispatch table, the online policies, placement.parquet
+
+
+def test_routes_send_every_token_once_and_split_hot_experts_by_the_simulators_rule():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        ranks = int(rng.integers(2, 5))
+        experts = ranks * int(rng.integers(1, 4))
+        redundant = min(ranks * int(rng.integers(0, 3)), experts * (ranks - 1))
+        one_layer = plan(rng.random((1, experts)) ** 3, ranks, redundant=redundant)
+        counts = rng.integers(0, 50, (ranks, experts))
+        rows = routes(counts, one_layer)
+        slot_expert = one_layer.slot_expert[0]
+        for expert in range(experts):  # each rank sends each of its tokens once, to a copy of its expert
+            assert rows[:, slot_expert == expert].sum(axis=1).tolist() == counts[:, expert].tolist()
+        per_gpu = rows.sum(axis=0).reshape(ranks, -1).sum(axis=1)
+        simulated = gpu_tokens(counts.sum(axis=0)[None, None], one_layer)[0, 0]
+        assert np.abs(per_gpu - simulated).max() < experts  # whole tokens: at most one off per expert
+
+
+def test_expert_tokens_add_up_to_the_gpus_tokens():
+    counts, _ = synth.generate(layers=3, experts=8, steps=50, tokens_per_step=512)
+    plans = plan(counts[:10].mean(axis=0), 4, redundant=4)
+    for rule in ("balanced", "even"):
+        split = expert_tokens(counts, plans, rule)
+        np.testing.assert_allclose(split.sum(axis=-1), gpu_tokens(counts, plans, rule))
+        np.testing.assert_allclose(split.sum(axis=2), counts)
+
+
+@pytest.mark.parametrize("every", [None, 30])
+def test_online_policies_take_the_simulators_decisions(every):
+    counts, meta = synth.generate(layers=2, experts=8, steps=1200, switch_step=600, tokens_per_step=4096)
+    props = trace.proportions(counts)
+    setting = Setting(4, 4, CostModel.from_meta(meta))
+    for policy in policies.get("history,predict,phase", replan_every=every):
+        batched = policy.schedule(counts, props, setting)
+        online = policies.online_schedule(policy, counts, props, setting)
+        assert [t for t, _ in online] == [t for t, _ in batched], policy.name
+        for (_, a), (_, b) in zip(online, batched, strict=True):
+            assert np.array_equal(a.slot_expert, b.slot_expert), policy.name
+
+
+def test_placement_file_round_trip(tmp_path):
+    plans = [(0, np.array([[0, 1, 2, -1], [3, 2, 1, 0]])), (7, np.array([[0, 1, 2, 0], [3, 2, 1, 3]]))]
+    trace.write_placement(tmp_path / "placement.parquet", plans, [1, 3])
+    loaded = trace.load_placement(tmp_path / "placement.parquet")
+    assert [s for s, _ in loaded] == [0, 7]
+    for (_, a), (_, b) in zip(loaded, plans, strict=True):
+        assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("request_args,message", [
+    (("phase", 0, None, 1, 4, True), "torchrun"),
+    (("static", 2, None, 1, 4, True), "torchrun"),
+    (("phase", 3, None, 2, 4, True), "not a multiple of the 2 ranks"),
+    (("phase", 8, None, 2, 4, True), "at most 4 extra copies"),
+    (("oracle", 2, None, 2, 4, True), "training can follow"),
+    (("phase", 2, 0, 2, 4, True), "--replan-every"),
+    (("phase", 2, None, 2, 4, False), "--no-record"),
+])
+def test_placements_that_cannot_run_are_refused(request_args, message):
+    with pytest.raises(UsageError, match=message):
+        expert_placement.check_request(*request_args)
+
+
+def test_placement_without_expert_parallelism_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *TINY_ARGS, "--placement", "phase"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torchrun --nproc-per-node" in err
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training under gloo: the same losses and counts as the static sharding
+
+
+def _worker(rank: int, world: int, base: str) -> None:
+    from moe_trace.model import make_config
+    from moe_trace.train import TrainConfig, train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    # A file store has no port to race for; the timeout turns a stuck collective into a failure, not a hang.
+    dist.init_process_group("gloo", init_method=f"file://{base}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        model_config = make_config("gpt-tiny-moe", **TINY)
+        # Short cadences force re-plans (and migrations) within the run.
+        for name, redundant, every in (("static", 0, None), ("phase", world, 5), ("history", world, 10)):
+            config = TrainConfig(out=f"{base}/{name}", steps=STEPS, global_batch=8, warmup=5, eval_every=1000,
+                                 checkpoint_every=0, flush_every=10, placement=name, redundant=redundant,
+                                 replan_every=every)
+            train(model_config, config, "cpu")
+    finally:
+        # train() leaves a caller's process group alone; it ends here, once the models are freed.
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("world", [2, 4])
+def test_placed_training_matches_the_static_sharding(corpus_cache, tmp_path, world):
+    mp.spawn(_worker, args=(world, str(tmp_path)), nprocs=world)
+    static = trace.load(tmp_path / "static")
+    static_loss = trace.load_metrics(tmp_path / "static")["loss"]
+    assert static.steps.tolist() == list(range(STEPS))
+    assert [s for s, _ in trace.load_placement(tmp_path / "static" / "placement.parquet")] == [0]
+    for name in ("phase", "history"):
+        placed = trace.load(tmp_path / name)
+        assert np.array_equal(placed.counts, static.counts), name
+        np.testing.assert_allclose(trace.load_metrics(tmp_path / name)["loss"], static_loss, rtol=1e-5, atol=1e-6)
+        plans = trace.load_placement(tmp_path / name / "placement.parquet")
+        assert plans[0][0] == 0 and len(plans) >= 2, f"{name}: no migration"
+        copies = [np.bincount(row[row >= 0]).max() for _, slot_expert in plans[1:] for row in slot_expert]
+        assert max(copies) >= 2, f"{name}: no expert was replicated"
+
+
+# ---------------------------------------------------------------------------------------------------
+# kill -9 after a migration, then --resume
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "moe_trace", "train", *args]
+
+
+def _checkpoints_of_both_ranks(run_dir) -> set[int]:
+    steps = [{int(p.name[5:15]) for p in (run_dir / "checkpoints").glob(f"step-*.rank-{rank}.pt")} for rank in (0, 1)]
+    return steps[0] & steps[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for child in children for c in (child, *_descendants(int(child)))]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc (Linux)")
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_sigkill_after_a_migration_then_resume_records_every_step_once(corpus_cache, tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--placement", "history", "--redundant", "2", "--replan-every", "10",
+            "--checkpoint-every", "15", "--flush-every", "5"]
+    process = subprocess.Popen(_torchrun("--out", str(out), "--steps", "2000", *args),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while max(_checkpoints_of_both_ranks(out), default=0) < 30:  # past the re-plans at steps 10 and 20
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.05)
+    for pid in [process.pid, *_descendants(process.pid)]:  # the launcher and its ranks (not in its session)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.communicate()
+
+    killed = trace.load(out)
+    assert killed.steps.tolist() == list(range(len(killed))) and len(killed) >= 30
+    stop = len(killed) + 15  # the run may have got further than step 30 before the kill reached it
+    resumed = subprocess.run(_torchrun("--out", str(out), "--resume", "--steps", str(stop), "--threads", "1"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    final = trace.load(out)
+    assert final.steps.tolist() == list(range(stop))
+    assert (final.counts.sum(axis=2) == 8 * 32 * 2).all()
+    assert trace.load_metrics(out)["step"].tolist() == list(range(stop))
+    steps = [s for s, _ in trace.load_placement(out / "placement.parquet")]
+    assert steps[0] == 0 and 10 in steps and steps == sorted(set(steps))  # each plan once, a migration at step 10
