@@ -384,6 +384,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         "final_loss": metrics.last("loss") if step > start else float("nan"), "val_loss": val_loss,
         "elapsed_s": elapsed, "eval_s": eval_s, "checkpoint_s": checkpoint_s, "optimizer": optimizer_name,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "placement_plans": [step for step, _ in placement.plans] if placement else None,
     }
 
 

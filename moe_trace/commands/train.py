@@ -168,8 +168,12 @@ def run(args: argparse.Namespace) -> int:
           f"{' (stopped early)' if summary['stopped_early'] else ''}, "
           f"{summary['tokens_per_s']:,.0f} tokens/s, final loss {summary['final_loss']:.3f}, "
           f"val loss {summary['val_loss']:.3f}, {summary['elapsed_s']:.0f} s")
+    if summary["placement_plans"] is not None:
+        plans = summary["placement_plans"]
+        print(f"placement {config.placement}, {config.redundant} spare slots: plans from steps "
+              f"{', '.join(map(str, plans[:8]))}{' ...' if len(plans) > 8 else ''} (placement.parquet)")
     written = ["trace/"] * config.record + ["metrics.parquet", "config.json"] + ["checkpoints/"] * bool(
-        config.checkpoint_every)
+        config.checkpoint_every) + ["placement.parquet"] * (summary["placement_plans"] is not None)
     print("wrote " + ", ".join(f"{config.out}/{name}" for name in written))
     if args.json:
         text = json.dumps(summary, indent=2) + "\n"

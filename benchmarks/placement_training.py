@@ -1,0 +1,182 @@
+"""Measured step time of expert-parallel training under each placement policy, against the simulator's estimate.
+
+    python benchmarks/placement_training.py [--gpus 2] [--tokens-per-step 16384 131072] [--steps 300]
+        [--policies static,phase,history] [--redundant 2] [--history-every 100] [--cost FILE] [--data PATH]
+        [--work DIR] [--out benchmarks/results/placement_training.json]
+    python benchmarks/placement_training.py --dry-run      # the same logic on CPU: gloo, a tiny model, 2 ranks
+
+For every (tokens per step, policy): ``torchrun --nproc-per-node G -m moe_trace train --model gpt-125m-moe
+--placement POLICY --redundant R`` from the same seed (what a user runs), then the measured median (and mean)
+step time over steps ``--skip``.. of its ``metrics.parquet``, and what ``moe-trace simulate`` predicts from the
+same run's trace for the same policy, cluster and cadence (``--cost`` passed through when given). Both are also
+given relative to the static run at the same batch, which is what placement is meant to change. Results merge
+into ``--out`` by (tokens per step, policy), so the runs can be split over several invocations (each GPU command
+is limited in time). The JSON holds the device, versions, date, the command and a ``goals`` block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ_LEN = 2048
+TINY = ["--model", "gpt-tiny-moe", "--blocks", "2", "--hidden", "32", "--heads", "2", "--experts", "4",
+        "--moe-every", "1", "--seq-len", "32", "--device", "cpu", "--threads", "1"]
+DEFAULT_OUT = ROOT / "benchmarks/results/placement_training.json"
+GOAL_PREDICTION_ERROR = 0.2  # |simulated / measured - 1| of the step time relative to static
+
+
+def main() -> int:
+    args = parse_args()
+    if args.dry_run:
+        args.gpus, args.tokens_per_step, args.steps, args.skip = 2, [256, 1024], 30, 5
+        args.history_every, args.phase_every = 10, 5
+        if args.out == DEFAULT_OUT:
+            args.out = args.work / "placement_training_dry_run.json"
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = _load(args.out)
+    for tokens in args.tokens_per_step:
+        for policy in args.policies.split(","):
+            run_dir = args.work / f"t{tokens}-{policy}"
+            command = train_command(args, tokens, policy, run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run directory from an earlier invocation
+            print("$", shlex.join(command), flush=True)
+            subprocess.run(command, check=True, cwd=ROOT, env=_env())
+            results[f"{tokens}/{policy}"] = measure(args, tokens, policy, run_dir)
+    records = sorted(results.values(), key=lambda r: (r["tokens_per_step"], r["policy"]))
+    relative_to_static(records)
+    payload = {"benchmark": "placement_training", **environment(args), "results": records, "goals": goals(records)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    for r in records:
+        print(f"{r['tokens_per_step']:>7} {r['policy']:<8} step: measured {r['measured_median_step_s'] * 1e3:.2f} "
+              f"ms, simulated {r['simulated_step_s'] * 1e3:.2f} ms; vs static: measured "
+              f"{r.get('measured_vs_static', float('nan')):.3f}, simulated "
+              f"{r.get('simulated_vs_static', float('nan')):.3f}; re-plans {r['replans']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--tokens-per-step", type=int, nargs="+", default=[16384, 131072])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--skip", type=int, default=20, help="first steps left out of the medians (warm-up)")
+    p.add_argument("--policies", default="static,phase,history")
+    p.add_argument("--redundant", type=int, default=None, help="spare slots over all GPUs (default: one per GPU)")
+    p.add_argument("--history-every", type=int, default=100, help="history's re-plan cadence (its 1000 is a run)")
+    p.add_argument("--phase-every", type=int, default=None, help="phase's transient cadence (default: its own)")
+    p.add_argument("--cost", default=None, help="passed to moe-trace simulate --cost (default: simulate's)")
+    p.add_argument("--data", default=None, help="training data for moe-trace train --data")
+    p.add_argument("--work", type=Path, default=Path("/tmp/placement_training"), help="run directories")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--dry-run", action="store_true", help="check the logic on CPU: gloo, a tiny model, short runs")
+    args = p.parse_args()
+    if args.redundant is None:
+        args.redundant = args.gpus
+    return args
+
+
+def train_command(args: argparse.Namespace, tokens: int, policy: str, run_dir: Path) -> list[str]:
+    seq_len = 32 if args.dry_run else SEQ_LEN
+    if tokens % seq_len:
+        raise SystemExit(f"--tokens-per-step {tokens} is not a multiple of the sequence length {seq_len}")
+    model = TINY if args.dry_run else ["--model", "gpt-125m-moe", "--device", "cuda", "--no-compile",
+                                       "--attention", "sdpa", "--corpus-mb", "32"]
+    every = {"history": args.history_every, "phase": args.phase_every}.get(policy)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.gpus),
+            "-m", "moe_trace", "train", *model, "--global-batch", str(tokens // seq_len), "--steps", str(args.steps),
+            "--seed", "0", "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--out", str(run_dir),
+            "--placement", policy, "--redundant", str(0 if policy == "static" else args.redundant),
+            *(["--replan-every", str(every)] if every else []), *(["--data", args.data] if args.data else [])]
+
+
+def measure(args: argparse.Namespace, tokens: int, policy: str, run_dir: Path) -> dict:
+    """The run's measured step times and the simulator's estimate for the same policy on the same trace."""
+    from moe_trace import trace
+
+    step_s = trace.load_metrics(run_dir)["step_time_s"][args.skip:]
+    replans = len(trace.load_placement(run_dir / "placement.parquet")) - 1
+    redundant = 0 if policy == "static" else args.redundant
+    every = {"history": args.history_every, "phase": args.phase_every}.get(policy)
+    simulate = [sys.executable, "-m", "moe_trace", "simulate", str(run_dir / "trace"), "--gpus", str(args.gpus),
+                "--redundant", str(redundant), "--policy", policy, "--json", "-",
+                *(["--replan-every", str(every)] if every else []), *(["--cost", args.cost] if args.cost else [])]
+    [simulated] = json.loads(subprocess.run(simulate, check=True, cwd=ROOT, env=_env(), capture_output=True,
+                                            text=True).stdout)
+    return {"tokens_per_step": tokens, "policy": policy, "gpus": args.gpus, "redundant": redundant,
+            "replan_every": every, "steps": args.steps, "measured_from_step": args.skip, "replans": replans,
+            "measured_median_step_s": float(np.median(step_s)), "measured_mean_step_s": float(np.mean(step_s)),
+            "simulated_step_s": simulated["est_step_time_s"], "simulated_replans": simulated["replans"],
+            "simulated_mean_imbalance": simulated["mean_imbalance"],
+            "cost_model": simulated.get("cost_model"),  # named by simulate once it has the measured calibration
+            "train_command": shlex.join(train_command(args, tokens, policy, run_dir)),
+            "simulate_command": shlex.join(simulate)}
+
+
+def relative_to_static(records: list[dict]) -> None:
+    """Each policy's measured and simulated step time over the static run's at the same batch, and the error."""
+    static = {r["tokens_per_step"]: r for r in records if r["policy"] == "static"}
+    for r in records:
+        base = static.get(r["tokens_per_step"])
+        if base is None:
+            continue
+        r["measured_vs_static"] = r["measured_median_step_s"] / base["measured_median_step_s"]
+        r["simulated_vs_static"] = r["simulated_step_s"] / base["simulated_step_s"]
+        r["prediction_error_vs_static"] = r["simulated_vs_static"] / r["measured_vs_static"] - 1
+    for r in records:
+        r["prediction_error_absolute"] = r["simulated_step_s"] / r["measured_median_step_s"] - 1
+
+
+def goals(records: list[dict]) -> dict:
+    """The issue's question: does the simulator predict what placement changes in the step time?"""
+    placed = [r for r in records if r["policy"] != "static" and "prediction_error_vs_static" in r]
+    worst = max((abs(r["prediction_error_vs_static"]) for r in placed), default=float("nan"))
+    return {
+        "simulated_vs_measured_relative_step_time": {
+            "goal": f"|simulated / measured - 1| of each policy's step time relative to static <= "
+                    f"{GOAL_PREDICTION_ERROR:.0%}",
+            "worst": worst, "met": bool(worst <= GOAL_PREDICTION_ERROR)},
+        "phase_faster_than_static": {
+            "goal": "phase's measured median step time below static's at the largest batch",
+            "measured_vs_static": next((r["measured_vs_static"] for r in sorted(
+                placed, key=lambda r: -r["tokens_per_step"]) if r["policy"] == "phase"), None)},
+    }
+
+
+def environment(args: argparse.Namespace) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.dry_run
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "gpus": args.gpus, "dry_run": args.dry_run, "torch": torch.__version__,
+            "cuda": torch.version.cuda if cuda else None, "python": platform.python_version(), "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join([sys.executable, *sys.argv])}
+
+
+def _load(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    return {f"{r['tokens_per_step']}/{r['policy']}": r for r in json.loads(path.read_text()).get("results", [])}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
