@@ -132,7 +132,7 @@ def _worker(rank: int, world: int, base: str) -> None:
         # Short cadences force re-plans (and migrations) within the run.
         for name, redundant, every in (("static", 0, None), ("phase", world, 5), ("history", world, 10)):
             config = TrainConfig(out=f"{base}/{name}", steps=STEPS, global_batch=8, warmup=5, eval_every=1000,
-                                 checkpoint_every=0, flush_every=10, placement=name, redundant=redundant,
+                                 checkpoint_every=STEPS, flush_every=10, placement=name, redundant=redundant,
                                  replan_every=every)
             train(model_config, config, "cpu")
     finally:
@@ -156,6 +156,27 @@ def test_placed_training_matches_the_static_sharding(corpus_cache, tmp_path, wor
         assert plans[0][0] == 0 and len(plans) >= 2, f"{name}: no migration"
         copies = [np.bincount(row[row >= 0]).max() for _, slot_expert in plans[1:] for row in slot_expert]
         assert max(copies) >= 2, f"{name}: no expert was replicated"
+        # After the last step: every copy of an expert is the same tensor, and it is the static run's expert.
+        static_experts = _final_experts(tmp_path / "static", world)
+        for key, weights in _final_experts(tmp_path / name, world).items():
+            assert all(torch.equal(copy, weights[0]) for copy in weights[1:]), f"{name}: copies of {key} differ"
+            torch.testing.assert_close(weights[0], static_experts[key][0], rtol=1e-4, atol=1e-6)
+
+
+def _final_experts(run_dir, world: int) -> dict[tuple, list[torch.Tensor]]:
+    """``(block, weight name, expert) -> [its copies]`` from the ranks' last checkpoints."""
+    shards = [torch.load(run_dir / "checkpoints" / f"step-{STEPS:010d}.rank-{rank}.pt", weights_only=False)
+              for rank in range(world)]
+    slot_expert = shards[0]["placement"]["slot_expert"]
+    slots = slot_expert.shape[1] // world
+    experts: dict[tuple, list[torch.Tensor]] = {}
+    for layer, block in enumerate(trace.load(run_dir).layers):
+        for slot, expert in enumerate(slot_expert[layer]):
+            if expert >= 0:
+                for weight in ("w1", "w2"):
+                    rows = shards[slot // slots]["model"][f"blocks.{block}.mlp.{weight}"]
+                    experts.setdefault((block, weight, int(expert)), []).append(rows[slot % slots])
+    return experts
 
 
 # ---------------------------------------------------------------------------------------------------
