@@ -101,6 +101,7 @@ def test_placement_file_round_trip(tmp_path):
     (("oracle", 2, None, 2, 4, True), "training can follow"),
     (("phase", 2, 0, 2, 4, True), "--replan-every"),
     (("phase", 2, None, 2, 4, False), "--no-record"),
+    (("phase", 2, None, 2, 4, True, "adamw_bf16"), "use --optimizer adamw"),
 ])
 def test_placements_that_cannot_run_are_refused(request_args, message):
     with pytest.raises(UsageError, match=message):
