@@ -1,5 +1,6 @@
 """Predictors on series with known answers, the metrics against hand-computed values, the protocol."""
 
+import inspect
 import subprocess
 import sys
 
@@ -168,6 +169,13 @@ def test_a_predictor_sees_exactly_the_steps_before_each_origin(monkeypatch, stri
         np.testing.assert_allclose(s.mean_wape, 0.0, atol=1e-12)
         for t0, floor in zip(s.origins, s.step_floor, strict=True):
             np.testing.assert_allclose(floor, evaluate.step_floor(series[t0: t0 + h]))
+
+
+def test_the_protocol_defaults_are_designs():
+    # DESIGN.md: origins every 250 steps from step 1000, in the library (benchmarks call it) as on the command line.
+    for function in (evaluate.origins, evaluate.evaluate):
+        params = inspect.signature(function).parameters
+        assert (params["stride"].default, params["min_history"].default) == (250, 1000), function.__name__
 
 
 def test_records_split_origins_by_phase():
