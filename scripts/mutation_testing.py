@@ -95,6 +95,16 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        "the order; longest first only lets a predictor reuse its longest forecast (speed)" for line in (
            "for h in sorted(horizons, ):  # longest first: a predictor may reuse its longest forecast",
            "for h in sorted(horizons, reverse=False):  # longest first: a predictor may reuse its longest forecast")},
+    **{("predictors/evaluate.py", "evaluate", line): "only chooses between the serial loop and the process pool, "
+       "which give the same scores (test_predictors.py::test_processes_give_the_same_scores_as_one)" for line in (
+           "workers = workers or os.cpu_count() and 1", "workers = workers and os.cpu_count() or 1",
+           "workers = workers or os.cpu_count() or 2",
+           "if predictor.parallel or workers > 1 and len(all_origins) > 1:",
+           "if predictor.parallel and workers >= 1 and len(all_origins) > 1:",
+           "if predictor.parallel and workers > 2 and len(all_origins) > 1:",
+           "if predictor.parallel and workers > 1 and len(all_origins) >= 1:",
+           "if predictor.parallel and workers > 1 and len(all_origins) > 2:")},
+    ("predictors/evaluate.py", "evaluate", "progress(None)"): "the progress display's step count; no figure",
     **{("predictors/evaluate.py", "phase_masks", line): "numpy >= 2's default integer is int64 on every platform, "
        "which holds the sentinel" for line in (
            "starts = np.array([np.iinfo(np.int64).max if s is None else s for s in stable_from], dtype=None)",
@@ -195,6 +205,41 @@ def run(args: argparse.Namespace) -> None:
         print(f"{module}: {counts} -> {out.relative_to(ROOT)}")
 
 
+def replay(args: argparse.Namespace) -> None:
+    """Plant each recorded survivor of ``module`` again, by its diff's changed lines, in a copy of today's code and
+    run the module's tests: a survivor they now fail on moves to ``killed_by_new_tests``. Unlike ``run --retest``
+    this works after the module's code moved on (mutmut renumbers mutants of a changed function), as long as the
+    mutated lines are still there; the others are kept as they were, marked ``stale``."""
+    out = RESULTS / (args.module.replace("/", "__").removesuffix(".py") + ".json")
+    result = json.loads(out.read_text())
+    with tempfile.TemporaryDirectory(prefix="moe-trace-replay-") as tmp:
+        work = Path(tmp)
+        _copy_repo(work)
+        source = (work / args.module).read_text()
+        still, killed = [], []
+        for survivor in result["survivors"]:
+            removed = "\n".join(line[1:] for line in survivor["diff"].splitlines()
+                                 if line.startswith("-") and not line.startswith("---"))
+            added = "\n".join(line[1:] for line in survivor["diff"].splitlines()
+                               if line.startswith("+") and not line.startswith("+++"))
+            if not removed or source.count(removed) != 1:
+                still.append(survivor | {"stale": True})
+                continue
+            (work / args.module).write_text(source.replace(removed, added))
+            try:
+                status, failing = _failing_tests(work, (args.tests or MODULES[args.module]) + ["-x"])
+            finally:
+                (work / args.module).write_text(source)
+            if status == 1 and failing:
+                killed.append(survivor | {"killed_by": failing})
+            else:
+                still.append(survivor)
+            print(f"{survivor['name']}: {'killed by ' + failing[0] if status == 1 and failing else 'survives'}")
+    result.update(survivors=still, killed_by_new_tests=result.get("killed_by_new_tests", []) + killed,
+                  replayed=_now())
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def _configure(pyproject: Path, module: str) -> None:
     """mutmut's settings for one module: every package importable from its copy, only ``module`` mutated."""
     text = pyproject.read_text()
@@ -245,13 +290,16 @@ def report(args: argparse.Namespace) -> None:
             continue
         result = json.loads(path.read_text())
         module, counts = result["module"], result["counts"]
-        when = f"{result['date']}, {result['wall_s']} s" if result["wall_s"] else f"{result['date']}, still running"
+        when = (f"{result['date']}, {result['wall_s']} s" if result["wall_s"] else
+                f"{result['date']}, stopped before the end: {counts.get('not checked', 0)} mutants not checked")
         verdicts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
         lines += [f"## {module}", "", f"`{result['command']}` against {', '.join(result['tests'])} ({when}): "
                   f"{verdicts}.", ""]
         if result.get("killed_by_new_tests"):
             lines += ["Survivors of the first run that tests added since kill:", ""]
-            lines += [f"- `{k['name']}`: `{_key(module, k)[2]}`" for k in result["killed_by_new_tests"]] + [""]
+            lines += [f"- `{k['name']}`: `{_key(module, k)[2]}`" + (f" (killed by `{k['killed_by'][0]}`)"
+                                                                      if k.get("killed_by") else "")
+                      for k in result["killed_by_new_tests"]] + [""]
         if result.get("timeouts"):
             lines += ["Timeouts (the tests ran 15x longer than without the mutant: a hang the suite would report, or, "
                       "on a loaded machine, possibly a slow run of a survivor):", ""]
@@ -260,9 +308,12 @@ def report(args: argparse.Namespace) -> None:
             why = EQUIVALENT.get(_key(module, survivor))
             open_count += why is None
             verdict = f"equivalent: {why}" if why else "**open**"
+            if survivor.get("stale"):
+                verdict += " (not replayed: its lines are ambiguous or changed since; rerun the module)"
             lines += [f"- `{survivor['name']}` ({survivor['status']}): {verdict}", "", "```diff",
                       survivor["diff"].strip(), "```", ""]
-    lines += [f"Open survivors: {open_count}.", ""]
+    not_run = [m for m in MODULES if not (RESULTS / (m.replace("/", "__").removesuffix(".py") + ".json")).exists()]
+    lines += [f"Open survivors: {open_count}." + (f" Not run yet: {', '.join(not_run)}." if not_run else ""), ""]
     REPORT.write_text("\n".join(lines))
     print(REPORT.relative_to(ROOT), f"({open_count} open)")
 
@@ -296,6 +347,11 @@ def main() -> None:
     run_parser.add_argument("--retest", action="store_true",
                             help="run only the survivors of the last run again (after adding tests)")
     run_parser.set_defaults(func=run)
+    replay_parser = sub.add_parser("replay", help="plant a module's recorded survivors in today's code again")
+    replay_parser.add_argument("module", choices=list(MODULES))
+    replay_parser.add_argument("--tests", nargs="+", help="pytest arguments instead of the module's test files "
+                               "(a narrower selection is faster; a mutant it kills is killed)")
+    replay_parser.set_defaults(func=replay)
     sub.add_parser("report", help="write benchmarks/results/mutation_report.md").set_defaults(func=report)
     args = parser.parse_args()
     args.func(args)
