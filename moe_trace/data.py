@@ -25,6 +25,7 @@ from moe_trace.errors import UsageError
 
 END_OF_TEXT = "<|endoftext|>"
 VALIDATION_FRACTION = 0.05
+BYTE_ALPHABET = 257  # a byte-level BPE vocabulary starts with the 256 bytes and END_OF_TEXT
 _SPLITS = {"train": 0, "val": 1}
 _ENCODE_CHUNK = 512  # documents per encode_batch call: bounds the memory of tokenizers' Encoding objects
 
@@ -61,6 +62,9 @@ def load_data(data: str | os.PathLike | None, vocab_size: int, seq_len: int, *,
     ``max_corpus_bytes`` caps the default corpus. Raises :class:`UsageError` for a missing path, ids that
     do not fit ``vocab_size``, or too little data for one ``seq_len`` window in each split.
     """
+    if vocab_size <= BYTE_ALPHABET and (data is None or Path(data).suffix not in (".bin", ".npy")):
+        raise UsageError(f"--vocab-size {vocab_size}: a byte-level BPE tokenizer needs more than {BYTE_ALPHABET} "
+                         "tokens (256 bytes and the end-of-text token)")
     if data is None:
         docs = python_source_corpus(max_corpus_bytes)
         cache = (cache_dir or default_cache_dir()) / f"pysrc-{_fingerprint(docs)}-v{vocab_size}"

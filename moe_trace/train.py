@@ -246,6 +246,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     optimizer_name = _choose_optimizer(model_config, config, world, device, sized=build_model is GPT)
     expert_placement.check_request(config.placement, config.redundant, config.replan_every, world.world_size,
                                    model_config.num_experts, config.record, optimizer_name)
+    if build_model is GPT:  # the estimate knows this project's GPT
+        _check_activations(model_config, micro_batch, device, world, optimizer_name)
     data = _load_data_once(model_config, config, world)
     torch.manual_seed(config.seed)
     tokens_per_step = config.global_batch * model_config.seq_len
@@ -402,11 +404,23 @@ def _choose_optimizer(model_config: ModelConfig, config: TrainConfig, world: Dis
 
 
 def _check_run_dir(run_dir: Path, resume: bool, shard: str) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is not a directory")
     if resume:
         if not _checkpoint_paths(run_dir, shard):
             raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def _check_activations(model_config: ModelConfig, micro_batch: int, device: torch.device, world: Distributed,
+                       optimizer_name: str) -> None:
+    """Refuse, before anything is loaded or written, a sequence length or micro-batch whose activations cannot
+    fit the device beside the training state (on CPU the machine's RAM)."""
+    device_bytes = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                    else memory.physical_memory_bytes())
+    memory.check_activations_fit(model_config, micro_batch, device_bytes, device.type, world.world_size,
+                                 optimizer_name)
 
 
 def micro_batch_size(model_config: ModelConfig, config: TrainConfig, world_size: int) -> int:
@@ -465,7 +479,10 @@ def _write_config(run_dir: Path, model_config: ModelConfig, config: TrainConfig,
 def read_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
     """The model and training settings a run was started with (what ``--resume`` continues)."""
     path = run_dir / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise UsageError(f"--resume: {path} does not exist")
-    payload = json.loads(path.read_text())
-    return ModelConfig(**payload["model"]), TrainConfig(**payload["train"])
+    try:
+        payload = json.loads(path.read_text())
+        return ModelConfig(**payload["model"]), TrainConfig(**payload["train"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise UsageError(f"--resume: {path} is damaged or not a moe-trace run's config ({e})") from None

@@ -23,6 +23,11 @@ CHUNK_STEPS = 2048  # longest stretch of steps dispatched at once
 BATCH_ROWS = 1 << 15  # steps x layers per dispatch call when short stretches are batched together
 
 
+def replay_bytes(layers: int, gpus: int, slots_per_gpu: int) -> int:
+    """Working memory of :func:`replay`, about: a few float64 arrays of ``[CHUNK_STEPS, layers, slots]``."""
+    return 4 * 8 * CHUNK_STEPS * layers * gpus * slots_per_gpu
+
+
 def replay(counts: np.ndarray, schedule: list, setting: Setting) -> dict[str, np.ndarray]:
     """Per-step outcome of a schedule: ``imbalance[steps, layers]``, ``step_time_s[steps]`` (migration
     stalls included) and ``migrations[steps]`` (experts moved at each step).

@@ -38,9 +38,9 @@ class Arima(Predictor):
                  select_series: int = 2, refit_every: int = 5000):
         if int(block) < 1 or int(history) < 2 * int(block) or criterion not in ("aic", "bic", "hqic"):
             raise ValueError("need block >= 1, history >= 2 * block and criterion in aic, bic, hqic")
-        self.order = None if order is None else tuple(int(x) for x in order)
+        self.order = None if order is None else _order(order)
         self.block, self.history = int(block), int(history)
-        self.orders = tuple(tuple(int(x) for x in o) for o in orders)
+        self.orders = tuple(_order(o) for o in orders)
         self.criterion, self.select_series, self.refit_every = criterion, int(select_series), int(refit_every)
         self._estimated_at: int | None = None
 
@@ -57,19 +57,26 @@ class Arima(Predictor):
             self._params = np.empty((n_layers, n_experts), dtype=object)
             for (layer, expert), _ in np.ndenumerate(self._params):
                 y = estimation[:, layer, expert]
-                if len(y) > sum(self._orders[layer]) + 2 and np.ptp(y) > 0:  # else: hold the last block mean
+                if _estimable(y, self._orders[layer]):  # else: hold the last block mean
                     self._params[layer, expert] = _try(lambda y=y, o=self._orders[layer]: _model(y, o).fit(
                         cov_type="none", low_memory=True).params)
         self._estimated_at = cut
 
     def _select_order(self, layer_series: np.ndarray) -> tuple[int, int, int]:
-        """The order from ``orders`` with the least summed criterion over the most variable experts."""
+        """The order from ``orders`` with the least summed criterion over the most variable experts.
+
+        Orders a series is too short for are not tried; with none left, the simplest order is returned and
+        ``_fit`` holds the last block mean (it applies the same test).
+        """
         picks = np.argsort(layer_series.var(axis=0))[::-1][:self.select_series]
+        candidates = [o for o in self.orders if all(_estimable(layer_series[:, e], o) for e in picks)]
+        if not candidates:
+            return min(self.orders, key=sum)
         scores = [sum(_try(lambda e=e, o=o: getattr(_model(layer_series[:, e], o).fit(cov_type="none",
                                                                                       low_memory=True),
                                                     self.criterion), default=np.inf) for e in picks)
-                  for o in self.orders]
-        return self.orders[int(np.argmin(scores))]
+                  for o in candidates]
+        return candidates[int(np.argmin(scores))]
 
     def _predict(self, horizon: int) -> np.ndarray:
         n_blocks = -(-horizon // self.block)
@@ -87,6 +94,23 @@ class Arima(Predictor):
                             forecast[:, layer, expert] = filtered
             self._forecast = forecast
         return repeat_blocks(self._forecast[:n_blocks], self.block, horizon)
+
+
+def _order(value) -> tuple[int, int, int]:
+    """An ARIMA order ``(p, d, q)`` of non-negative integers, or ValueError."""
+    try:
+        order = tuple(int(x) for x in value)
+    except (TypeError, ValueError):
+        order = ()
+    if len(order) != 3 or min(order) < 0:
+        raise ValueError(f"an ARIMA order is (p, d, q) with p, d, q >= 0, got {value!r}")
+    return order
+
+
+def _estimable(y: np.ndarray, order: tuple[int, int, int]) -> bool:
+    """Whether statsmodels can estimate ``order`` on ``y``: a few more points than parameters, and not constant
+    (on fewer it fails inside its start-parameter search with errors other than its own)."""
+    return len(y) > sum(order) + 2 and np.ptp(y) > 0
 
 
 def _model(y: np.ndarray, order: tuple[int, int, int]):

@@ -15,6 +15,10 @@ no rule for where. This module's rule, per layer, with ``block`` steps per block
    block ``k - lag`` for its first statistic ``k`` (the first block whose comparisons are all quiet). If the
    last segment is not quiet, or the quiet run is shorter than ``min_stable`` steps, the layer has no
    stable phase (``None``).
+
+The defaults (``DEFAULTS``) suit runs of ``2 * min_stable`` = 2000 steps or more. On a shorter trace the
+block and the shortest stable phase are scaled down with its length (:func:`parameters_for`), so that a short
+run (the 1000 steps of the tiny preset) still has room for a transient and a stable phase.
 """
 
 from __future__ import annotations
@@ -22,6 +26,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+DEFAULTS = {"block": 100, "lag": 5, "threshold": 1.5, "penalty": 2.0, "min_stable": 1000}
+SHORT_TRACE = 2 * DEFAULTS["min_stable"]  # the defaults hold from this length on; shorter traces scale them
+
+
+def parameters_for(n_steps: int) -> dict[str, float]:
+    """The rule's parameters for a trace of ``n_steps``: ``DEFAULTS``, with ``block`` and ``min_stable`` scaled
+    by ``n_steps / SHORT_TRACE`` on shorter traces (blocks of at least 10 steps)."""
+    if n_steps >= SHORT_TRACE:
+        return dict(DEFAULTS)
+    scale = n_steps / SHORT_TRACE
+    return {**DEFAULTS, "block": max(10, int(DEFAULTS["block"] * scale)),
+            "min_stable": max(1, int(DEFAULTS["min_stable"] * scale))}
 
 
 def movement(proportions: np.ndarray, block: int = 100, lag: int = 5) -> np.ndarray:
@@ -37,17 +54,21 @@ def movement(proportions: np.ndarray, block: int = 100, lag: int = 5) -> np.ndar
     return moved / np.maximum(noise, 1e-12)
 
 
-def stable_from(proportions: np.ndarray, block: int = 100, lag: int = 5, threshold: float = 1.5,
-                penalty: float = 2.0, min_stable: int = 1000) -> list[int | None]:
+def stable_from(proportions: np.ndarray, block: int | None = None, lag: int | None = None,
+                threshold: float | None = None, penalty: float | None = None,
+                min_stable: int | None = None) -> list[int | None]:
     """Per layer, the first step of the stable phase (a multiple of ``block``), or None; see the module doc.
 
     ``proportions`` is ``[steps, layers, experts]`` with step 0 first (add the trace's first step number
-    for traces that do not start at 0).
+    for traces that do not start at 0). Parameters left None take :func:`parameters_for` the trace's length.
     """
     import ruptures
 
     if proportions.ndim != 3:
         raise ValueError(f"proportions must be [steps, layers, experts], got {proportions.shape}")
+    given = {"block": block, "lag": lag, "threshold": threshold, "penalty": penalty, "min_stable": min_stable}
+    params = parameters_for(len(proportions)) | {k: v for k, v in given.items() if v is not None}
+    block, lag, threshold, penalty, min_stable = (params[k] for k in given)
     stat = movement(proportions, block, lag)
     out: list[int | None] = []
     for layer in range(proportions.shape[1]):
@@ -75,3 +96,18 @@ def _quiet_start(stat: np.ndarray, ends: Sequence[int], threshold: float, block:
     first_step = start * block  # statistic index k compares blocks k and k + lag of the raw block series
     quiet_steps = (len(stat) + lag) * block - first_step
     return first_step if quiet_steps >= min_stable else None
+
+
+def distance_to_quiet(proportions: np.ndarray, block: int | None = None, lag: int | None = None,
+                      min_stable: int | None = None) -> np.ndarray:
+    """Per layer, the mean change statistic over the last ``min_stable`` steps (at least one statistic): how
+    far a layer that never settles still is from quiet (compare with the threshold; about 1 is noise alone).
+    NaN where the trace is too short for one statistic."""
+    params = parameters_for(len(proportions)) | {k: v for k, v in
+                                                 {"block": block, "lag": lag, "min_stable": min_stable}.items()
+                                                 if v is not None}
+    stat = movement(proportions, params["block"], params["lag"])
+    if not len(stat):
+        return np.full(proportions.shape[1], np.nan)
+    last = max(1, params["min_stable"] // params["block"])
+    return stat[-last:].mean(axis=0)

@@ -272,3 +272,19 @@ def test_auto_follows_a_load_that_reverts_to_uniform():
 def test_auto_needs_the_no_pull_candidate():
     with pytest.raises(ValueError):
         predictors.get("auto", reversion=(1000.0,))
+
+
+@pytest.mark.parametrize("name", predictors.available())
+@pytest.mark.parametrize("steps", [1, 2, 3, 150, 250, 399])
+@pytest.mark.parametrize("kind", ["noisy", "constant", "one-hot"])
+def test_every_predictor_forecasts_from_a_short_or_constant_history(name, steps, kind):
+    """However little (or flat) the history, a forecast of proportions comes back, never an exception."""
+    if kind == "noisy":
+        history = np.random.default_rng(steps).dirichlet(np.ones(4), size=(steps, 2))
+    elif kind == "constant":
+        history = np.broadcast_to([0.1, 0.2, 0.3, 0.4], (steps, 2, 4)) + 0.0
+    else:  # one expert takes every token: the degenerate series statsmodels dislikes most
+        history = np.broadcast_to([1.0, 0.0, 0.0, 0.0], (steps, 2, 4)) + 0.0
+    forecast = predictors.get(name).fit(history).predict(120)
+    assert forecast.shape == (120, 2, 4) and np.isfinite(forecast).all()
+    np.testing.assert_allclose(forecast.sum(axis=-1), 1.0)

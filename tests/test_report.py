@@ -114,7 +114,7 @@ def test_report_without_metrics_or_evaluations(run_dir, tmp_path):
     (["/no/such/trace"], "no trace at"),
     (["{run}", "--window", "1"], "at least 2 steps"),
     (["{run}", "--window", "1000"], "pass a smaller window"),
-    (["{run}"], "too few for a 2000-step horizon"),
+    (["{run}", "--horizons", "2000"], "too few for a 2000-step horizon"),  # given, so not scaled to the trace
     (["{run}", *PROTOCOL, "--predictors", "sw_avg,nonsense"], "unknown predictor 'nonsense'"),
     (["{run}", *PROTOCOL, "--predictors", "sw_avg:window=0"], "window must be >= 1"),
     (["{run}", *PROTOCOL, "--policy", "static,psychic"], "unknown policy 'psychic'"),

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from moe_trace.commands._common import add_protocol_arguments, add_trace_argument, write_json
-from moe_trace.errors import UsageError
+from moe_trace.commands._common import (
+    add_protocol_arguments,
+    add_trace_argument,
+    check_protocol_arguments,
+    output_file,
+    resolve_protocol,
+    write_json,
+)
 
 DEFAULT_PREDICTORS = "sw_avg:window=100,sw_avg:window=1000,ema,linear,arima,auto"
 COLUMNS = ("predictor", "horizon", "phase", "layer", "step_wape", "step_floor", "ratio", "mean_wape", "n_origins")
@@ -21,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_protocol_arguments(parser, DEFAULT_PREDICTORS)
     parser.add_argument("--per-layer", action="store_true", help="also one row per MoE layer")
     parser.add_argument("--workers", type=int, default=None, help="processes for arima/lstm (default: all cores)")
-    parser.add_argument("--json", metavar="FILE", help="write the records as JSON ('-': stdout)")
+    parser.add_argument("--json", metavar="FILE", type=output_file, help="write the records as JSON ('-': stdout)")
     parser.set_defaults(run=run)
 
 
@@ -29,34 +36,24 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from moe_trace import trace
-    from predictors import evaluate, from_spec, split_specs
+    from predictors import evaluate
     from predictors.phases import stable_from
 
-    specs = split_specs(args.predictors)
-    if not specs:
-        raise UsageError("--predictors is empty")
-    for spec in specs:
-        try:
-            from_spec(spec)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    if min(args.horizons) < 1 or args.stride < 1 or args.min_history < 1:
-        raise UsageError("--horizons, --stride and --min-history must be >= 1")
+    specs = check_protocol_arguments(args)
     loaded = trace.load(args.trace)
     p = loaded.proportions()
-    for h in args.horizons:
-        if not len(evaluate.origins(len(p), h, args.stride, args.min_history)):
-            raise UsageError(f"the trace has {len(p)} steps, too few for a {h}-step horizon after "
-                             f"{args.min_history} steps of history; pass shorter --horizons or --min-history")
+    horizons, stride, min_history, note = resolve_protocol(args, len(p))
     starts = stable_from(p)
-    n_origins = len(evaluate.origins(len(p), min(args.horizons), args.stride, args.min_history))
+    n_origins = len(evaluate.origins(len(p), min(horizons), stride, min_history))
     records = []
     with tqdm(total=n_origins * len(specs), unit="origin", disable=None) as bar:
         for spec in specs:
             bar.set_description(spec)
-            scores = evaluate.evaluate(p, spec, args.horizons, args.stride, args.min_history, workers=args.workers,
+            scores = evaluate.evaluate(p, spec, horizons, stride, min_history, workers=args.workers,
                                        progress=bar.update)
             records += evaluate.records(spec, scores, starts, per_layer=args.per_layer)
+    if note:
+        print(note, file=sys.stderr)
     if args.json != "-":
         print(f"{len(p)} steps x {p.shape[1]} layers x {p.shape[2]} experts; stable from "
               f"{', '.join('never' if s is None else str(s) for s in starts)}")

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from moe_trace.commands._common import add_protocol_arguments, add_trace_argument
+from moe_trace.commands._common import (
+    add_protocol_arguments,
+    add_trace_argument,
+    check_protocol_arguments,
+    resolve_protocol,
+)
+from moe_trace.errors import UsageError
 from moe_trace.report import Cluster, Protocol  # numpy and pyarrow only; matplotlib loads when a figure is drawn
 
 DEFAULTS = Protocol()
@@ -34,20 +42,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Everything that can be refused is refused before the analysis, which takes minutes on a long run.
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; the report is a directory of PNG files and summary.md")
+    specs = None if args.no_predict else check_protocol_arguments(args)
+    if args.window is not None and args.window < 2:
+        raise UsageError(f"--window needs at least 2 steps, got {args.window}")
+
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no window, even where a display exists
 
     from moe_trace import report
-    from predictors import split_specs
+    from placement import policies
+    from placement.planners import even_slots_per_gpu
 
-    protocol = None if args.no_predict else Protocol(
-        predictors=tuple(split_specs(args.predictors)), horizons=tuple(args.horizons), stride=args.stride,
-        min_history=args.min_history)
-    cluster = None if args.no_place else Cluster(gpus=args.gpus, redundant=args.redundant, policies=args.policy,
-                                                  cost=args.cost)
-    analysis = report.analyse(report.load_run(args.trace), window=args.window, protocol=protocol, cluster=cluster)
+    run = report.load_run(args.trace)
+    cluster = None
+    if not args.no_place:
+        cluster = Cluster(gpus=args.gpus, redundant=args.redundant, policies=args.policy, cost=args.cost)
+        even_slots_per_gpu(run.trace.num_experts, cluster.gpus, cluster.spare_slots)  # validates gpus, redundant
+        policies.get(cluster.policies)  # validates the names
+    protocol, note = None, None
+    if specs is not None:
+        horizons, stride, min_history, note = resolve_protocol(args, len(run.trace))
+        protocol = Protocol(predictors=tuple(specs), horizons=horizons, stride=stride, min_history=min_history)
+    analysis = report.analyse(run, window=args.window, protocol=protocol, cluster=cluster)
     written = report.write_report(analysis, args.out)
+    if note:
+        print(note, file=sys.stderr)
     for path in written:
         print(path)
     return 0

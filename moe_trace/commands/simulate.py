@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from moe_trace.commands._common import add_trace_argument, write_json
+from moe_trace.commands._common import add_trace_argument, output_file, write_json
 
 HELP_COST = ("--cost measured (the default once placement/calibration/h200.json ships) prices a layer's expert work "
              "and all-to-all from GPU measurements (benchmarks/expert_cost.py); --cost linear from a FLOP rate and a "
@@ -32,7 +32,8 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a2a-gbps", type=float, default=None)
     p.add_argument("--link-gbps", type=float, default=None)
     p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--json", default=None, help="write the result as JSON to this file (- for stdout only)")
+    p.add_argument("--json", default=None, type=output_file,
+                   help="write the result as JSON to this file (- for stdout only)")
 
 
 def default_redundant(gpus: int) -> int:
@@ -43,10 +44,12 @@ def default_redundant(gpus: int) -> int:
 def make_setting(meta: dict[str, Any], args: argparse.Namespace):
     """The :class:`placement.policies.Setting` the cluster options describe; bad values raise UsageError."""
     from moe_trace.errors import UsageError
+    from moe_trace.memory import physical_memory_bytes
     from placement import calibration
     from placement.cost import CostModel
     from placement.planners import even_slots_per_gpu
     from placement.policies import Setting
+    from placement.simulator import replay_bytes
 
     overrides = {"matmul_flops": args.matmul_tflops and args.matmul_tflops * 1e12,
                  "a2a_bandwidth": args.a2a_gbps and args.a2a_gbps * 1e9,
@@ -54,7 +57,11 @@ def make_setting(meta: dict[str, Any], args: argparse.Namespace):
     if any(v is not None and v <= 0 for v in overrides.values()):
         raise UsageError("--matmul-tflops, --a2a-gbps, --link-gbps and --hidden must be > 0")
     redundant = default_redundant(args.gpus) if args.redundant is None else args.redundant
-    even_slots_per_gpu(int(meta["num_experts"]), args.gpus, redundant)  # the copies must fill the GPUs evenly
+    slots = even_slots_per_gpu(int(meta["num_experts"]), args.gpus, redundant)  # the copies must fill the GPUs evenly
+    needed, available = replay_bytes(len(meta["moe_layers"]), args.gpus, slots), physical_memory_bytes()
+    if needed > available:
+        raise UsageError(f"--gpus {args.gpus}: replaying {args.gpus} GPUs x {slots} expert slots needs ~"
+                         f"{needed / 2**30:.0f} GiB, more than this machine's {available / 2**30:.0f} GiB")
     cost = CostModel.from_meta(meta, calibration.resolve(args.cost), **overrides)
     return Setting(gpus=args.gpus, redundant=redundant, cost=cost,
                    planner=args.planner, dispatch=args.dispatch)

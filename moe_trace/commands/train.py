@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_every", "seq_len", "vocab_size",
                 "load_balancing_weight", "z_loss_weight")
+_OPTIONS = {"n_blocks": "--blocks", "num_experts": "--experts", "load_balancing_weight": "--lb-weight"}
 TRAIN_FIELDS = ("steps", "global_batch", "micro_batch", "lr", "warmup", "eval_every", "checkpoint_every",
                 "flush_every", "data", "corpus_mb", "optimizer", "compile_mode", "tensorboard", "log_every",
                 "placement", "redundant", "replan_every")
@@ -113,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     if args.resume:
+        changed = [_option(name) for name in (*MODEL_FIELDS, *TRAIN_FIELDS)
+                   if name != "steps" and getattr(args, name) is not None]
+        if changed:
+            raise UsageError(f"--resume continues the run with its saved settings; only --steps and --device may "
+                             f"change (got {', '.join(changed)})")
         out = Path(args.out or f"runs/{args.model}")
         model_config, config = train_lib.read_run_config(out)
         if args.steps is not None:
@@ -126,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
                              "or hf:<family> (a transformers MoE architecture)")
         if args.data is not None and not Path(args.data).exists():
             raise UsageError(f"--data {args.data}: no such file or directory")
+        _check_sizes(args)
         overrides = {f: getattr(args, f) for f in MODEL_FIELDS}
         if family:
             _check_hf_overrides(args)
@@ -226,8 +234,27 @@ def _default_compile(device: str, model_config) -> bool:  # a model.ModelConfig
     return device == "cuda" and model_config.moe_backend == "torch" and int(os.environ.get("WORLD_SIZE", 1)) == 1
 
 
+def _option(field: str) -> str:
+    """The command-line option that sets a model or training field."""
+    return _OPTIONS.get(field, f"--{field.replace('_', '-')}")
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """Model sizes given on the command line are positive (the model's own checks cover how they combine)."""
+    for name in ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_every", "seq_len", "vocab_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"{_option(name)} must be positive, got {value}")
+
+
 def _check_positive(config) -> None:  # a train.TrainConfig
     for name in ("steps", "global_batch", "eval_every", "checkpoint_every", "flush_every", "warmup", "log_every"):
         value = getattr(config, name)
         if value is None or value < (0 if name in ("warmup", "checkpoint_every") else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"{_option(name)} must be positive, got {value}")
+    if config.micro_batch is not None and config.micro_batch < 1:
+        raise UsageError(f"--micro-batch must be positive, got {config.micro_batch}")
+    for name in ("lr", "corpus_mb"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{_option(name)} must be a positive number, got {value}")
