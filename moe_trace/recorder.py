@@ -180,12 +180,19 @@ class MetricsLog:
     """Per-step scalars for ``metrics.parquet``, device tensors until read; rewritten whole at each flush."""
 
     def __init__(self, path: str | os.PathLike, resume_step: int = 0, write: bool = True):
+        """``resume_step``: steps from there on are dropped, from the file too (a resumed run records them again,
+        and until its first flush the file must not hold steps the trace no longer has)."""
         self.path, self.write = Path(path), write
         self._rows: list[dict[str, Any]] = []
-        if resume_step > 0 and self.path.exists():
+        if self.path.exists():
             kept = trace.load_metrics(self.path)
             keep = kept["step"] < resume_step
             self._rows = [{c: kept[c][i].item() for c in trace.METRIC_COLUMNS} for i in np.flatnonzero(keep)]
+            if write and not keep.all():
+                if self._rows:
+                    self.flush()
+                else:
+                    self.path.unlink()
 
     def add(self, **row: Any) -> None:
         """One step's ``trace.METRIC_COLUMNS``; tensor values are read from the device later."""

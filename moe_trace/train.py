@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -33,7 +34,7 @@ from moe_trace.data import TokenData, load_data
 from moe_trace.errors import UsageError
 from moe_trace.logs import TensorBoardLog
 from moe_trace.model import GPT, ModelConfig
-from moe_trace.recorder import MetricsLog
+from moe_trace.recorder import MetricsLog, Recorder
 
 CHECKPOINTS_KEPT = 2
 
@@ -143,19 +144,23 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
 def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, shard: str = "",
                     placement: expert_placement.PlacementRuntime | None = None) -> int:
-    """Restore the latest checkpoint into the given objects; return the step to continue from."""
+    """Restore the latest checkpoint into the given objects; return the step to continue from (0, with the
+    objects untouched, when there is none: a run killed before its first checkpoint starts again)."""
+    for leftover in (run_dir / "checkpoints").glob(f".step-*{shard}.pt.*.tmp"):
+        leftover.unlink()  # a save killed before its rename
     paths = _checkpoint_paths(run_dir, shard)
-    if not paths:
-        raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    path = paths[-1]
+    newest = _checkpoint_step(paths[-1]) if paths else 0
     if shard and dist.is_initialized():
         # A run killed while its ranks were saving has the newest step on some ranks only: take the newest
         # step that every rank holds (ranks save the same steps and keep the last CHECKPOINTS_KEPT).
-        common = torch.tensor(_checkpoint_step(path), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        common = torch.tensor(newest, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(common, op=dist.ReduceOp.MIN)
-        path = next((p for p in paths if _checkpoint_step(p) == common.item()), None)
-        if path is None:
-            raise UsageError(f"--resume: the ranks' checkpoints in {run_dir / 'checkpoints'} share no step")
+        newest = int(common.item())
+    if newest == 0:
+        return 0
+    path = next((p for p in paths if _checkpoint_step(p) == newest), None)
+    if path is None:
+        raise UsageError(f"--resume: the ranks' checkpoints in {run_dir / 'checkpoints'} share no step")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if placement is not None:  # before the weights: they are laid out by the checkpoint's plan
         placement.load_state_dict(state["placement"])
@@ -174,16 +179,32 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 class _StopRequest:
-    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one interrupts at once."""
+    """The first SIGINT/SIGTERM becomes a flag checked between steps; a second one stops at once.
+
+    At once: Python runs signal handlers only between bytecodes, so the second signal raises KeyboardInterrupt
+    when the main thread next returns from torch (the loop then writes the steps it completed). A single
+    kernel can run for minutes (attention over a long sequence on CPU), so a watchdog thread also sees the
+    signals, through the interpreter's wakeup file descriptor, and ends the process if the main thread has not
+    left this context ``GRACE_S`` seconds after the second one; the trace then ends at its last flush, complete
+    and readable like after kill -9.
+    """
+
+    GRACE_S = 3.0
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
+        self._left = threading.Event()
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self._read_fd, self._write_fd = os.pipe()
+            os.set_blocking(self._write_fd, False)
+            self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+            threading.Thread(target=self._watch, name="moe-trace-stop", daemon=True).start()
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -191,9 +212,26 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
+    def _watch(self) -> None:
+        seen = 0
+        try:
+            while data := os.read(self._read_fd, 64):  # b"" once __exit__ closes the write end
+                seen += sum(byte in self.SIGNALS for byte in data)
+                if seen >= 2 and not self._left.wait(self.GRACE_S):
+                    os.write(sys.stderr.fileno(), b"moe-trace train: stopped at once by a second signal; the trace "
+                                                  b"ends at its last flush, --resume continues from the last "
+                                                  b"checkpoint\n")
+                    os._exit(130)
+        finally:
+            os.close(self._read_fd)
+
     def __exit__(self, *exc: Any) -> None:
+        self._left.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._previous:
+            signal.set_wakeup_fd(self._previous_fd)
+            os.close(self._write_fd)
 
 
 @torch.no_grad()
@@ -221,11 +259,20 @@ def train(model_config: ModelConfig, config: TrainConfig, device_kind: str, resu
     ``build_model`` makes the model from ``model_config`` (default this project's GPT; the command line passes
     :class:`moe_trace.integrations.hf.CausalLM` for ``hf:<family>``): any module with ``forward(idx, targets)
     -> (logits, loss)`` and ``aux_loss()`` whose MoE layers :func:`moe_trace.record.attach` finds.
+
+    A new run that fails (or is interrupted) before it has written a step leaves no run directory behind, so
+    that the retry is not refused as "already holds a run".
     """
     caller_group = dist.is_available() and dist.is_initialized()  # a caller's process group is theirs to end
     world, device = _setup_distributed(device_kind)
+    run_dir = Path(config.out)
+    fresh = world.is_main and not resume and (not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())))
     try:
         return _train(model_config, config, world, device, resume, build_model)
+    except BaseException:
+        if fresh and run_dir.is_dir() and not (run_dir / "metrics.parquet").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         # Only after _train's model, optimizer and autograd state are freed: with gloo, freeing them once
         # the process group is gone can block (seen in tests/test_expert_parallel.py).
@@ -239,7 +286,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     if world.world_size > 1 and build_model is not GPT:
         raise UsageError(f"{model_config.name} trains on one process (torchrun's expert parallelism runs the "
                          "GPT presets)")
-    _check_run_dir(run_dir, resume, _shard(world))
+    _check_run_dir(run_dir, resume)
     micro_batch = micro_batch_size(model_config, config, world.world_size)
     accumulation = config.global_batch // (micro_batch * world.world_size)
 
@@ -266,6 +313,9 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     if placement:
         placement.attach(expert_parallel.expert_layers(model), optimizer)
     start = load_checkpoint(run_dir, model, optimizer, scheduler, _shard(world), placement) if resume else 0
+    if resume and start == 0 and world.is_main:
+        print(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (the run stopped before its first): starting "
+              "again from step 0, discarding the steps recorded so far", file=sys.stderr, flush=True)
     ddp_model = expert_parallel.data_parallel(model, expert_names) if world.world_size > 1 else model
     mode = None if config.compile_mode == "default" else config.compile_mode
     forward = torch.compile(ddp_model, mode=mode) if config.compile else ddp_model
@@ -290,7 +340,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     from tqdm import tqdm
 
     progress = tqdm(total=config.steps, initial=start, unit="step", disable=not world.is_main, dynamic_ncols=True)
-    val_loss = float("nan")
+    val_loss = float("nan")  # until the first evaluation, which the progress bar waits for before showing it
     step, last_checkpoint, started = start, start, time.perf_counter()
     eval_s = checkpoint_s = 0.0  # time spent outside training steps, reported apart
     last_log = (start, started)  # (first step since the last TensorBoard scalars, its start time)
@@ -310,7 +360,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
             checkpoint_s += time.perf_counter() - began
         last_checkpoint = step
 
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _kept_on_interrupt(recorder, metrics, world):
         while step < config.steps and not stop.requested:
             step_started = time.perf_counter()
             if placement:
@@ -372,7 +422,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                 flush_logs()
             if world.is_main and (step % 10 == 0 or step == config.steps):
                 elapsed = time.perf_counter() - started
-                progress.set_postfix(loss=f"{metrics.last('loss'):.3f}", val=f"{val_loss:.3f}",
+                progress.set_postfix(loss=f"{metrics.last('loss'):.3f}",
+                                     **({} if math.isnan(val_loss) else {"val": f"{val_loss:.3f}"}),
                                      tok_s=f"{(step - start) * tokens_per_step / elapsed:,.0f}", refresh=False)
             progress.update(1)
         flush_and_checkpoint()
@@ -403,13 +454,23 @@ def _choose_optimizer(model_config: ModelConfig, config: TrainConfig, world: Dis
     return name
 
 
-def _check_run_dir(run_dir: Path, resume: bool, shard: str) -> None:
+@contextlib.contextmanager
+def _kept_on_interrupt(recorder: Recorder, metrics: MetricsLog, world: Distributed):
+    """On a second signal's KeyboardInterrupt, write the steps completed so far before stopping (in one process
+    only: ranks interrupted at different points would wait on each other's all-reduce)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if world.world_size == 1:
+            recorder.flush()
+            metrics.flush()
+        raise
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is not a directory")
-    if resume:
-        if not _checkpoint_paths(run_dir, shard):
-            raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
 
 

@@ -124,3 +124,15 @@ def test_bad_input_is_one_line_and_status_2(run_dir, tmp_path, capsys, args, mes
     assert main(["report", *args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_the_step_time_panel_is_a_trailing_mean_not_a_cumulative_one():
+    """A migration stall at step 10 raises the plotted ratio for exactly the `smooth` steps that include it."""
+    steps = np.arange(60)
+    flat = {"imbalance": np.ones((60, 1)), "step_time_s": np.ones(60)}
+    stalled = {"imbalance": np.ones((60, 1)), "step_time_s": np.where(steps == 10, 11.0, 1.0)}
+    fig = report.plot_imbalance({"static": flat, "history": stalled}, steps, smooth=10)
+    ratio = fig.axes[1].get_lines()[1].get_ydata()
+    np.testing.assert_allclose(ratio[10:20], 2.0)  # (9 x 1 + 11) / 10
+    np.testing.assert_allclose(ratio[20:], 1.0)  # cumulative would still be above 1
+    assert "trailing mean of 10 steps" in fig.axes[1].get_xlabel()

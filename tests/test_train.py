@@ -150,3 +150,100 @@ def test_checkpoint_every_zero_writes_no_checkpoint_but_the_whole_trace(corpus_c
     train(model_config, config, "cpu")
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
     assert trace.load(tmp_path / "run").steps.tolist() == list(range(12))
+
+
+def _wait_for_glob(directory, pattern, process, timeout=600):
+    deadline = time.monotonic() + timeout
+    while not list(directory.glob(pattern)):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"no {pattern} in {directory}"
+        time.sleep(0.02)
+
+
+def test_sigkill_before_the_first_checkpoint_then_resume_starts_again(corpus_cache, tmp_path):
+    """Killed after a trace flush but before any checkpoint, --resume starts again at step 0 (and says so)."""
+    out = tmp_path / "run"
+    process = _train_process("--out", str(out), "--steps", "2000", "--flush-every", "10")  # checkpoint every 500
+    _wait_for_glob(out / "trace", "part-*.parquet", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(trace.load(out)) >= 10 and not list(out.glob("checkpoints/*.pt"))
+
+    resumed = subprocess.run([sys.executable, "-m", "moe_trace", "train", "--out", str(out), "--resume",
+                              "--steps", "25"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "no checkpoint" in resumed.stderr and "starting again from step 0" in resumed.stderr
+    final = trace.load(out)
+    assert final.steps.tolist() == list(range(25))
+    assert (final.counts.sum(axis=2) == 4 * 32 * 2).all()
+    assert trace.load_metrics(out)["step"].tolist() == list(range(25))
+
+
+SMALL_CONFIG = dict(n_blocks=2, hidden=32, heads=2, num_experts=4, moe_every=1, seq_len=32)
+
+
+def test_leftovers_of_a_kill_during_a_checkpoint_write_or_a_flush_do_not_disturb_resume(corpus_cache, tmp_path):
+    """A kill inside an atomic write leaves only a hidden temporary file: resume ignores and removes it."""
+    model_config = make_config("gpt-tiny-moe", **SMALL_CONFIG)
+    config = TrainConfig(out=str(tmp_path / "run"), steps=20, global_batch=4, warmup=2, eval_every=1000,
+                         checkpoint_every=10, flush_every=5)
+    train(model_config, config, "cpu")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000000020.pt").unlink()  # as if killed while writing it ...
+    (run / "checkpoints" / ".step-0000000020.pt.4242.tmp").write_bytes(b"half a checkpoint")  # ... here
+    (run / "trace" / ".part-0000000015-0000000019.parquet.4242.tmp").write_bytes(b"half a part")
+    train(model_config, dataclasses.replace(config, steps=25), "cpu", resume=True)
+    assert trace.load(run).steps.tolist() == list(range(25))
+    assert trace.load_metrics(run)["step"].tolist() == list(range(25))
+    assert not list((run / "trace").glob(".*.tmp")) and not list((run / "checkpoints").glob(".*.tmp"))
+
+
+def test_a_failure_before_the_first_step_leaves_no_run_directory(corpus_cache, tmp_path, monkeypatch):
+    """The retry of a run that failed during set-up is not refused as 'already holds a run'."""
+    from moe_trace.model import GPT
+
+    def broken_forward(self, idx, targets=None):
+        raise RuntimeError("a kernel that cannot run here")
+
+    monkeypatch.setattr(GPT, "forward", broken_forward)
+    config = TrainConfig(out=str(tmp_path / "runs" / "run"), steps=5, global_batch=4, warmup=1, eval_every=1000)
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        train(make_config("gpt-tiny-moe", **SMALL_CONFIG), config, "cpu")
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_the_progress_bar_shows_no_validation_loss_before_the_first_evaluation(corpus_cache, tmp_path, capsys):
+    config = TrainConfig(out=str(tmp_path / "run"), steps=20, global_batch=4, warmup=2, eval_every=1000,
+                         checkpoint_every=0)
+    train(make_config("gpt-tiny-moe", **SMALL_CONFIG), config, "cpu")
+    err = capsys.readouterr().err
+    assert "loss=" in err and "val=nan" not in err
+
+
+SECOND_SIGNAL_SCRIPT = """
+import sys
+import torch
+from moe_trace.train import _StopRequest
+
+q = torch.randn(1, 1, 1 << 17, 64)
+with _StopRequest():
+    print("in", flush=True)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)  # one call of minutes: no Python in between
+print("the attention finished before the signals", flush=True)
+"""
+
+
+def test_a_second_signal_stops_at_once_even_inside_a_long_kernel():
+    process = subprocess.Popen([sys.executable, "-c", SECOND_SIGNAL_SCRIPT], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "in\n"
+    time.sleep(1.0)  # inside the kernel by now
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # two signals sent back to back may reach the process as one
+    process.send_signal(signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # only if it is still in the kernel: then the test fails, and leaves no process behind
+    assert process.returncode == 130, stderr
+    assert "stopped at once" in stderr and "Traceback" not in stderr
