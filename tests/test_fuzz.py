@@ -26,7 +26,7 @@ TINY = ["--model", "gpt-tiny-moe", "--device", "cpu"]
 CASES = [
     # phases
     (["phases", "{missing}"], "no trace at"),
-    (["phases", "{empty_dir}"], "holds no part"),
+    (["phases", "{empty_dir}"], "holds no"),
     (["phases", "{empty_file}"], "not a readable Parquet file"),
     (["phases", "{damaged}"], "not a readable Parquet file"),
     (["phases", "{foreign}"], "not a moe-trace trace"),
@@ -122,6 +122,7 @@ CASES = [
     (["train", "--out", "{out}", *TINY, "--corpus-mb", "0"], "--corpus-mb"),
     (["train", "--out", "{out}", *TINY, "--device", "gpu"], "invalid choice"),
     (["train", "--out", "{out}", *TINY, "--moe-backend", "megablocks"], "megablocks"),
+    (["train", "--out", "{out}", *TINY, "--attention", "int8"], "--attention int8"),
     (["train", "--out", "{text}", *TINY], "not a directory"),
     (["train", "--out", "{out}", "--resume"], "--resume"),
     (["train", "--out", "{empty_dir}", "--resume"], "--resume"),

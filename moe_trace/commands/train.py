@@ -86,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                      "(a multiple of the ranks; default 0)")
     place.add_argument("--replan-every", type=int, help="steps between re-plans (history 1000, predict 50, "
                                                         "phase 25 while loads move)")
-    p.set_defaults(run=run)
+    # What --resume compares against to tell which settings the user changed.
+    p.set_defaults(run=run, setting_defaults={f: p.get_default(f) for f in (*MODEL_FIELDS, *TRAIN_FIELDS)})
 
 
 MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_every", "seq_len", "vocab_size",
@@ -115,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     if args.resume:
-        changed = [_option(name) for name in (*MODEL_FIELDS, *TRAIN_FIELDS)
-                   if name != "steps" and getattr(args, name) is not None]
+        changed = [_option(name) for name, default in args.setting_defaults.items()
+                   if name != "steps" and getattr(args, name) != default]
         if changed:
             raise UsageError(f"--resume continues the run with its saved settings; only --steps and --device may "
                              f"change (got {', '.join(changed)})")
