@@ -19,6 +19,10 @@ same); copies of one expert then add their gradients (:func:`sync_replica_grads`
 expert's whole gradient and, stepped by the same optimizer, stays identical. The result equals a
 single-process step over the union of the ranks' batches. Counts: each rank's ``tokens_per_expert`` covers its
 own tokens over all ``E`` logical experts; the recorder sums them over ranks once per flush block.
+
+Router variants (:func:`moe_trace.moe.route`) run unchanged on each rank's tokens: a capacity limit applies to
+a rank's own batch, as it does to each micro-batch of one process; the auxiliary-loss-free bias steps from
+counts summed over ranks, so it stays the same everywhere; shared experts are dense (data parallel).
 """
 
 from __future__ import annotations
@@ -43,11 +47,13 @@ class ExpertParallelMoELayer(MoELayer):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         if len(slot_expert) % world:
             raise ValueError(f"{len(slot_expert)} slots do not divide evenly over {world} ranks")
-        self.num_experts, self.top_k, self.normalize_weights = layer.num_experts, layer.top_k, layer.normalize_weights
+        self.num_experts, self.top_k, self.settings = layer.num_experts, layer.top_k, layer.settings
         self.load_balancing_weight, self.z_loss_weight = layer.load_balancing_weight, layer.z_loss_weight
         self.group, self.world_size, self.rank, self.dispatch = group, world, rank, dispatch
         self.slots_per_rank = len(slot_expert) // world
-        self.router = layer.router
+        # Router, shared experts and selection bias are replicated: every rank routes its own tokens alike.
+        self.router, self.shared = layer.router, layer.shared
+        self.register_buffer("expert_bias", layer.expert_bias)
         self.set_plan(slot_expert)
         # This rank's slots of the full layer's weights: any world size starts from the same model. Empty slots
         # (expert -1) start at zero; a re-plan fills them.
@@ -56,7 +62,7 @@ class ExpertParallelMoELayer(MoELayer):
         self.w2 = nn.Parameter(_rows(layer.w2.detach(), hosted))
         for weight in (self.w1, self.w2):
             weight.register_hook(lambda grad: grad / world)
-        self.tokens_per_expert = self.aux_loss = None
+        self.tokens_per_expert = self.dropped_per_expert = self.aux_loss = None
 
     def set_plan(self, slot_expert: np.ndarray) -> None:
         """Host the experts of ``slot_expert[ranks * slots_per_rank]`` (the weights are moved separately)."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_trace.moe import MoELayer
+from moe_trace.moe import MoELayer, RouterSettings
 
 # Decides the loss path on CUDA; find_spec does not import Triton, so this costs nothing on CPU.
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -39,6 +39,13 @@ class ModelConfig:
     load_balancing_weight: float = 0.01
     z_loss_weight: float = 0.0
     normalize_topk: bool = False
+    # Router variants (moe_trace.moe.route): score function, balancing method, capacity (None: dropless).
+    score: str = "softmax"
+    balance: str = "aux"
+    bias_update_rate: float = 1e-3
+    capacity_factor: float | None = None
+    shared_experts: int = 0  # always-on experts of width expert_ffn beside the routed ones
+    expert_ffn: int | None = None  # routed (and shared) expert width; None: ffn_mult * hidden, as the dense MLP
     # Rows of the tied embedding / output head are padded to a multiple of this: an odd vocabulary (GPT-2's
     # 50257) leaves the logits GEMMs misaligned and slow. Padding rows are never looked up, their logits cut off.
     vocab_multiple: int = 128
@@ -59,6 +66,20 @@ class ModelConfig:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
         if self.moe_backend not in MOE_BACKENDS:
             raise ValueError(f"moe_backend={self.moe_backend!r} is not one of {MOE_BACKENDS}")
+        if self.shared_experts < 0 or (self.expert_ffn is not None and self.expert_ffn < 1):
+            raise ValueError(f"shared_experts={self.shared_experts} and expert_ffn={self.expert_ffn} must be "
+                             "non-negative and positive")
+        RouterSettings(self.top_k, self.normalize_topk, self.score, self.balance, self.capacity_factor,
+                       self.load_balancing_weight, self.z_loss_weight, self.bias_update_rate)  # checks the fields
+        if self.moe_backend == "megablocks" and (self.score, self.balance, self.capacity_factor,
+                                                 self.shared_experts) != ("softmax", "aux", None, 0):
+            raise ValueError("the megablocks backend runs softmax routing with the aux loss, dropless, without "
+                             "shared experts; use --moe-backend torch for the other router variants")
+
+    @property
+    def moe_ffn(self) -> int:
+        """Width of one routed expert."""
+        return self.expert_ffn or self.ffn_mult * self.hidden
 
     @property
     def moe_blocks(self) -> list[int]:
@@ -76,6 +97,14 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt-350m-moe": ModelConfig(name="gpt-350m-moe", vocab_size=50257, seq_len=2048, n_blocks=24, hidden=1024,
                                 heads=16, num_experts=128, top_k=1, moe_every=2, global_batch=256),
 }
+# Fine-grained variants (DeepSeekMoE): each expert split into 4 of a quarter the width, top-k scaled by 4, so
+# routed parameters and active routed FLOPs match the coarse preset; one always-on shared expert of the same
+# width comes on top.
+for _coarse in ("gpt-125m-moe", "gpt-350m-moe"):
+    _c = PRESETS[_coarse]
+    PRESETS[f"{_coarse}-fine"] = dataclasses.replace(
+        _c, name=f"{_coarse}-fine", num_experts=4 * _c.num_experts, top_k=4 * _c.top_k,
+        expert_ffn=_c.ffn_mult * _c.hidden // 4, shared_experts=1)
 
 
 def make_config(preset: str, **overrides) -> ModelConfig:
@@ -118,12 +147,16 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
-def _moe_layer_class(backend: str) -> type[nn.Module]:
-    if backend == "megablocks":
+def _moe_layer(config: ModelConfig, out_init_std: float) -> nn.Module:
+    args = (config.hidden, config.moe_ffn, config.num_experts, config.top_k, config.load_balancing_weight,
+            config.z_loss_weight, config.normalize_topk)
+    if config.moe_backend == "megablocks":  # the default router only (ModelConfig refuses the variants)
         from moe_trace.moe_megablocks import MegablocksMoELayer
 
-        return MegablocksMoELayer
-    return MoELayer
+        return MegablocksMoELayer(*args, out_init_std=out_init_std)
+    return MoELayer(*args, out_init_std=out_init_std, score=config.score, balance=config.balance,
+                    capacity_factor=config.capacity_factor, bias_update_rate=config.bias_update_rate,
+                    shared_experts=config.shared_experts)
 
 
 class Block(nn.Module):
@@ -132,11 +165,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.hidden)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.hidden)
-        self.mlp = (_moe_layer_class(config.moe_backend)(
-                        config.hidden, config.ffn_mult * config.hidden, config.num_experts, config.top_k,
-                        config.load_balancing_weight, config.z_loss_weight, config.normalize_topk,
-                        out_init_std=out_init_std)
-                    if moe else MLP(config))
+        self.mlp = _moe_layer(config, out_init_std) if moe else MLP(config)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -197,6 +226,16 @@ class GPT(nn.Module):
     def tokens_per_expert(self) -> Tensor:
         """int64 ``[moe_layers, experts]`` counts of the last forward, on the model's device (no sync)."""
         return torch.stack([layer.tokens_per_expert for layer in self.moe_layers])
+
+    def dropped_per_expert(self) -> Tensor:
+        """int64 ``[moe_layers, experts]`` assignments the capacity limit dropped in the last forward."""
+        return torch.stack([layer.dropped_per_expert for layer in self.moe_layers])
+
+    def update_expert_bias(self, tokens_per_expert: Tensor) -> None:
+        """The auxiliary-loss-free bias step of every MoE layer from one optimizer step's counts
+        ``[moe_layers, experts]`` (summed over micro-batches and ranks); a no-op for other methods."""
+        for layer, counts in zip(self.moe_layers, tokens_per_expert, strict=True):
+            layer.update_expert_bias(counts)
 
 
 def padded_vocab(config: ModelConfig) -> int:

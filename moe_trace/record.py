@@ -3,7 +3,8 @@
 What it hooks, per layer kind:
 
 * this project's MoE layers (:class:`moe_trace.moe.MoELayer`, its expert-parallel shard and the megablocks
-  layer): a forward hook adds the layer's own ``tokens_per_expert`` vector;
+  layer): a forward hook adds the layer's own ``tokens_per_expert`` vector (and, under a capacity limit,
+  ``dropped_per_expert``: the trace's ``dropped`` column);
 * transformers >= 5 MoE families (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS, ...): every experts
   module is called as ``forward(hidden, top_k_index, top_k_weights)`` (GPT-OSS: ``router_indices``), so a
   forward pre-hook sees the experts the router really selected (DeepSeek-V3's bias-corrected,
@@ -128,8 +129,11 @@ def attach(model: nn.Module, out_dir: str | os.PathLike, meta: Mapping[str, Any]
     board = None
     if write and tensorboard is not None:
         board = tensorboard if isinstance(tensorboard, TensorBoardLog) else TensorBoardLog(tensorboard, log_every)
+    # This project's layers with a capacity limit report what it dropped: the trace's `dropped` column.
+    drops = any(getattr(getattr(site.module, "settings", None), "capacity_factor", None) is not None
+                for site in sites)
     recorder = Recorder(Path(out_dir) / "trace", trace.make_meta(**fields), device, block=block, write=write,
-                        group=group, flush_every=flush_every,
+                        group=group, flush_every=flush_every, dropped=drops,
                         on_block=(lambda steps, counts: board.add_load(steps, counts, fields["moe_layers"]))
                         if board is not None else None)
     if board is not None:
@@ -160,6 +164,8 @@ def _hook(site: MoESite, layer: int, recorder: Recorder, count_eval: bool) -> to
         def after_forward(module: nn.Module, args: Any, output: Any) -> None:
             if _counts_now(module, recorder, count_eval):
                 recorder.add_counts(layer, module.tokens_per_expert)
+                if recorder.records_dropped:
+                    recorder.add_dropped(layer, module.dropped_per_expert)
 
         return module.register_forward_hook(after_forward)
     if site.kind == "router":

@@ -37,22 +37,27 @@ class Recorder:
     A part file is written every ``flush_every`` steps (``None``: only when :meth:`flush` is called).
     ``on_block(steps, counts)`` is called with every block of summed host counts (for loggers such as
     TensorBoard), when the block reaches the host at a flush. The first flush drops the trace's rows from
-    the first recorded step on (a resumed run records those steps again).
+    the first recorded step on (a resumed run records those steps again). ``dropped=True`` also records the
+    trace's optional ``dropped`` column (:meth:`add_dropped`; capacity-limited routing) in the same buffers,
+    all-reduce and copies as the counts.
     """
 
     def __init__(self, trace_dir: str | os.PathLike, meta: Mapping[str, Any], device: torch.device,
                  block: int = 25, write: bool = True, group: dist.ProcessGroup | None = None,
-                 flush_every: int | None = None, on_block: Callable[[np.ndarray, np.ndarray], None] | None = None):
+                 flush_every: int | None = None, on_block: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 dropped: bool = False):
         self.trace_dir, self.meta, self.write, self.group = Path(trace_dir), dict(meta), write, group
         self.num_layers, self.num_experts = len(self.meta["moe_layers"]), int(self.meta["num_experts"])
         self.enabled = True  # hooks feeding this recorder do nothing while False
-        self.flush_every, self.on_block = flush_every, on_block
-        self._current = torch.zeros((self.num_layers, self.num_experts), dtype=torch.int64, device=device)
+        self.flush_every, self.on_block, self.records_dropped = flush_every, on_block, dropped
+        # [counts (+ dropped), layers, experts]
+        shape = (1 + dropped, self.num_layers, self.num_experts)
+        self._current = torch.zeros(shape, dtype=torch.int64, device=device)
         if device.type == "cuda":
             # Hooks add to this tensor inside compiled graphs: a fixed address lets CUDA-graph replay
             # (--compile-mode reduce-overhead) keep mutating it instead of refusing to capture the graph.
             torch._dynamo.mark_static_address(self._current)
-        self._buffer = torch.zeros((block, self.num_layers, self.num_experts), dtype=torch.int64, device=device)
+        self._buffer = torch.zeros((block, *shape), dtype=torch.int64, device=device)
         self._pin = device.type == "cuda"
         self._steps: list[int] = []  # steps held in the device buffer
         self._last_step: int | None = None
@@ -67,14 +72,18 @@ class Recorder:
 
     def add_counts(self, layer: int, counts: torch.Tensor) -> None:
         """Add an int64 count vector ``[experts]`` to MoE layer ``layer`` (position in ``moe_layers``)."""
-        self._current[layer] += counts
+        self._current[0, layer] += counts
+
+    def add_dropped(self, layer: int, dropped: torch.Tensor) -> None:
+        """Add the assignments ``[experts]`` a capacity limit dropped in MoE layer ``layer`` (``dropped=True``)."""
+        self._current[1, layer] += dropped
 
     def add_expert_ids(self, layer: int, expert_ids: torch.Tensor) -> None:
         """Count each selected expert id once; ids outside ``0..experts-1`` (padding sentinels) are dropped."""
         ids = expert_ids.reshape(-1).to(torch.int64)
         valid = (ids >= 0) & (ids < self.num_experts)
         # scatter_add_, not bincount: bincount reads the largest id on the host to size its output (a sync).
-        self._current[layer].scatter_add_(0, ids.clamp(0, self.num_experts - 1), valid.to(torch.int64))
+        self._current[0, layer].scatter_add_(0, ids.clamp(0, self.num_experts - 1), valid.to(torch.int64))
 
     def add_sequences(self, sequences: int, seq_len: int) -> None:
         """Host-side shape of one counted forward's token ids: fills the sizes ``meta`` leaves as None."""
@@ -132,7 +141,8 @@ class Recorder:
         self._unflushed = 0
         if not self._pending:
             return
-        steps, counts = _on_host(self._pending)
+        steps, recorded = _on_host(self._pending)
+        counts, dropped = recorded[:, 0], (recorded[:, 1] if self.records_dropped else None)
         self._pending.clear()
         if self.on_block is not None:
             self.on_block(steps, counts)
@@ -140,7 +150,7 @@ class Recorder:
             if not self._truncated:
                 trace.truncate(self.trace_dir, int(steps[0]))
                 self._truncated = True
-            trace.write_part(self.trace_dir, steps, counts, self.meta)
+            trace.write_part(self.trace_dir, steps, counts, self.meta, dropped)
 
     def collect(self) -> tuple[np.ndarray, np.ndarray]:
         """The steps closed since the previous call (at the first call: those not yet flushed) and their counts
@@ -151,7 +161,8 @@ class Recorder:
         self._collected = []
         if not blocks:
             return np.empty(0, dtype=np.int64), np.empty((0, self.num_layers, self.num_experts), dtype=np.int64)
-        return _on_host(blocks)
+        steps, recorded = _on_host(blocks)
+        return steps, recorded[:, 0]
 
     def close(self) -> None:
         """Flush, merge the trace's parts into one, and remove the hooks that fed this recorder."""
@@ -168,7 +179,8 @@ class Recorder:
 
 
 def _on_host(blocks: list[tuple[list[int], torch.Tensor, torch.cuda.Event | None]]) -> tuple[np.ndarray, np.ndarray]:
-    """Steps and counts of blocks copied to the host, once their copies have completed."""
+    """Steps and recorded values ``[steps, counts (+ dropped), layers, experts]`` of blocks copied to the host,
+    once their copies have completed."""
     for _, _, event in blocks:
         if event is not None:
             event.synchronize()

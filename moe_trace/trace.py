@@ -57,6 +57,9 @@ class Trace:
     counts: np.ndarray  # int64 [steps, layers, experts]
     steps: np.ndarray  # int64 [steps], strictly increasing
     meta: dict[str, Any]
+    # int64 [steps, layers, experts]: assignments a capacity limit dropped (of those in counts); None when the
+    # trace has no ``dropped`` column (dropless runs, older traces)
+    dropped: np.ndarray | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -96,8 +99,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _arrow_schema(meta: Mapping[str, Any]) -> pa.Schema:
+def _arrow_schema(meta: Mapping[str, Any], dropped: bool = False) -> pa.Schema:
     fields = [("step", pa.int64()), ("layer", pa.int32()), ("counts", pa.list_(pa.int64()))]
+    if dropped:
+        fields.append(("dropped", pa.list_(pa.int64())))
     return pa.schema(fields, metadata={META_KEY: json.dumps(dict(meta), sort_keys=True).encode()})
 
 
@@ -131,24 +136,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _part_table(steps: np.ndarray, counts: np.ndarray, meta: Mapping[str, Any]) -> pa.Table:
-    n_steps, n_layers, n_experts = counts.shape
+def _list_array(values: np.ndarray) -> pa.ListArray:
+    """``[steps, layers, experts]`` as one list of ``experts`` values per (step, layer) row."""
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.int64).reshape(-1))
+    offsets = pa.array(np.arange(0, len(flat) + 1, values.shape[2], dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def _part_table(steps: np.ndarray, counts: np.ndarray, meta: Mapping[str, Any],
+                dropped: np.ndarray | None = None) -> pa.Table:
+    n_steps, n_layers, _ = counts.shape
     layer_ids = np.asarray(meta["moe_layers"], dtype=np.int32)
-    flat = pa.array(np.ascontiguousarray(counts, dtype=np.int64).reshape(-1))
-    offsets = pa.array(np.arange(0, len(flat) + 1, n_experts, dtype=np.int32))
-    return pa.Table.from_arrays(
-        [
-            pa.array(np.repeat(steps.astype(np.int64), n_layers)),
-            pa.array(np.tile(layer_ids, n_steps)),
-            pa.ListArray.from_arrays(offsets, flat),
-        ],
-        schema=_arrow_schema(meta),
-    )
+    columns = [pa.array(np.repeat(steps.astype(np.int64), n_layers)), pa.array(np.tile(layer_ids, n_steps)),
+               _list_array(counts)]
+    if dropped is not None:
+        columns.append(_list_array(dropped))
+    return pa.Table.from_arrays(columns, schema=_arrow_schema(meta, dropped is not None))
 
 
-def write_part(directory: str | os.PathLike, steps: np.ndarray, counts: np.ndarray,
-               meta: Mapping[str, Any]) -> Path:
-    """Write ``counts[steps, layers, experts]`` as one complete part file; return its path."""
+def _checked(steps: np.ndarray, counts: np.ndarray, meta: Mapping[str, Any],
+             dropped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     steps = np.asarray(steps, dtype=np.int64)
     counts = np.asarray(counts)
     if counts.ndim != 3 or counts.shape[0] != steps.shape[0] or counts.shape[0] == 0:
@@ -157,24 +164,39 @@ def write_part(directory: str | os.PathLike, steps: np.ndarray, counts: np.ndarr
         raise ValueError(f"counts {counts.shape} do not match the metadata's layers and experts")
     if np.any(np.diff(steps) <= 0):
         raise ValueError("steps must be strictly increasing")
+    if dropped is not None:
+        dropped = np.asarray(dropped)
+        if dropped.shape != counts.shape:
+            raise ValueError(f"dropped {dropped.shape} does not match counts {counts.shape}")
+        if (dropped < 0).any() or (dropped > counts).any():
+            raise ValueError("dropped must lie between 0 and the counts")
+    return steps, counts, dropped
+
+
+def write_part(directory: str | os.PathLike, steps: np.ndarray, counts: np.ndarray,
+               meta: Mapping[str, Any], dropped: np.ndarray | None = None) -> Path:
+    """Write ``counts[steps, layers, experts]`` (and the optional ``dropped`` of the same shape) as one
+    complete part file; return its path."""
+    steps, counts, dropped = _checked(steps, counts, meta, dropped)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"part-{steps[0]:010d}-{steps[-1]:010d}.parquet"
-    table = _part_table(steps, counts, meta)
+    table = _part_table(steps, counts, meta, dropped)
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return path
 
 
 def write(path: str | os.PathLike, counts: np.ndarray, meta: Mapping[str, Any],
-          steps: np.ndarray | None = None) -> Path:
+          steps: np.ndarray | None = None, dropped: np.ndarray | None = None) -> Path:
     """Write a whole trace: a directory with one part, or a single file if ``path`` ends in ``.parquet``."""
     counts = np.asarray(counts)
     steps = np.arange(counts.shape[0], dtype=np.int64) if steps is None else np.asarray(steps)
     path = Path(path)
     if path.suffix != ".parquet":
-        return write_part(path, steps, counts, meta)
+        return write_part(path, steps, counts, meta, dropped)
+    steps, counts, dropped = _checked(steps, counts, meta, dropped)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = _part_table(steps, counts, meta)
+    table = _part_table(steps, counts, meta, dropped)
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return path
 
@@ -228,7 +250,7 @@ def compact(directory: str | os.PathLike) -> Path | None:
         merged = live[0][2]
     else:
         trace = _load_parts([p for _, _, p in live], directory)
-        merged = write_part(directory, trace.steps, trace.counts, trace.meta)
+        merged = write_part(directory, trace.steps, trace.counts, trace.meta, trace.dropped)
     for p in directory.iterdir():
         if _PART_RE.match(p.name) and p != merged:
             p.unlink()
@@ -303,10 +325,14 @@ def _load_parts(sources: list[Path], path: Path) -> Trace:
             meta = part_meta
         elif _shape_keys(part_meta) != _shape_keys(meta):
             raise TraceError(f"{source} belongs to a different run than {sources[0]}")
-        tables.append(table.select(["step", "layer", "counts"]))
+        tables.append(table)
     assert meta is not None
     _check_disjoint([t["step"].to_numpy() for t in tables], sources)
-    return _assemble(pa.concat_tables(tables), meta, path)
+    with_dropped = ["dropped" in table.column_names for table in tables]
+    if any(with_dropped) and not all(with_dropped):
+        raise TraceError(f"{path}: some parts have a 'dropped' column and others not")
+    columns = ["step", "layer", "counts"] + ["dropped"] * all(with_dropped)
+    return _assemble(pa.concat_tables([table.select(columns) for table in tables]), meta, path)
 
 
 def _check_disjoint(steps_per_source: list[np.ndarray], sources: list[Path]) -> None:
@@ -334,12 +360,8 @@ def _assemble(table: pa.Table, meta: dict[str, Any], source: Path) -> Trace:
     layer_ids = list(meta["moe_layers"])
     steps = table["step"].to_numpy()
     layers = table["layer"].to_numpy()
-    counts_col = table["counts"].combine_chunks()
-    lengths = pa.compute.list_value_length(counts_col).to_numpy(zero_copy_only=False)
-    if len(lengths) and (lengths != n_experts).any():
-        raise TraceError(f"{source}: a counts list has {lengths[lengths != n_experts][0]} entries, "
-                         f"expected {n_experts}")
-    flat = counts_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, n_experts)
+    flat = _per_expert(table, "counts", n_experts, source)
+    flat_dropped = _per_expert(table, "dropped", n_experts, source) if "dropped" in table.column_names else None
 
     layer_index = np.full(max(layer_ids) + 1, -1, dtype=np.int64)
     layer_index[layer_ids] = np.arange(len(layer_ids))
@@ -360,8 +382,24 @@ def _assemble(table: pa.Table, meta: dict[str, Any], source: Path) -> Trace:
     unique_steps = steps2[:, 0]
     if (flat < 0).any():
         raise TraceError(f"{source}: negative token counts")
-    counts = flat.reshape(len(unique_steps), n_layers, n_experts).astype(np.int64, copy=False)
-    return Trace(counts=counts, steps=unique_steps.astype(np.int64), meta=meta)
+    shape = (len(unique_steps), n_layers, n_experts)
+    counts = flat.reshape(shape).astype(np.int64, copy=False)
+    dropped = None
+    if flat_dropped is not None:
+        dropped = flat_dropped[order].reshape(shape).astype(np.int64, copy=False)
+        if (dropped < 0).any() or (dropped > counts).any():
+            raise TraceError(f"{source}: dropped assignments outside 0..counts")
+    return Trace(counts=counts, steps=unique_steps.astype(np.int64), meta=meta, dropped=dropped)
+
+
+def _per_expert(table: pa.Table, name: str, n_experts: int, source: Path) -> np.ndarray:
+    """A list column as ``[rows, n_experts]``, refusing lists of another length."""
+    column = table[name].combine_chunks()
+    lengths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != n_experts).any():
+        raise TraceError(f"{source}: a {name} list has {lengths[lengths != n_experts][0]} entries, "
+                         f"expected {n_experts}")
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, n_experts)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -37,6 +37,8 @@ from moe_trace.model import GPT, ModelConfig
 from moe_trace.recorder import MetricsLog, Recorder
 
 CHECKPOINTS_KEPT = 2
+# Router fields of ModelConfig that the trace metadata names, so a trace says how it was balanced.
+ROUTER_META = ("score", "balance", "bias_update_rate", "capacity_factor", "shared_experts")
 
 
 @dataclass
@@ -328,13 +330,19 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     # Hooks on the MoE layers count every training forward (micro-batches sum into the step); the first
     # flush drops any rows a killed run recorded from `start` on.
     board = TensorBoardLog(config.tensorboard, config.log_every) if config.tensorboard and world.is_main else None
+    # This project's layers route as model_config says; the trace names the router variant.
+    router = ({"expert_ffn": model_config.moe_ffn, **{name: getattr(model_config, name) for name in ROUTER_META}}
+              if isinstance(model, GPT) else {})
     recorder = record.attach(model, run_dir, tensorboard=board, meta={
         "model": model_config.name, "tokens_per_step": tokens_per_step, "seq_len": model_config.seq_len,
-        "global_batch": config.global_batch, "seed": config.seed, "world_size": world.world_size},
+        "global_batch": config.global_batch, "seed": config.seed, "world_size": world.world_size, **router},
         block=min(25, config.flush_every), flush_every=None,
         write=world.is_main and config.record)
     if placement:
         placement.start(start, recorder)
+    # The step's counts for the auxiliary-loss-free bias, on the device (None: the method has no bias).
+    bias_counts = (torch.zeros(len(model.moe_layers), model_config.num_experts, dtype=torch.int64, device=device)
+                   if isinstance(model, GPT) and model_config.balance == "aux_free" else None)
     metrics = MetricsLog(run_dir / "metrics.parquet", start, write=world.is_main)
 
     from tqdm import tqdm
@@ -381,6 +389,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                     _, loss = forward(x, y)
                     aux = model.aux_loss()
                 ((loss + aux) / accumulation).backward()
+                if bias_counts is not None:
+                    bias_counts += model.tokens_per_expert()
                 loss_sum += loss.detach()
                 aux_sum += aux.detach()
                 if logged and isinstance(model, GPT):  # transformers families report one aux loss for all layers
@@ -393,6 +403,11 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if bias_counts is not None:
+                if world.world_size > 1:
+                    dist.all_reduce(bias_counts)  # every rank takes the same step from the global counts
+                model.update_expert_bias(bias_counts)
+                bias_counts.zero_()
             if world.world_size > 1:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world.world_size

@@ -21,35 +21,39 @@ def _loss(model: GPT, forward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return logits, loss + model.aux_loss()
 
 
-def _worker(rank: int, store_path: str) -> None:
+def _worker(rank: int, store_path: str, variant: dict) -> None:
     # A file store has no port to race for; the timeout turns a stuck collective into a failure, not a hang.
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        _compare_with_one_process(rank)
+        _compare_with_one_process(rank, variant)
     finally:
         # Only once the models and their autograd graphs are freed: freeing them after the group is gone
         # can block.
         dist.destroy_process_group()
 
 
-def _compare_with_one_process(rank: int) -> None:
+def _compare_with_one_process(rank: int, variant: dict) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = make_config("gpt-tiny-moe", n_blocks=2, hidden=32, heads=2, num_experts=4, top_k=2, seq_len=16,
-                         vocab_size=64)
+                         vocab_size=64, **variant)
     model = GPT(config)
+    for layer in model.moe_layers:  # an aux-free bias that changes selections, the same on every rank
+        if layer.expert_bias is not None:
+            layer.expert_bias.copy_(0.02 * torch.randn(4, generator=torch.Generator().manual_seed(2)))
     reference = copy.deepcopy(model)
     tokens = torch.randint(0, config.vocab_size, (2 * WORLD, config.seq_len + 1),
                            generator=torch.Generator().manual_seed(1))
     batches = tokens.chunk(WORLD)
 
     # Reference: one process, the ranks' batches as micro-batches of one step (what DDP averages over).
-    ref_counts, ref_logits = 0, []
+    ref_counts, ref_dropped, ref_logits = 0, 0, []
     for batch in batches:
         logits, loss = _loss(reference, reference, batch)
         (loss / WORLD).backward()
         ref_counts = ref_counts + reference.tokens_per_expert()
+        ref_dropped = ref_dropped + reference.dropped_per_expert()
         ref_logits.append(logits.detach())
     ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
 
@@ -62,6 +66,16 @@ def _compare_with_one_process(rank: int) -> None:
     norm = expert_parallel.clip_grad_norm_(model, 0.5)
 
     assert torch.equal(counts, ref_counts), "global counts differ from the single-process run"
+    dropped = model.dropped_per_expert()
+    dist.all_reduce(dropped)
+    assert torch.equal(dropped, ref_dropped), "dropped assignments differ from the single-process run"
+    assert (dropped.sum() > 0) == (config.capacity_factor is not None)
+    model.update_expert_bias(counts)
+    reference.update_expert_bias(ref_counts)
+    for layer, ref_layer in zip(model.moe_layers, reference.moe_layers, strict=True):
+        assert (layer.expert_bias is None) == (ref_layer.expert_bias is None)
+        if layer.expert_bias is not None:
+            assert torch.equal(layer.expert_bias, ref_layer.expert_bias)
     assert counts.sum() == 2 * WORLD * config.seq_len * config.top_k * len(config.moe_blocks)
     torch.testing.assert_close(logits, ref_logits[rank], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=1e-6)
@@ -75,8 +89,10 @@ def _compare_with_one_process(rank: int) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_expert_parallel_matches_one_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"),), nprocs=WORLD)
+@pytest.mark.parametrize("variant", [{}, dict(score="sigmoid", balance="aux_free", capacity_factor=1.0,
+                                              shared_experts=1)], ids=["default", "router variants"])
+def test_expert_parallel_matches_one_process(tmp_path, variant):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), variant), nprocs=WORLD)
 
 
 def test_memory_estimate_refuses_with_a_way_out():

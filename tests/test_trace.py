@@ -153,3 +153,31 @@ def test_metrics_round_trip(tmp_path):
     trace.write_metrics(tmp_path / "metrics.parquet", cols)
     got = trace.load_metrics(tmp_path / "trace")
     np.testing.assert_array_equal(got["loss"], [0.0, 1.0, 2.0])
+
+
+def test_dropped_column_round_trips_through_parts_compaction_and_truncation(tmp_path):
+    meta, counts = _meta(), _counts(30)
+    dropped = counts // 3
+    trace.write_part(tmp_path, np.arange(10, 30), counts[10:], meta, dropped[10:])
+    trace.write_part(tmp_path, np.arange(0, 10), counts[:10], meta, dropped[:10])
+    np.testing.assert_array_equal(trace.load(tmp_path).dropped, dropped)
+    trace.truncate(tmp_path, 25)
+    trace.compact(tmp_path)
+    t = trace.load(tmp_path)
+    np.testing.assert_array_equal(t.counts, counts[:25])
+    np.testing.assert_array_equal(t.dropped, dropped[:25])
+    assert pq.read_table(next(tmp_path.glob("part-*.parquet"))).column_names == ["step", "layer", "counts",
+                                                                                 "dropped"]
+    trace.write(tmp_path / "one.parquet", counts, meta, dropped=dropped)
+    np.testing.assert_array_equal(trace.load(tmp_path / "one.parquet").dropped, dropped)
+
+
+def test_dropped_column_is_optional_and_checked(tmp_path):
+    meta, counts = _meta(), _counts(10)
+    trace.write_part(tmp_path / "plain", np.arange(10), counts, meta)
+    assert trace.load(tmp_path / "plain").dropped is None
+    with pytest.raises(ValueError, match="between 0 and the counts"):
+        trace.write_part(tmp_path / "bad", np.arange(10), counts, meta, counts + 1)
+    trace.write_part(tmp_path / "plain", np.arange(10, 20), counts, meta, counts // 2)
+    with pytest.raises(TraceError, match="some parts have a 'dropped' column"):
+        trace.load(tmp_path / "plain")

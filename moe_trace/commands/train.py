@@ -12,7 +12,8 @@ from pathlib import Path
 
 from moe_trace.errors import UsageError
 
-PRESET_NAMES = ("gpt-tiny-moe", "gpt-125m-moe", "gpt-350m-moe")  # moe_trace.model.PRESETS, without torch
+# moe_trace.model.PRESETS, without importing torch
+PRESET_NAMES = ("gpt-tiny-moe", "gpt-125m-moe", "gpt-350m-moe", "gpt-125m-moe-fine", "gpt-350m-moe-fine")
 HF_PREFIX = "hf:"  # moe_trace.integrations.hf.PREFIX, without torch
 HF_BASE_PRESET = "gpt-tiny-moe"  # the sizes an hf:<family> model starts from before overrides
 
@@ -64,6 +65,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--vocab-size", type=int)
     model.add_argument("--lb-weight", type=float, dest="load_balancing_weight", help="load-balancing loss weight")
     model.add_argument("--z-loss-weight", type=float)
+    model.add_argument("--expert-ffn", type=int, help="width of one routed expert (default: 4 x hidden)")
+
+    router = p.add_argument_group("router variants")
+    router.add_argument("--balance", choices=("aux", "seq_aux", "aux_free", "none"),
+                        help="aux: the batch-level load-balancing loss (default); seq_aux: its per-sequence form; "
+                             "aux_free: a per-expert selection bias stepped toward uniform load, no loss; "
+                             "none: no balancing")
+    router.add_argument("--bias-update-rate", type=float, help="aux_free bias step per optimizer step (default 1e-3)")
+    router.add_argument("--score", choices=("softmax", "sigmoid"),
+                        help="router scores (default softmax); sigmoid gates are normalised over the top-k")
+    router.add_argument("--capacity-factor", type=float,
+                        help="each expert takes at most ceil(C x tokens x k / experts) assignments per "
+                             "micro-batch, in token order; the rest are dropped (default: dropless)")
+    router.add_argument("--shared-experts", type=int, help="always-on experts beside the routed ones (default 0)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the preset's)")
@@ -90,8 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run, setting_defaults={f: p.get_default(f) for f in (*MODEL_FIELDS, *TRAIN_FIELDS)})
 
 
+ROUTER_FIELDS = ("expert_ffn", "balance", "bias_update_rate", "score", "capacity_factor", "shared_experts")
 MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_every", "seq_len", "vocab_size",
-                "load_balancing_weight", "z_loss_weight")
+                "load_balancing_weight", "z_loss_weight", *ROUTER_FIELDS)
 _OPTIONS = {"n_blocks": "--blocks", "num_experts": "--experts", "load_balancing_weight": "--lb-weight"}
 TRAIN_FIELDS = ("steps", "global_batch", "micro_batch", "lr", "warmup", "eval_every", "checkpoint_every",
                 "flush_every", "data", "corpus_mb", "optimizer", "compile_mode", "tensorboard", "log_every",
@@ -198,10 +214,12 @@ def _check_hf_overrides(args: argparse.Namespace) -> None:
     refused = [flag for flag, given in (("--moe-every", args.moe_every is not None),
                                         ("--z-loss-weight", args.z_loss_weight is not None),
                                         ("--moe-backend", args.moe_backend != "auto"),
-                                        ("--attention", args.attention != "auto")) if given]
+                                        ("--attention", args.attention != "auto"),
+                                        *((f"--{f.replace('_', '-')}", getattr(args, f) is not None)
+                                          for f in ROUTER_FIELDS)) if given]
     if refused:
         raise UsageError(f"{args.model}: {', '.join(refused)} apply to the GPT presets; the family decides "
-                         "where its MoE blocks sit and runs its own attention and experts")
+                         "where its MoE blocks sit and runs its own attention, router and experts")
 
 
 def _choose_attention(requested: str, device: str, model_config, config):  # -> (model.ModelConfig, TrainConfig)
