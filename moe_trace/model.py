@@ -69,8 +69,9 @@ class ModelConfig:
         if self.shared_experts < 0 or (self.expert_ffn is not None and self.expert_ffn < 1):
             raise ValueError(f"shared_experts={self.shared_experts} and expert_ffn={self.expert_ffn} must be "
                              "non-negative and positive")
+        # Checks the variant's fields.
         RouterSettings(self.top_k, self.normalize_topk, self.score, self.balance, self.capacity_factor,
-                       self.load_balancing_weight, self.z_loss_weight, self.bias_update_rate)  # checks the fields
+                       self.bias_update_rate)
         if self.moe_backend == "megablocks" and (self.score, self.balance, self.capacity_factor,
                                                  self.shared_experts) != ("softmax", "aux", None, 0):
             raise ValueError("the megablocks backend runs softmax routing with the aux loss, dropless, without "

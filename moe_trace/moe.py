@@ -33,15 +33,14 @@ BALANCE_METHODS = ("aux", "seq_aux", "aux_free", "none")
 
 @dataclass(frozen=True)
 class RouterSettings:
-    """How a layer routes: everything :func:`route` and the balance step need besides the logits."""
+    """How a layer routes: everything :func:`route` and the bias step need besides the logits (the loss
+    weights stay attributes of the layer)."""
 
     top_k: int
     normalize_weights: bool = False
     score: str = "softmax"
     balance: str = "aux"
     capacity_factor: float | None = None  # None: dropless
-    load_balancing_weight: float = 0.01  # of the balance loss, for balance "aux" and "seq_aux"
-    z_loss_weight: float = 0.0
     bias_update_rate: float = 1e-3  # of the selection bias, for balance "aux_free"
 
     def __post_init__(self) -> None:
@@ -53,11 +52,6 @@ class RouterSettings:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be positive (or None: dropless)")
         if not self.bias_update_rate > 0:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} must be positive")
-
-    @property
-    def balance_loss_weight(self) -> float:
-        """Weight of ``Routing.load_balancing_loss`` in the training loss (0 where the method uses no loss)."""
-        return self.load_balancing_weight if self.balance in ("aux", "seq_aux") else 0.0
 
 
 @dataclass
@@ -274,8 +268,8 @@ class MoELayer(nn.Module):
         if shared_experts < 0:
             raise ValueError(f"shared_experts={shared_experts} must not be negative")
         self.num_experts, self.top_k = num_experts, top_k
-        self.settings = RouterSettings(top_k, normalize_weights, score, balance, capacity_factor,
-                                       load_balancing_weight, z_loss_weight, bias_update_rate)
+        self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
+        self.settings = RouterSettings(top_k, normalize_weights, score, balance, capacity_factor, bias_update_rate)
         self.router = nn.Linear(hidden, num_experts, bias=False)
         # Stacked expert weights: the layout torch._grouped_mm and megablocks' grouped GEMM consume.
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
@@ -301,7 +295,9 @@ class MoELayer(nn.Module):
                         expert_bias=self.expert_bias, capacity_factor=s.capacity_factor,
                         seq_len=x.shape[-2] if x.dim() >= 3 else None)
         self.tokens_per_expert, self.dropped_per_expert = routing.tokens_per_expert, routing.dropped_per_expert
-        self.aux_loss = s.balance_loss_weight * routing.load_balancing_loss + s.z_loss_weight * routing.z_loss
+        # aux_free and none train without the balance loss (it stays a diagnostic of route()).
+        balance_weight = self.load_balancing_weight if s.balance in ("aux", "seq_aux") else 0.0
+        self.aux_loss = balance_weight * routing.load_balancing_loss + self.z_loss_weight * routing.z_loss
 
         # Dropped assignments still pass through their expert (no host sync to size a smaller batch); their
         # zero gate removes them from the output and from every gradient, which is what dropping means.
