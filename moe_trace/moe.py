@@ -284,6 +284,11 @@ class MoELayer(nn.Module):
         self.dropped_per_expert: Tensor | None = None
         self.aux_loss: Tensor | None = None
 
+    @property
+    def normalize_weights(self) -> bool:
+        """Whether the gates are divided by their sum over the top-k."""
+        return self.settings.normalize_weights
+
     def expert_parameters(self) -> list[nn.Parameter]:
         """The stacked routed-expert weights (what a token uses k/E of; shared experts are dense)."""
         return [self.w1, self.w2]
