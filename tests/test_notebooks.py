@@ -44,3 +44,9 @@ def test_compare_notebook_runs(monkeypatch):
     monkeypatch.delenv("MOE_TRACE_B", raising=False)
     book = execute("compare_runs.ipynb", monkeypatch)
     assert images(book) == 3
+
+
+def test_balancing_notebook_runs(monkeypatch):
+    # The CI subset: gpt-tiny-moe trained once per balancing method (benchmarks/balancing_study.py).
+    book = execute("balancing.ipynb", monkeypatch, MOE_TRACE_STUDY=str(ROOT / "traces" / "balancing-ci"))
+    assert images(book) == 3  # side-by-side summary, windowed variance, heaviest/mean load

@@ -9,6 +9,8 @@ import pytest
 
 from moe_trace import report, synth, trace
 from moe_trace.cli import main
+from moe_trace.errors import UsageError
+from moe_trace.report import balancing
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROTOCOL = ["--horizons", "200", "400", "--min-history", "300", "--stride", "100"]  # fits the 1200-step run
@@ -136,3 +138,67 @@ def test_the_step_time_panel_is_a_trailing_mean_not_a_cumulative_one():
     np.testing.assert_allclose(ratio[10:20], 2.0)  # (9 x 1 + 11) / 10
     np.testing.assert_allclose(ratio[20:], 1.0)  # cumulative would still be above 1
     assert "trailing mean of 10 steps" in fig.axes[1].get_xlabel()
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory) -> list[Path]:
+    """Three synthetic runs of one architecture; the third with a capacity limit that dropped assignments."""
+    root = tmp_path_factory.mktemp("runs")
+    paths = []
+    for seed in range(3):
+        counts, meta = synth.generate(layers=2, experts=8, steps=900, tokens_per_step=2048, seq_len=256,
+                                      switch_step=300, seed=seed)
+        dropped = counts // 10 if seed == 2 else None
+        meta = {**meta, "balance": ("aux", "aux_free", "aux")[seed], "capacity_factor": 1.25 if seed == 2 else None}
+        paths.append(root / f"run{seed}")
+        trace.write(paths[-1] / "trace", counts, meta, dropped=dropped)
+    return paths
+
+
+def test_comparison_table_has_one_row_per_run_with_its_variant(three_runs):
+    runs = [report.load_run(path) for path in three_runs]
+    analyses = report.analyse_runs(runs)
+    rows = report.comparison_table(analyses)
+    assert [r["run"] for r in rows] == ["run0", "run1", "run2"]
+    assert [r["balance"] for r in rows] == ["aux", "aux_free", "aux"]
+    assert [r["dropped %"] for r in rows][:2] == [0.0, 0.0] and 9 < rows[2]["dropped %"] <= 10
+    for row, analysis in zip(rows, analyses, strict=True):
+        n = len(analysis.stats.starts) // 4
+        assert row["heaviest/mean late"] == pytest.approx(analysis.stats.skew[-n:].mean())
+    with pytest.raises(UsageError, match="same window"):
+        report.comparison_table([analyses[0], report.analyse(runs[1], window=7, protocol=None, cluster=None)])
+
+
+def test_report_command_compares_several_runs(three_runs, tmp_path, capsys):
+    out = tmp_path / "compare"
+    assert main(["report", *map(str, three_runs), "--out", str(out), "--horizons", "100", "200", "--min-history",
+                 "200", "--stride", "100", "--predictors", "sw_avg:window=100", "--gpus", "4"]) == 0
+    promised = ["compare_variance", "compare_skew", "compare_summary"]
+    for name in promised:
+        _assert_png(out / f"{name}.png")
+    summary = (out / "summary.md").read_text()
+    assert "| run0 | run1 | run2 |" in summary and "mean_wape sw_avg:window=100 @200" in summary
+    assert "best step time / static" in summary
+    assert capsys.readouterr().out.split() == [*(str(out / f"{n}.png") for n in promised), str(out / "summary.md")]
+
+
+def test_comparing_runs_of_different_architectures_is_one_line(three_runs, tmp_path, capsys):
+    counts, meta = synth.generate(layers=3, experts=8, steps=900, seed=0)
+    trace.write(tmp_path / "other" / "trace", counts, meta)
+    assert main(["report", str(three_runs[0]), str(tmp_path / "other"), "--out", str(tmp_path / "o"),
+                 "--no-predict", "--no-place"]) == 2
+    err = capsys.readouterr().err
+    assert "compare runs of one architecture" in err and err.count("\n") == 1
+
+
+def test_the_study_protocol_keeps_the_defaults_proportions():
+    protocol = balancing.study_protocol(1000)
+    assert protocol.horizons == (100, 200) and protocol.min_history == 100 and protocol.stride == 25
+    assert protocol.predictors == ("auto", "sw_avg:window=100", "arima:block=10:history=500:refit_every=500",
+                                   "linear:window=200")
+    assert balancing.study_phase_block(20000) == 400 and balancing.study_phase_block(300) == 10
+
+
+def test_study_without_runs_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match="holds none of the study's runs"):
+        balancing.study_runs(tmp_path)

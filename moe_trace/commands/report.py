@@ -1,4 +1,5 @@
-"""``moe-trace report TRACE --out DIR``: every figure of a run as PNG plus a Markdown summary."""
+"""``moe-trace report TRACE [TRACE ...] --out DIR``: every figure of a run as PNG plus a Markdown summary, or
+with several traces, the runs side by side."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 
 from moe_trace.commands._common import (
     add_protocol_arguments,
-    add_trace_argument,
     check_protocol_arguments,
     resolve_protocol,
 )
@@ -20,11 +20,14 @@ DEFAULTS = Protocol()
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "report", help="write a run's figures (PNG) and a summary (Markdown)",
+        "report", help="write a run's figures (PNG) and a summary (Markdown), or compare several runs",
         description="Draw the loss, the per-layer expert load, its windowed spread with the stable-phase "
                     "start, predictor error and placement imbalance over the run; write them as PNG files "
-                    "and summary.md with the findings in numbers.")
-    add_trace_argument(parser)
+                    "and summary.md with the findings in numbers. Given several traces (runs of one "
+                    "architecture), compare them instead: their windowed spread and skew, and a table of "
+                    "their numbers side by side.")
+    parser.add_argument("traces", nargs="+", metavar="TRACE",
+                        help="trace directory, .parquet file or run directory; several: compare them")
     parser.add_argument("--out", required=True, help="directory for the PNG files and summary.md")
     parser.add_argument("--window", type=int, default=None,
                         help="steps per window for the spread figures (default: about 50 windows)")
@@ -57,18 +60,21 @@ def run(args: argparse.Namespace) -> int:
     from placement import policies
     from placement.planners import even_slots_per_gpu
 
-    run = report.load_run(args.trace)
+    runs = [report.load_run(path) for path in args.traces]
     cluster = None
     if not args.no_place:
         cluster = Cluster(gpus=args.gpus, redundant=args.redundant, policies=args.policy, cost=args.cost)
-        even_slots_per_gpu(run.trace.num_experts, cluster.gpus, cluster.spare_slots)  # validates gpus, redundant
+        for run in runs:  # validates gpus and redundant
+            even_slots_per_gpu(run.trace.num_experts, cluster.gpus, cluster.spare_slots)
         policies.get(cluster.policies)  # validates the names
     protocol, note = None, None
     if specs is not None:
-        horizons, stride, min_history, note = resolve_protocol(args, len(run.trace))
+        horizons, stride, min_history, note = resolve_protocol(args, min(len(run.trace) for run in runs))
         protocol = Protocol(predictors=tuple(specs), horizons=horizons, stride=stride, min_history=min_history)
-    analysis = report.analyse(run, window=args.window, protocol=protocol, cluster=cluster)
-    written = report.write_report(analysis, args.out)
+    if len(runs) == 1:
+        written = report.write_report(report.analyse(runs[0], args.window, protocol, cluster), args.out)
+    else:
+        written = report.write_comparison(report.analyse_runs(runs, args.window, protocol, cluster), args.out)
     if note:
         print(note, file=sys.stderr)
     for path in written:

@@ -42,6 +42,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 DEFAULT_PREDICTORS = ("sw_avg:window=100", "sw_avg:window=1000", "ema:halflife=300")
+PHASE_BLOCK = 100  # steps per block of the phase rule: predictors.phases.stable_from's default
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,15 @@ class Analysis:
 
 
 def analyse(run: Run, window: int | None = None, protocol: Protocol | None = Protocol(),
-            cluster: Cluster | None = Cluster()) -> Analysis:
+            cluster: Cluster | None = Cluster(), phase_block: int = PHASE_BLOCK) -> Analysis:
     """Compute the numbers behind every figure of ``run``; ``protocol=None`` skips the predictor
-    evaluation, ``cluster=None`` the placement replay."""
+    evaluation, ``cluster=None`` the placement replay. ``phase_block`` is the phase rule's block length
+    (``predictors.phases.stable_from``): shorter blocks let a short run show its phases."""
     from predictors.phases import stable_from
 
     window = window or default_window(len(run.trace))
     analysis = Analysis(run=run, stats=windowed_stats(run.proportions, run.trace.steps, window), cluster=cluster,
-                        stable_from=stable_from(run.proportions))
+                        stable_from=stable_from(run.proportions, block=phase_block))
     if protocol is not None:
         analysis.predictor_scores = evaluate_predictors(run.proportions, protocol)
     if cluster is not None:

@@ -71,10 +71,12 @@ def binned_mean(p: np.ndarray, steps: np.ndarray, bins: int) -> tuple[np.ndarray
     return step_edges, means
 
 
-def common_windows(a: WindowStats, b: WindowStats) -> int:
-    if a.window != b.window:
-        raise UsageError(f"compare runs with the same window (got {a.window} and {b.window} steps)")
-    return min(len(a.starts), len(b.starts))
+def common_windows(*stats: WindowStats) -> int:
+    """How many windows every run has (runs compare only at one window size)."""
+    windows = sorted({s.window for s in stats})
+    if len(windows) > 1:
+        raise UsageError(f"compare runs with the same window (got {', '.join(map(str, windows))} steps)")
+    return min(len(s.starts) for s in stats)
 
 
 def load_distance(a: WindowStats, b: WindowStats) -> np.ndarray:
