@@ -72,11 +72,15 @@ def train_command(args: argparse.Namespace, method: str, run_dir: Path) -> list[
     command = [sys.executable, "-m", "moe_trace", "train", "--model", args.model, "--steps", str(args.steps),
                "--global-batch", str(global_batch), "--lr", str(args.lr), "--warmup", str(max(1, args.steps // 10)),
                "--seed", str(args.seed), "--device", args.device, "--eval-every", str(args.steps),
+               # Pinned, not auto: auto attention times the GPU, and a close call could differ between runs.
+               "--attention", "sdpa", "--moe-backend", "torch",
                "--checkpoint-every", "0", "--flush-every", "100", "--out", str(run_dir), *METHOD_FLAGS[method]]
     if args.data:
         command += ["--data", args.data]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.compile is not None:  # default: moe-trace train's (compiled on one GPU)
+        command.append("--compile" if args.compile else "--no-compile")
     return command
 
 
@@ -186,6 +190,8 @@ def main() -> None:
     p.add_argument("--data", help="token ids or text (moe-trace train --data); default: its default corpus")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, help="CPU threads per run (moe-trace train --threads)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the runs (default: moe-trace train's choice, on for one GPU)")
     p.set_defaults(run=train)
     p = commands.add_parser("analyse", help="compare the study's runs and write the JSON")
     p.add_argument("root", help="study root (train --out)")
