@@ -125,6 +125,10 @@ def _worker(rank: int, world: int, base: str) -> None:
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    # Placement changes only the order in which an expert's gradient is summed (per copy, then across copies). In
+    # float32 that reassociation (~1e-7) can flip a near-tie in routing after a few dozen steps; in float64 it
+    # stays far below any tie, so the counts must agree exactly.
+    torch.set_default_dtype(torch.float64)
     # A file store has no port to race for; the timeout turns a stuck collective into a failure, not a hang.
     dist.init_process_group("gloo", init_method=f"file://{base}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
