@@ -66,12 +66,12 @@ def choose_optimizer(config: ModelConfig, gpu_bytes: int, expert_parallel: int =
             continue
         if OPTIMIZERS[name].bytes_per_parameter * counts.per_rank(expert_parallel) <= budget:
             return name
-    _refuse(config, counts, budget, gpu_bytes, expert_parallel, requested, lean_available)
-    raise AssertionError("unreachable")
+    raise UsageError(_refusal(config, counts, budget, gpu_bytes, expert_parallel, requested, lean_available))
 
 
-def _refuse(config: ModelConfig, counts: ParameterCount, budget: float, gpu_bytes: int, expert_parallel: int,
-            requested: str, lean_available: bool) -> None:
+def _refusal(config: ModelConfig, counts: ParameterCount, budget: float, gpu_bytes: int, expert_parallel: int,
+             requested: str, lean_available: bool) -> str:
+    """Why the state does not fit, and the ways out that would."""
     name = "adamw" if requested == "auto" else requested
     per_parameter = OPTIMIZERS[name].bytes_per_parameter
     needed = per_parameter * counts.per_rank(expert_parallel)
@@ -90,9 +90,9 @@ def _refuse(config: ModelConfig, counts: ParameterCount, budget: float, gpu_byte
     if 1 <= fewer < config.num_experts:
         ways.append(f"--experts {fewer}")
     suggestion = "; use " + " or ".join(ways) if ways else "; use a smaller model"
-    raise UsageError(f"{config.name} with {config.num_experts} experts needs ~{needed / GIB:.0f} GiB per GPU for "
-                     f"weights, gradients and {name} state on {expert_parallel} GPU(s), more than "
-                     f"{STATE_FRACTION:.0%} of this GPU's {gpu_bytes / GIB:.0f} GiB{suggestion}")
+    return (f"{config.name} with {config.num_experts} experts needs ~{needed / GIB:.0f} GiB per GPU for weights, "
+            f"gradients and {name} state on {expert_parallel} GPU(s), more than {STATE_FRACTION:.0%} of this GPU's "
+            f"{gpu_bytes / GIB:.0f} GiB{suggestion}")
 
 
 def physical_memory_bytes() -> int:
