@@ -82,19 +82,26 @@ def _cache_entries(cache_dir: Path) -> set[str]:
     return {str(p.relative_to(cache_dir)) for sub in ("aotautograd", "fxgraph") for p in (cache_dir / sub).rglob("*")}
 
 
+def _train_125m(tmp_path: Path, run: str, steps: int, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``moe-trace train`` on gpt-125m-moe (16k tokens/step) over random token ids, as a subprocess that must pass."""
+    ids = tmp_path / "ids.npy"
+    if not ids.exists():
+        np.save(ids, np.random.default_rng(0).integers(0, 50257, size=400_000, dtype=np.int32))
+    command = [sys.executable, "-m", "moe_trace", "train", "--model", "gpt-125m-moe", "--data", str(ids),
+               "--global-batch", "8", "--steps", str(steps), "--eval-every", str(steps), "--checkpoint-every", "0",
+               *args, "--out", str(tmp_path / run)]
+    result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+    assert result.returncode == 0, f"{run} run failed:\n{result.stderr[-4000:]}"
+    return result
+
+
 @pytest.mark.parametrize("compile_flag", ["--compile", "--no-compile"])
 def test_second_training_run_on_a_warm_compile_cache(tmp_path, compile_flag):
     """Issue 11: every warm-cache run with --attention int8 died in AOTAutograd's gen_alias_from_base."""
-    ids = tmp_path / "ids.npy"
-    np.save(ids, np.random.default_rng(0).integers(0, 50257, size=400_000, dtype=np.int32))
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
     entries = []
     for run in ("cold", "warm"):
-        command = [sys.executable, "-m", "moe_trace", "train", "--model", "gpt-125m-moe", "--data", str(ids),
-                   "--global-batch", "8", "--steps", "20", "--eval-every", "20", "--checkpoint-every", "0",
-                   "--attention", "int8", compile_flag, "--out", str(tmp_path / run)]
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, f"{run} run failed:\n{result.stderr[-4000:]}"
+        result = _train_125m(tmp_path, run, 20, "--attention", "int8", compile_flag,
+                             TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-cache"))
         assert "val loss nan" not in result.stdout
         entries.append(_cache_entries(tmp_path / "inductor-cache"))
     if compile_flag == "--compile":
@@ -103,16 +110,10 @@ def test_second_training_run_on_a_warm_compile_cache(tmp_path, compile_flag):
 
 
 def test_auto_measures_once_and_says_what_it_chose(tmp_path):
-    ids = tmp_path / "ids.npy"
-    np.save(ids, np.random.default_rng(0).integers(0, 50257, size=400_000, dtype=np.int32))
-    env = {**os.environ, "MOE_TRACE_CACHE": str(tmp_path / "cache")}
     first_lines = []
     for run in ("first", "second"):
-        command = [sys.executable, "-m", "moe_trace", "train", "--model", "gpt-125m-moe", "--data", str(ids),
-                   "--global-batch", "8", "--steps", "3", "--eval-every", "3", "--checkpoint-every", "0",
-                   "--no-record", "--attention", "auto", "--no-compile", "--out", str(tmp_path / run)]
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-4000:]
+        result = _train_125m(tmp_path, run, 3, "--no-record", "--attention", "auto", "--no-compile",
+                             MOE_TRACE_CACHE=str(tmp_path / "cache"))
         first_lines.append(result.stdout.splitlines()[0])
         config = json.loads((tmp_path / run / "config.json").read_text())
         assert first_lines[-1] == f"attention {config['model']['attention']} ({config['train']['attention_reason']})"
