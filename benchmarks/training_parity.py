@@ -9,7 +9,7 @@ value of a flag wins). Per variant against the baseline: final validation loss (
 past the first quarter (the CLI's own throughput), and how far the two runs' expert loads are apart -- ``mean_wape``
 of one run's window-mean load standing in for the other's -- beside how far each run's own load moves from one
 window to the next (goal: apart no more than each run drifts by itself). Writes DIR/parity.json (device, versions,
-date, commands, goals) and leaves each run's files in DIR/<name>/.
+date, commands, goals) and leaves each run's files in DIR/<name>/; a run already finished there is reused.
 """
 
 from __future__ import annotations
@@ -39,13 +39,21 @@ def train(name: str, arguments: list[str], data: Path, steps: int, out: Path, co
                "--steps", str(steps), "--lr", "6e-4", "--warmup", str(steps // 4), "--eval-every", str(steps // 4),
                "--checkpoint-every", "0", "--seed", "0", "--data", str(data), *common, *BASELINE, *arguments,
                "--out", str(run_dir), "--json", str(run_dir.with_suffix(".json"))]
-    print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
-    summary = json.loads(run_dir.with_suffix(".json").read_text())
+    summary_file = run_dir.with_suffix(".json")
+    if _finished(summary_file):  # a finished run is reused: the runs can be spread over several commands
+        print(f"{name}: reusing the finished run in {run_dir}", flush=True)
+    else:
+        print("$", " ".join(command[1:]), flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    summary = json.loads(summary_file.read_text())
     step_time = trace.load_metrics(run_dir / "metrics.parquet")["step_time_s"][steps // 4:]
     return {"command": " ".join(["moe-trace", *command[3:]]), "val_loss": summary["val_loss"],
             "median_step_s": float(np.median(step_time)), "tokens_per_s": 8 * 2048 / float(np.median(step_time)),
             "optimizer": summary["optimizer"], "peak_gpu_memory_gib": summary["peak_gpu_memory_gib"]}
+
+
+def _finished(summary_file: Path) -> bool:
+    return summary_file.exists() and not json.loads(summary_file.read_text())["stopped_early"]
 
 
 def load_apart(a: Path, b: Path, window: int) -> dict:
