@@ -40,16 +40,24 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "mutation"
 REPORT = ROOT / "benchmarks" / "results" / "mutation_report.md"
 
+# test_expert_placement's tests of the dispatch table and the online policies (its others train, for minutes)
+EXPERT_PLACEMENT_PURE = [f"tests/test_expert_placement.py::{t}" for t in (
+    "test_routes_round_each_copys_share_to_whole_tokens_by_largest_remainder",
+    "test_routes_need_a_one_layer_plan_over_the_ranks", "test_expert_tokens_add_up_to_the_gpus_tokens",
+    "test_online_policies_take_the_simulators_decisions")]
+
 # module -> the tests that exercise it (tests that only reach it through a subprocess cannot see a mutant)
 MODULES = {
     "moe_trace/moe.py": ["tests/test_moe.py"],
-    "moe_trace/recorder.py": ["tests/test_recorder.py"],
+    "moe_trace/recorder.py": ["tests/test_recorder.py", "tests/test_record.py"],
     "moe_trace/trace.py": ["tests/test_trace.py", "tests/test_recorder.py", "tests/test_synth.py"],
     "predictors/evaluate.py": ["tests/test_predictors.py", "tests/test_cli_predict.py"],
     "predictors/phases.py": ["tests/test_phases.py"],
-    "placement/dispatch.py": ["tests/test_placement.py", "tests/test_simulate.py"],
-    "placement/planners.py": ["tests/test_placement.py", "tests/test_simulate.py"],
-    "placement/cost.py": ["tests/test_simulate.py", "tests/test_placement.py"],
+    "placement/dispatch.py": ["tests/test_placement.py", "tests/test_simulate.py", *EXPERT_PLACEMENT_PURE],
+    "placement/planners.py": ["tests/test_placement.py", "tests/test_simulate.py", "tests/test_place_formats.py",
+                              *EXPERT_PLACEMENT_PURE],
+    "placement/cost.py": ["tests/test_cost_model.py", "tests/test_simulate.py", "tests/test_placement.py",
+                          *EXPERT_PLACEMENT_PURE],
 }
 
 # Issue 18's four mutants, which all passed the suite when it was filed: (name, file, original, mutant, tests).
@@ -68,6 +76,17 @@ KNOWN = [
      "torch.logsumexp(logits, dim=-1).square().mean()", "torch.logsumexp(logits, dim=-1).mean().square()",
      ["tests/test_moe.py"]),
 ]
+
+
+
+def _same(module: str, function: str, why: str, *lines: str) -> dict[tuple[str, str, str], str]:
+    """``EQUIVALENT`` entries for several mutants of one function that share a reason."""
+    return {(module, function, line): why for line in lines}
+
+
+_STABLE = "numpy takes the sort kind case-insensitively"
+_NEGATIVE_RESHAPE = "numpy's reshape infers a dimension given any negative size, not only -1"
+_DEFAULT_LAST_AXIS = "the axis left out defaults to the last, which is the one named"
 
 # Survivors that cannot change a result: (module, mutated function, the mutant's changed line) -> why.
 EQUIVALENT: dict[tuple[str, str, str], str] = {
@@ -109,6 +128,73 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
        "which holds the sentinel" for line in (
            "starts = np.array([np.iinfo(np.int64).max if s is None else s for s in stable_from], dtype=None)",
            "starts = np.array([np.iinfo(np.int64).max if s is None else s for s in stable_from], )")},
+    # placement/dispatch.py
+    **_same("placement/dispatch.py", "routes", "its caller (expert_parallel) passes the int64 token counts "
+            "all-gathered from the ranks, which np.asarray keeps as they are",
+            "counts_by_rank = np.asarray(counts_by_rank, dtype=None)", "counts_by_rank = np.asarray(counts_by_rank, )"),
+    ("placement/dispatch.py", "routes",
+     "remainder = np.where(hosts, share - whole, -2.0)  # the missing tokens go to hosts only"):
+        "remainders of hosts are in [0, 1): any negative value ranks the other GPUs last",
+    **_same("placement/dispatch.py", "routes", "the inner argsort returns a permutation, whose values are distinct: "
+            "the outer one has no ties to break",
+            'rank_of = np.argsort(np.argsort(-remainder, axis=0, kind="stable"), axis=0, kind=None)',
+            'rank_of = np.argsort(np.argsort(-remainder, axis=0, kind="stable"), axis=0, )'),
+    **_same("placement/dispatch.py", "routes", "only GPUs with equal remainders of one expert are ranked otherwise: "
+            "every such choice rounds the shares equally close, "
+            "sends every token once, and every rank computes the same table from the same counts",
+            'rank_of = np.argsort(np.argsort(-remainder, axis=0, kind=None), axis=0, kind="stable")',
+            'rank_of = np.argsort(np.argsort(-remainder, axis=0, ), axis=0, kind="stable")'),
+    **_same("placement/dispatch.py", "routes", _STABLE,
+            'rank_of = np.argsort(np.argsort(-remainder, axis=0, kind="STABLE"), axis=0, kind="stable")',
+            'rank_of = np.argsort(np.argsort(-remainder, axis=0, kind="stable"), axis=0, kind="STABLE")'),
+    ("placement/dispatch.py", "routes", "first_on_gpu = hosted | ~_seen_before(gpu * (experts + 1) + slot_expert)"):
+        "the empty slots it adds take runs among the empty slots' own group (expert -1) in run_starts, and the "
+        "return gives empty slots no rows",
+    **_same("placement/dispatch.py", "routes", "the key stays distinct for every (GPU, expert or -1) pair",
+            "first_on_gpu = hosted & ~_seen_before(gpu * (experts + 1) - slot_expert)",
+            "first_on_gpu = hosted & ~_seen_before(gpu * (experts + 2) + slot_expert)"),
+    ("placement/dispatch.py", "_seen_before", "seen[first] = None"): "numpy stores None in a bool array as False",
+    **_same("placement/dispatch.py", "_checked", "every use of counts combines them with float64 arrays, so integer "
+            "counts give the same float64 tokens", "counts = np.asarray(counts, dtype=None)",
+            "counts = np.asarray(counts, )"),
+    ("placement/dispatch.py", "_even", "return per_slot.reshape(*per_slot.shape[:2], plan.gpus, -2).sum(axis=-1)"):
+        _NEGATIVE_RESHAPE,
+    **_same("placement/dispatch.py", "_balanced", _NEGATIVE_RESHAPE,
+            "tokens = np.concatenate([even, np.zeros((*even.shape[:2], 1))], axis=2).transpose(1, 2, 0)"
+            ".reshape(-2, len(even))",
+            "return np.ascontiguousarray(tokens.reshape(layers, gpus + 1, -2)[:, :gpus].transpose(2, 0, 1))"),
+    **_same("placement/dispatch.py", "_balanced", "re-pouring an expert over its one GPU (or a padding column at "
+            "_FULL) gives it all its tokens again, which is the even split (to the last bit of rounding)",
+            "replicated = hosting_gpus >= 1", "valid = np.arange(order.shape[1])[None, :] <= n_replicated[:, None]",
+            "width = (gpu_ids <= gpus).sum(axis=2).max(axis=0)  # [K]: GPUs the k-th expert spans, at most over "
+            "layers"),
+    ("placement/dispatch.py", "_balanced", "if n_replicated.max(initial=None) == 0:"):
+        "a plan has at least one layer, and numpy takes initial=None as no initial value",
+    ("placement/dispatch.py", "_balanced", "if n_replicated.max(initial=1) == 0:"):
+        "without a replicated expert the loops that follow run zero times and return the even split",
+    ("placement/dispatch.py", "_balanced", "heaviness = np.where(replicated, counts.sum(axis=0), -2.0)"):
+        "loads are non-negative: any negative value ranks the experts without replicas last",
+    ("placement/dispatch.py", "_balanced",
+     'order = np.argsort(-heaviness, axis=1, kind="STABLE")[:, : n_replicated.max()]  # [layers, K]'): _STABLE,
+    **_same("placement/dispatch.py", "_balanced", _DEFAULT_LAST_AXIS,
+            'order = np.argsort(-heaviness, kind="stable")[:, : n_replicated.max()]  # [layers, K]',
+            "expert_hosts = np.take_along_axis(hosts, order[:, None, :], ).transpose(0, 2, 1)  # [layers, K, gpus]",
+            "gpu_ids = np.sort(np.where(expert_hosts, np.arange(gpus), gpus), )[:, :, : int(hosting_gpus.max())]"),
+    **_same("placement/dispatch.py", "_balanced", "the padding row is only read through the index gpus, which holds "
+            "zeros of either type or count",
+            "padded_counts = np.concatenate([slot_counts, np.zeros((layers, 1, slot_counts.shape[2]), None)], axis=1)",
+            "padded_counts = np.concatenate([slot_counts, np.zeros((layers, 1, slot_counts.shape[2]), )], axis=1)",
+            "padded_counts = np.concatenate([slot_counts, np.zeros((layers, 2, slot_counts.shape[2]), np.int64)], "
+            "axis=1)"),
+    ("placement/dispatch.py", "water_fill", "k = np.arange(1, len(lowest_first) + 1).reshape(-2, *[1] * amount.ndim)"):
+        _NEGATIVE_RESHAPE,
+    ("placement/dispatch.py", "water_fill",
+     "n_filled = (candidate >= lowest_first).sum(axis=0)  # lam = candidate[max(n_filled, 1) - 1]"):
+        "a bin exactly at the final level adds nothing: the level computed with it is the same",
+    ("placement/dispatch.py", "water_fill", "for j in range(len(candidate)):"):
+        "the extra first pass sets lam to candidate[0], which it already is",
+    **_same("placement/dispatch.py", "_sort_short_axis", "both branches sort (odd-even transposition sorts n values "
+            "in n rounds); the threshold only picks the faster", "if n >= 4:", "if n > 5:"),
 }
 
 
@@ -218,6 +304,9 @@ def replay(args: argparse.Namespace) -> None:
         source = (work / args.module).read_text()
         still, killed = [], []
         for survivor in result["survivors"]:
+            if args.open and _key(args.module, survivor) in EQUIVALENT:
+                still.append(survivor)
+                continue
             removed = "\n".join(line[1:] for line in survivor["diff"].splitlines()
                                  if line.startswith("-") and not line.startswith("---"))
             added = "\n".join(line[1:] for line in survivor["diff"].splitlines()
@@ -270,11 +359,12 @@ def _diff(work: Path, name: str) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
-    """The committed report: the known mutants, then each module's counts and its survivors with their verdicts."""
+    """The committed report: the known mutants, a summary per module, then each module's counts and its survivors
+    with their verdicts."""
     lines = ["# Mutation testing report", "",
              "Written by `python scripts/mutation_testing.py report` from `benchmarks/results/mutation/*.json` (each "
-             "names the command that produced it). A survivor is either explained as equivalent (it cannot change "
-             "a result the project reports) or listed as open.", ""]
+             "names the command that produced it). A survivor is either killed by a test added since the run, "
+             "explained as equivalent (it cannot change a result the project reports) or listed as open.", ""]
     known_path = RESULTS / "known.json"
     if known_path.exists():
         known = json.loads(known_path.read_text())
@@ -284,38 +374,58 @@ def report(args: argparse.Namespace) -> None:
             killers = "<br>".join(f"`{t}`" for t in m["failing_tests"]) or "**survived**"
             lines.append(f"| {m['name']} | `{m['original']}` -> `{m['mutant']}` | {killers} |")
         lines.append("")
-    open_count = 0
+    summary = ["## Summary", "", "Survivors of a module's run: killed since by new tests, explained as equivalent, "
+               "or open.", "", "| module | mutants | killed | survived | killed since | equivalent | open | "
+               "not checked | run time |", "|---|---|---|---|---|---|---|---|---|"]
+    details, open_count = [], 0
     for path in sorted(RESULTS.glob("*.json")):
         if path.name == "known.json":
             continue
         result = json.loads(path.read_text())
         module, counts = result["module"], result["counts"]
-        when = (f"{result['date']}, {result['wall_s']} s" if result["wall_s"] else
-                f"{result['date']}, stopped before the end: {counts.get('not checked', 0)} mutants not checked")
-        verdicts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-        lines += [f"## {module}", "", f"`{result['command']}` against {', '.join(result['tests'])} ({when}): "
-                  f"{verdicts}.", ""]
-        if result.get("killed_by_new_tests"):
-            lines += ["Survivors of the first run that tests added since kill:", ""]
-            lines += [f"- `{k['name']}`: `{_key(module, k)[2]}`" + (f" (killed by `{k['killed_by'][0]}`)"
-                                                                      if k.get("killed_by") else "")
-                      for k in result["killed_by_new_tests"]] + [""]
-        if result.get("timeouts"):
-            lines += ["Timeouts (the tests ran 15x longer than without the mutant: a hang the suite would report, or, "
-                      "on a loaded machine, possibly a slow run of a survivor):", ""]
-            lines += [f"- `{t['name']}`: `{_key(module, t)[2]}`" for t in result["timeouts"]] + [""]
-        for survivor in result["survivors"]:
-            why = EQUIVALENT.get(_key(module, survivor))
-            open_count += why is None
-            verdict = f"equivalent: {why}" if why else "**open**"
-            if survivor.get("stale"):
-                verdict += " (not replayed: its lines are ambiguous or changed since; rerun the module)"
-            lines += [f"- `{survivor['name']}` ({survivor['status']}): {verdict}", "", "```diff",
-                      survivor["diff"].strip(), "```", ""]
+        killed_since = result.get("killed_by_new_tests", [])
+        equivalent = sum(_key(module, s) in EQUIVALENT for s in result["survivors"])
+        open_here = len(result["survivors"]) - equivalent
+        open_count += open_here
+        summary.append(f"| {module} | {sum(counts.values())} | {counts.get('killed', 0)} | "
+                       f"{len(result['survivors']) + len(killed_since)} | {len(killed_since)} | {equivalent} | "
+                       f"{open_here} | {counts.get('not checked', 0)} | "
+                       f"{_run_time(result)} |")
+        details += _module_section(module, result)
     not_run = [m for m in MODULES if not (RESULTS / (m.replace("/", "__").removesuffix(".py") + ".json")).exists()]
-    lines += [f"Open survivors: {open_count}." + (f" Not run yet: {', '.join(not_run)}." if not_run else ""), ""]
-    REPORT.write_text("\n".join(lines))
+    summary += ["", f"Open survivors: {open_count}." + (f" Not run yet: {', '.join(not_run)}." if not_run else ""), ""]
+    REPORT.write_text("\n".join(lines + summary + details))
     print(REPORT.relative_to(ROOT), f"({open_count} open)")
+
+
+def _run_time(result: dict) -> str:
+    return f"{result['wall_s']} s" if result["wall_s"] else "stopped"
+
+
+def _module_section(module: str, result: dict) -> list[str]:
+    counts = result["counts"]
+    when = (f"{result['date']}, {result['wall_s']} s" if result["wall_s"] else
+            f"{result['date']}, stopped before the end: {counts.get('not checked', 0)} mutants not checked")
+    verdicts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    lines = [f"## {module}", "", f"`{result['command']}` against {', '.join(result['tests'])} ({when}): "
+             f"{verdicts}.", ""]
+    if result.get("killed_by_new_tests"):
+        lines += ["Survivors of the first run that tests added since kill:", ""]
+        lines += [f"- `{k['name']}`: `{_key(module, k)[2]}`" + (f" (killed by `{k['killed_by'][0]}`)"
+                                                                  if k.get("killed_by") else "")
+                  for k in result["killed_by_new_tests"]] + [""]
+    if result.get("timeouts"):
+        lines += ["Timeouts (the tests ran 15x longer than without the mutant: a hang the suite would report, or, "
+                  "on a loaded machine, possibly a slow run of a survivor):", ""]
+        lines += [f"- `{t['name']}`: `{_key(module, t)[2]}`" for t in result["timeouts"]] + [""]
+    for survivor in result["survivors"]:
+        why = EQUIVALENT.get(_key(module, survivor))
+        verdict = f"equivalent: {why}" if why else "**open**"
+        if survivor.get("stale"):
+            verdict += " (not replayed: its lines are ambiguous or changed since; rerun the module)"
+        lines += [f"- `{survivor['name']}` ({survivor['status']}): {verdict}", "", "```diff",
+                  survivor["diff"].strip(), "```", ""]
+    return lines
 
 
 def _key(module: str, survivor: dict) -> tuple[str, str, str]:
@@ -351,6 +461,8 @@ def main() -> None:
     replay_parser.add_argument("module", choices=list(MODULES))
     replay_parser.add_argument("--tests", nargs="+", help="pytest arguments instead of the module's test files "
                                "(a narrower selection is faster; a mutant it kills is killed)")
+    replay_parser.add_argument("--open", action="store_true",
+                               help="only the survivors not explained as equivalent (the others stay as they are)")
     replay_parser.set_defaults(func=replay)
     sub.add_parser("report", help="write benchmarks/results/mutation_report.md").set_defaults(func=report)
     args = parser.parse_args()

@@ -26,8 +26,8 @@ from moe_trace import cli, expert_placement, synth, trace
 from moe_trace.errors import UsageError
 from placement import policies
 from placement.cost import CostModel
-from placement.dispatch import expert_tokens, gpu_tokens, routes
-from placement.planners import plan
+from placement.dispatch import RULES, expert_tokens, gpu_tokens, routes
+from placement.planners import PlacementError, Plan, plan
 from placement.policies import Setting
 
 TINY = dict(n_blocks=2, hidden=32, heads=2, num_experts=4, moe_every=1, seq_len=32)
@@ -41,30 +41,65 @@ STEPS = 40
 # Pure parts: the dispatch table, the online policies, placement.parquet
 
 
-def test_routes_send_every_token_once_and_split_hot_experts_by_the_simulators_rule():
-    rng = np.random.default_rng(0)
-    for _ in range(100):
+def _plans_for_routes(rng):
+    """Planned one-layer plans (copies of hot experts, empty slots left by greedy), and two by hand: an empty slot
+    and two copies of expert 0 on GPU 0; more GPUs than experts, each expert on two of them."""
+    for _ in range(40):
         ranks = int(rng.integers(2, 5))
         experts = ranks * int(rng.integers(1, 4))
         redundant = min(ranks * int(rng.integers(0, 3)), experts * (ranks - 1))
-        one_layer = plan(rng.random((1, experts)) ** 3, ranks, redundant=redundant)
+        yield plan(rng.random((1, experts)) ** 3, ranks, redundant=redundant, method=("eplb", "greedy")[_ % 2])
+    yield Plan(np.array([[0, 0, 1, -1, 0, 2]]), np.array([[3, 1, 1]]), gpus=3)
+    yield Plan(np.array([[1, 0, 1, 0]]), np.array([[2, 2]]), gpus=4)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_routes_round_each_copys_share_to_whole_tokens_by_largest_remainder(rule):
+    """Every token is sent once, as int64 rows; the tokens an expert's copies on one GPU get are its share by
+    ``rule`` (expert_tokens) rounded down or up, and only the shares with the largest fractional parts go up."""
+    rng = np.random.default_rng(1)
+    for one_layer in _plans_for_routes(rng):
+        ranks, experts = one_layer.gpus, one_layer.num_experts
         counts = rng.integers(0, 50, (ranks, experts))
-        rows = routes(counts, one_layer)
+        rows = routes(counts, one_layer, rule)
+        assert rows.dtype == np.int64
         slot_expert = one_layer.slot_expert[0]
-        for expert in range(experts):  # each rank sends each of its tokens once, to a copy of its expert
+        gpu_of_slot = np.arange(len(slot_expert)) // one_layer.slots_per_gpu
+        whole = np.zeros((ranks, experts), dtype=np.int64)  # [gpu, expert]
+        for slot, expert in enumerate(slot_expert):
+            if expert >= 0:
+                whole[gpu_of_slot[slot], expert] += rows[:, slot].sum()
+            else:
+                assert not rows[:, slot].any()  # an empty slot receives nothing
+        for expert in range(experts):
             assert rows[:, slot_expert == expert].sum(axis=1).tolist() == counts[:, expert].tolist()
-        per_gpu = rows.sum(axis=0).reshape(ranks, -1).sum(axis=1)
-        simulated = gpu_tokens(counts.sum(axis=0)[None, None], one_layer)[0, 0]
-        assert np.abs(per_gpu - simulated).max() < experts  # whole tokens: at most one off per expert
+        share = expert_tokens(counts.sum(axis=0)[None, None], one_layer, rule)[0, 0]
+        floor = np.floor(share + 1e-9)
+        assert ((whole == floor) | (whole == floor + 1)).all()
+        fraction = share - floor
+        for expert in range(experts):
+            up, down = whole[:, expert] > floor[:, expert], whole[:, expert] == floor[:, expert]
+            down &= one_layer.hosts()[0, :, expert]
+            if up.any() and down.any():
+                assert fraction[up, expert].min() >= fraction[down, expert].max() - 1e-9
+
+
+def test_routes_need_a_one_layer_plan_over_the_ranks():
+    two_layers = plan(np.ones((2, 4)), 2)
+    with pytest.raises(PlacementError, match="one-layer plan over 2 GPUs"):
+        routes(np.ones((2, 4), dtype=np.int64), two_layers)
+    with pytest.raises(PlacementError, match="one-layer plan over 3 GPUs"):
+        routes(np.ones((3, 4), dtype=np.int64), plan(np.ones((1, 4)), 2))
 
 
 def test_expert_tokens_add_up_to_the_gpus_tokens():
     counts, _ = synth.generate(layers=3, experts=8, steps=50, tokens_per_step=512)
     plans = plan(counts[:10].mean(axis=0), 4, redundant=4)
-    for rule in ("balanced", "even"):
+    for rule in RULES:
         split = expert_tokens(counts, plans, rule)
         np.testing.assert_allclose(split.sum(axis=-1), gpu_tokens(counts, plans, rule))
         np.testing.assert_allclose(split.sum(axis=2), counts)
+    np.testing.assert_array_equal(expert_tokens(counts, plans), expert_tokens(counts, plans, "balanced"))
 
 
 @pytest.mark.parametrize("every", [None, 30])

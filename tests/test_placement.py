@@ -147,6 +147,25 @@ def test_balanced_dispatch_is_the_rule_applied_step_by_step():
                 np.testing.assert_allclose(tokens[step, layer], by_hand, rtol=1e-12, atol=1e-9)
 
 
+def test_balanced_dispatch_of_fractional_loads_with_tied_heaviness_is_the_rule_applied_step_by_step():
+    # Loads as proportions (the planners' predicted loads): replicated experts lighter than one token in all,
+    # and 24 experts with many equal totals, which the rule takes in expert order.
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 3, size=(6, 2, 24)) / 10
+    plan = planners.eplb(counts.mean(axis=0), 8, planners.slots_per_gpu_for(24, 8, 12), 12)
+    assert len(np.unique(counts.sum(axis=0))) < 24 and ((plan.replicas > 1) & (counts.sum(axis=0) < 1)).any()
+    tokens = gpu_tokens(counts, plan, "balanced")
+    for step in range(len(counts)):
+        for layer in range(2):
+            by_hand = _balanced_one_step(counts[step], plan, layer, counts[:, layer].sum(axis=0))
+            np.testing.assert_allclose(tokens[step, layer], by_hand, rtol=1e-12, atol=1e-12)
+
+
+def test_imbalance_by_hand():
+    tokens = np.array([[3.0, 1.0], [0.5, 0.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(imbalance(tokens), [1.5, 2.0, 1.0])  # an idle step counts as balanced
+
+
 def test_dispatch_conserves_tokens_and_balanced_never_worse_than_even():
     rng = np.random.default_rng(0)
     loads = skewed_loads(4, 32, seed=1)
