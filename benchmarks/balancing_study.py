@@ -1,11 +1,12 @@
 """The balancing study (issue 14): how the balancing method shapes expert load.
 
-``train`` trains one preset once per method -- the Switch loss (``aux``), DeepSeek-V3's auxiliary-loss-free
-bias (``aux_free``), the per-sequence loss (``seq_aux``), no balancing (``none``) and the Switch loss with
-capacity factor 1.25 (``capacity``) -- with the same seed, data, steps and tokens per step, each through
-``python -m moe_trace train`` (compiled on one GPU, its default there), into ``OUT/<method>/`` with the run's
-output in ``train.log`` and its command and wall time in ``study_run.json``. A method whose run directory
-already holds a finished run is skipped, so the study can be spread over several commands (or processes).
+``train`` trains one preset once per method -- the Switch loss (``aux``), DeepSeek-V3's auxiliary-loss-free bias
+(``aux_free``), the per-sequence loss (``seq_aux``), no balancing (``none``) and the Switch loss with capacity
+factor 1.25 (``capacity``) -- with the same seed, data, steps and tokens per step, each through
+``python -m moe_trace train`` (compiled on one GPU, its default there), into ``OUT/<method>/`` with its command
+and wall time in ``study_run.json``, and beside it the run's output and ``--json`` summary (``OUT/<method>.log``,
+``OUT/<method>.json``; benchmarks/cli_runs.py). A method whose run directory already holds a finished run is
+skipped, so the study can be spread over several commands (or processes).
 
 ``analyse`` compares the runs (``moe_trace.report.balancing``: per method the stable-phase start per layer,
 windowed variance, heaviest/mean load, dropped assignments, predictor errors of ``auto`` and the paper's
@@ -34,15 +35,13 @@ shared 2-core machine):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import cli_runs
 import numpy as np
 
 from moe_trace import __version__, trace
@@ -61,27 +60,23 @@ RUN_RECORD = "study_run.json"  # beside each run: its command, wall time and sum
 RUN_BUDGET_S = 120  # the lead's GPU budget: about 1.5 minutes per run, start-up and compilation included
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def train_command(args: argparse.Namespace, method: str, run_dir: Path) -> list[str]:
-    """The ``moe-trace train`` command line of one method's run."""
+def train_arguments(args: argparse.Namespace, method: str) -> list[str]:
+    """The ``moe-trace train`` arguments of one method's run (all but ``--out``)."""
     seq_len = {"gpt-tiny-moe": 128}.get(args.model, 2048)
     global_batch = max(1, args.tokens_per_step // seq_len)
-    command = [sys.executable, "-m", "moe_trace", "train", "--model", args.model, "--steps", str(args.steps),
-               "--global-batch", str(global_batch), "--lr", str(args.lr), "--warmup", str(max(1, args.steps // 10)),
-               "--seed", str(args.seed), "--device", args.device, "--eval-every", str(args.steps),
-               # Pinned, not auto: auto attention times the GPU, and a close call could differ between runs.
-               "--attention", "sdpa", "--moe-backend", "torch",
-               "--checkpoint-every", "0", "--flush-every", "100", "--out", str(run_dir), *METHOD_FLAGS[method]]
+    arguments = ["--model", args.model, "--steps", str(args.steps), "--global-batch", str(global_batch),
+                 "--lr", str(args.lr), "--warmup", str(max(1, args.steps // 10)), "--seed", str(args.seed),
+                 "--device", args.device, "--eval-every", str(args.steps),
+                 # Pinned, not auto: auto attention times the GPU, and a close call could differ between runs.
+                 "--attention", "sdpa", "--moe-backend", "torch",
+                 "--checkpoint-every", "0", "--flush-every", "100", *METHOD_FLAGS[method]]
     if args.data:
-        command += ["--data", args.data]
+        arguments += ["--data", args.data]
     if args.threads:
-        command += ["--threads", str(args.threads)]
+        arguments += ["--threads", str(args.threads)]
     if args.compile is not None:  # default: moe-trace train's (compiled on one GPU)
-        command.append("--compile" if args.compile else "--no-compile")
-    return command
+        arguments.append("--compile" if args.compile else "--no-compile")
+    return arguments
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
@@ -102,26 +97,22 @@ def train(args: argparse.Namespace) -> None:
             continue
         if run_dir.exists():
             sys.exit(f"balancing_study: {run_dir} holds an unfinished or different run; remove it and rerun")
-        command = train_command(args, method, run_dir)
-        print(f"{method}: {' '.join(command[1:])}", flush=True)
-        started = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        if result.returncode:
-            sys.exit(f"balancing_study: {method} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-        (run_dir / "train.log").write_text(result.stdout)
-        summary = result.stdout.strip().splitlines()[-2]
-        print(f"{method}: {summary} ({wall:.0f} s wall)", flush=True)
-        record = {"command": " ".join(["python", *command[1:]]), "wall_s": wall, "summary": summary, "date": _now(),
-                  "host": platform.node()}
+        run = cli_runs.train(train_arguments(args, method), run_dir)
+        print(f"{method}: {run.wall_s:.0f} s wall", flush=True)
+        record = {"command": run.shown, "wall_s": run.wall_s, "summary": run.line(f"{args.model}:"),
+                  "date": cli_runs.now(), "host": platform.node()}
         (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _printed(summary: str, name: str) -> float | None:
-    """A number ``moe-trace train`` printed in its summary line (``val loss 3.12``, ``123,456 tokens/s``)."""
-    pattern = {"val_loss": r"val loss ([0-9.]+)", "tokens_per_s": r"([0-9,]+) tokens/s"}[name]
-    match = re.search(pattern, summary)
-    return float(match.group(1).replace(",", "")) if match else None
+def _trained(run_dir: Path, record: dict) -> dict[str, float | None]:
+    """A run's validation loss and tokens/s: from its ``--json`` summary, or, for runs trained before the study kept
+    that (traces/balancing-ci), from the summary line it printed (``val loss 3.12``, ``123,456 tokens/s``)."""
+    if cli_runs.beside(run_dir, ".json").exists():
+        summary = json.loads(cli_runs.beside(run_dir, ".json").read_text())
+        return {"val_loss": summary["val_loss"], "tokens_per_s": summary["tokens_per_s"]}
+    printed = {"val_loss": re.search(r"val loss ([0-9.]+)", record["summary"]),
+               "tokens_per_s": re.search(r"([0-9,]+) tokens/s", record["summary"])}
+    return {name: float(match.group(1).replace(",", "")) if match else None for name, match in printed.items()}
 
 
 def analyse(args: argparse.Namespace) -> None:
@@ -140,14 +131,12 @@ def analyse(args: argparse.Namespace) -> None:
     walls = {name: run["wall_s"] for name, run in trained.items()}
     config = json.loads((root / runs[0].name / "config.json").read_text())
     result = {
-        "date": _now(), "command": " ".join(["python", *sys.argv]), "moe_trace": __version__,
+        "date": cli_runs.now(), "command": cli_runs.command_line(), "moe_trace": __version__,
         "torch_used_for_training": config.get("torch"), "device_used_for_training": config.get("device"),
         "analysis_host": {"python": platform.python_version(), "torch": torch.__version__},
         "model": config["model"]["name"], "steps": [len(run.trace) for run in runs],
         "tokens_per_step": runs[0].trace.meta["tokens_per_step"],
-        "training": {name: {**run, "val_loss": _printed(run["summary"], "val_loss"),
-                            "tokens_per_s": _printed(run["summary"], "tokens_per_s")}
-                     for name, run in trained.items()},
+        "training": {name: {**record, **_trained(root / name, record)} for name, record in trained.items()},
         "protocol": vars(balancing.study_protocol(min(len(run.trace) for run in runs))),
         "phase_block": balancing.study_phase_block(min(len(run.trace) for run in runs)),
         "comparison": table,
@@ -161,8 +150,7 @@ def analyse(args: argparse.Namespace) -> None:
                 "met": bool(walls) and all(w <= RUN_BUDGET_S for w in walls.values()), "wall_s": walls},
         },
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    cli_runs.write_json(Path(args.json), result, default=_jsonable)
     print(f"wrote {args.json}")
     for row in table:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})

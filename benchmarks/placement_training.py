@@ -17,16 +17,14 @@ is limited in time). The JSON holds the device, versions, date, the command and 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import cli_runs
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,16 +47,13 @@ def main() -> int:
     for tokens in args.tokens_per_step:
         for policy in args.policies.split(","):
             run_dir = args.work / f"t{tokens}-{policy}"
-            command = train_command(args, tokens, policy, run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)  # this script's own run directory from an earlier invocation
-            print("$", shlex.join(command), flush=True)
-            subprocess.run(command, check=True, cwd=ROOT, env=_env())
-            results[f"{tokens}/{policy}"] = measure(args, tokens, policy, run_dir)
+            run = cli_runs.train(train_arguments(args, tokens, policy), run_dir, ranks=args.gpus)
+            results[f"{tokens}/{policy}"] = measure(args, tokens, policy, run)
     records = sorted(results.values(), key=lambda r: (r["tokens_per_step"], r["policy"]))
     relative_to_static(records)
     payload = {"benchmark": "placement_training", **environment(args), "results": records, "goals": goals(records)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    cli_runs.write_json(args.out, payload)
     for r in records:
         print(f"{r['tokens_per_step']:>7} {r['policy']:<8} step: measured {r['measured_median_step_s'] * 1e3:.2f} "
               f"ms, simulated {r['simulated_step_s'] * 1e3:.2f} ms; vs static: measured "
@@ -89,40 +84,40 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def train_command(args: argparse.Namespace, tokens: int, policy: str, run_dir: Path) -> list[str]:
+def train_arguments(args: argparse.Namespace, tokens: int, policy: str) -> list[str]:
     seq_len = 32 if args.dry_run else SEQ_LEN
     if tokens % seq_len:
         raise SystemExit(f"--tokens-per-step {tokens} is not a multiple of the sequence length {seq_len}")
     model = TINY if args.dry_run else ["--model", "gpt-125m-moe", "--device", "cuda", "--no-compile",
                                        "--attention", "sdpa", "--corpus-mb", "32"]
     every = {"history": args.history_every, "phase": args.phase_every}.get(policy)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.gpus),
-            "-m", "moe_trace", "train", *model, "--global-batch", str(tokens // seq_len), "--steps", str(args.steps),
-            "--seed", "0", "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--out", str(run_dir),
-            "--placement", policy, "--redundant", str(0 if policy == "static" else args.redundant),
+    return [*model, "--global-batch", str(tokens // seq_len), "--steps", str(args.steps), "--seed", "0",
+            "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--placement", policy,
+            "--redundant", str(0 if policy == "static" else args.redundant),
             *(["--replan-every", str(every)] if every else []), *(["--data", args.data] if args.data else [])]
 
 
-def measure(args: argparse.Namespace, tokens: int, policy: str, run_dir: Path) -> dict:
+def measure(args: argparse.Namespace, tokens: int, policy: str, run: cli_runs.TrainRun) -> dict:
     """The run's measured step times and the simulator's estimate for the same policy on the same trace."""
     from moe_trace import trace
 
-    step_s = trace.load_metrics(run_dir)["step_time_s"][args.skip:]
+    run_dir = run.run_dir
     replans = len(trace.load_placement(run_dir / "placement.parquet")) - 1
     redundant = 0 if policy == "static" else args.redundant
     every = {"history": args.history_every, "phase": args.phase_every}.get(policy)
     simulate = [sys.executable, "-m", "moe_trace", "simulate", str(run_dir / "trace"), "--gpus", str(args.gpus),
                 "--redundant", str(redundant), "--policy", policy, "--json", "-",
                 *(["--replan-every", str(every)] if every else []), *(["--cost", args.cost] if args.cost else [])]
-    [simulated] = json.loads(subprocess.run(simulate, check=True, cwd=ROOT, env=_env(), capture_output=True,
+    [simulated] = json.loads(subprocess.run(simulate, check=True, env=cli_runs.subprocess_env(), capture_output=True,
                                             text=True).stdout)
     return {"tokens_per_step": tokens, "policy": policy, "gpus": args.gpus, "redundant": redundant,
             "replan_every": every, "steps": args.steps, "measured_from_step": args.skip, "replans": replans,
-            "measured_median_step_s": float(np.median(step_s)), "measured_mean_step_s": float(np.mean(step_s)),
+            "measured_median_step_s": run.steady_state(args.skip)["median_step_s"],
+            "measured_mean_step_s": float(np.mean(run.metrics["step_time_s"][args.skip:])),
             "simulated_step_s": simulated["est_step_time_s"], "simulated_replans": simulated["replans"],
             "simulated_mean_imbalance": simulated["mean_imbalance"],
             "cost_model": simulated.get("cost_model"),  # named by simulate once it has the measured calibration
-            "train_command": shlex.join(train_command(args, tokens, policy, run_dir)),
+            "train_command": run.shown,
             "simulate_command": shlex.join(simulate)}
 
 
@@ -157,25 +152,14 @@ def goals(records: list[dict]) -> dict:
 
 
 def environment(args: argparse.Namespace) -> dict:
-    import torch
-
-    cuda = torch.cuda.is_available() and not args.dry_run
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
-            "gpus": args.gpus, "dry_run": args.dry_run, "torch": torch.__version__,
-            "cuda": torch.version.cuda if cuda else None, "python": platform.python_version(), "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([sys.executable, *sys.argv])}
+    return {**cli_runs.header(cuda=not args.dry_run), "gpus": args.gpus, "dry_run": args.dry_run, "commit": commit}
 
 
 def _load(path: Path) -> dict:
     if not path.exists():
         return {}
     return {f"{r['tokens_per_step']}/{r['policy']}": r for r in json.loads(path.read_text()).get("results", [])}
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 if __name__ == "__main__":

@@ -17,22 +17,16 @@ date, every command and a ``goals`` block.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+import cli_runs
 import numpy as np
 import torch
 
-from moe_trace import trace
 from moe_trace.model import GPT, flops_per_token, make_config, num_parameters
 
-ROOT = Path(__file__).resolve().parent.parent
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # datasheet, SXM
 # name: (preset, extra command-line arguments). 16k tokens per step: 8 sequences of 2048.
 RUNS = {
@@ -53,28 +47,24 @@ def peak_flops(name: str) -> float:
 
 def measure(name: str, steps: int, data: Path, workdir: Path, extra: list[str]) -> dict:
     preset, arguments = RUNS[name]
-    out = workdir / name
-    command = [sys.executable, "-m", "moe_trace", "train", "--model", preset, *arguments, *extra, "--data", str(data),
-               "--global-batch", "8", "--steps", str(steps), "--eval-every", str(steps), "--checkpoint-every", "0",
-               "--attention", "sdpa", "--out", str(out), "--json", str(out.with_suffix(".json"))]
-    print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
-    summary = json.loads(out.with_suffix(".json").read_text())
-    config = json.loads((out / "config.json").read_text())
-    step_s = float(statistics.median(trace.load_metrics(out / "metrics.parquet")["step_time_s"][steps // 4:]))
-    tokens_per_step = 8 * config["model"]["seq_len"]
+    run = cli_runs.train(["--model", preset, *arguments, *extra, "--data", str(data), "--global-batch", "8",
+                          "--steps", str(steps), "--eval-every", str(steps), "--checkpoint-every", "0",
+                          "--attention", "sdpa"], workdir / name)
+    summary, config = run.summary, run.config
+    rate = run.steady_state(skip=steps // 4)
     overrides = {k: v for k, v in config["model"].items() if k != "name"}
     with torch.device("meta"):
         model = GPT(make_config(preset, **overrides))
     flops = flops_per_token(model)
+    tokens_per_step = int(run.metrics["tokens"][0])
     return {
-        "run": name, "model": preset, "command": " ".join(["moe-trace", *command[3:]]),
+        "run": name, "model": preset, "command": run.shown,
         "optimizer": summary["optimizer"], "compile": config["train"]["compile"],
         "record": config["train"]["record"], "num_experts": config["model"]["num_experts"],
         "params_total": num_parameters(model), "params_active": num_parameters(model, active=True),
         "flops_per_token": flops, "tokens_per_step": tokens_per_step, "steps": steps,
-        "median_step_s": step_s, "tokens_per_s": tokens_per_step / step_s,
-        "mfu": flops * tokens_per_step / step_s / peak_flops(torch.cuda.get_device_name()),
+        "median_step_s": rate["median_step_s"], "tokens_per_s": rate["tokens_per_s"],
+        "mfu": flops * rate["tokens_per_s"] / peak_flops(cli_runs.device_name()),
         "eval_s": summary["eval_s"], "elapsed_s": summary["elapsed_s"],
         "peak_gpu_memory_gib": summary["peak_gpu_memory_gib"],
     }
@@ -86,7 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80, help="optimizer steps per run (16k tokens each)")
     parser.add_argument("--data", type=Path, help="token ids (.npy/.bin); default: random ids")
     parser.add_argument("--extra", default="", help="more arguments for every run, e.g. '--attention int8'")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
+    parser.add_argument("--out", type=Path, default=cli_runs.ROOT / "benchmarks" / "results" / "train_throughput.json")
     parser.add_argument("--recheck", action="store_true", help="only recompute the goals of the results in --out")
     args = parser.parse_args()
     if args.recheck:
@@ -112,21 +102,13 @@ def main() -> None:
 
 
 def _payload(results: list[dict]) -> dict:
-    import triton
-
-    return {
-        "device": torch.cuda.get_device_name(), "peak_bf16_flops": peak_flops(torch.cuda.get_device_name()),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "command": " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "results": results,
-    }
+    return {**cli_runs.header(), "peak_bf16_flops": peak_flops(cli_runs.device_name()), "results": results}
 
 
 def write(path: Path, payload: dict) -> None:
     payload |= {"goals": goals(payload["results"]),
                 "notes": "benchmarks/NOTES.md: each run's prediction and outcome, and what a missed goal needs"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    cli_runs.write_json(path, payload)
 
 
 # Issue 16's goals on one H200, through the CLI at 16k tokens per step.

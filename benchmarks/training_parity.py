@@ -15,45 +15,36 @@ date, commands, goals) and leaves each run's files in DIR/<name>/; a run already
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
+import cli_runs
 import numpy as np
-import torch
 
 from moe_trace import report, trace
 
-ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ["--attention", "sdpa", "--optimizer", "adamw"]
 VAL_LOSS_GOAL = 0.01
 WINDOWS = (100, 1000)
 
 
 def train(name: str, arguments: list[str], data: Path, steps: int, out: Path, common: list[str]) -> dict:
-    run_dir = out / name
-    command = [sys.executable, "-m", "moe_trace", "train", "--model", "gpt-125m-moe", "--global-batch", "8",
-               "--steps", str(steps), "--lr", "6e-4", "--warmup", str(steps // 4), "--eval-every", str(steps // 4),
-               "--checkpoint-every", "0", "--seed", "0", "--data", str(data), *common, *BASELINE, *arguments,
-               "--out", str(run_dir), "--json", str(run_dir.with_suffix(".json"))]
-    summary_file = run_dir.with_suffix(".json")
-    if _finished(summary_file):  # a finished run is reused: the runs can be spread over several commands
-        print(f"{name}: reusing the finished run in {run_dir}", flush=True)
-    else:
-        print("$", " ".join(command[1:]), flush=True)
-        subprocess.run(command, check=True, cwd=ROOT)
-    summary = json.loads(summary_file.read_text())
-    step_time = trace.load_metrics(run_dir / "metrics.parquet")["step_time_s"][steps // 4:]
-    return {"command": " ".join(["moe-trace", *command[3:]]), "val_loss": summary["val_loss"],
-            "median_step_s": float(np.median(step_time)), "tokens_per_s": 8 * 2048 / float(np.median(step_time)),
-            "optimizer": summary["optimizer"], "peak_gpu_memory_gib": summary["peak_gpu_memory_gib"]}
+    run = cli_runs.train(["--model", "gpt-125m-moe", "--global-batch", "8", "--steps", str(steps), "--lr", "6e-4",
+                          "--warmup", str(steps // 4), "--eval-every", str(steps // 4), "--checkpoint-every", "0",
+                          "--seed", "0", "--data", str(data), *common, *BASELINE, *arguments], out / name,
+                         reuse=True)  # the runs can be spread over several commands
+    rate = run.steady_state(skip=steps // 4)
+    return {"command": run.shown, "val_loss": run.summary["val_loss"], "median_step_s": rate["median_step_s"],
+            "tokens_per_s": rate["tokens_per_s"], "optimizer": run.summary["optimizer"],
+            "peak_gpu_memory_gib": run.summary["peak_gpu_memory_gib"]}
 
 
-def _finished(summary_file: Path) -> bool:
-    return summary_file.exists() and not json.loads(summary_file.read_text())["stopped_early"]
+def val_loss_rel_diff(baseline: float, variant: float) -> float:
+    return variant / baseline - 1
+
+
+def val_loss_goal(rel_diff: float, goal: str = "validation loss within 1 % of the baseline") -> dict:
+    """The parity goal on validation loss (also attention_training.py's, for INT8 against SDPA)."""
+    return {"goal": goal, "target": VAL_LOSS_GOAL, "measured": abs(rel_diff), "met": abs(rel_diff) <= VAL_LOSS_GOAL}
 
 
 def load_apart(a: Path, b: Path, window: int) -> dict:
@@ -64,13 +55,12 @@ def load_apart(a: Path, b: Path, window: int) -> dict:
 
 
 def compare(baseline: dict, variant: dict, base_dir: Path, variant_dir: Path) -> dict:
-    result = {"val_loss_rel_diff": variant["val_loss"] / baseline["val_loss"] - 1,
+    result = {"val_loss_rel_diff": val_loss_rel_diff(baseline["val_loss"], variant["val_loss"]),
               "step_time_ratio_variant_over_baseline": variant["median_step_s"] / baseline["median_step_s"],
               "load": {f"window_{w}": load_apart(variant_dir, base_dir, w) for w in WINDOWS}}
     apart = result["load"][f"window_{max(WINDOWS)}"]
     result["goals"] = [
-        {"goal": "validation loss within 1 % of the baseline", "target": VAL_LOSS_GOAL,
-         "measured": abs(result["val_loss_rel_diff"]), "met": abs(result["val_loss_rel_diff"]) <= VAL_LOSS_GOAL},
+        val_loss_goal(result["val_loss_rel_diff"]),
         {"goal": f"expert loads apart no more than each run drifts by itself ({max(WINDOWS)}-step windows)",
          "target": min(apart["self_drift"]), "measured": apart["mean_wape_between_runs"],
          "met": apart["mean_wape_between_runs"] <= min(apart["self_drift"])},
@@ -90,16 +80,10 @@ def main() -> None:
     variants = dict(v.split("=", 1) for v in args.variant)
     runs = {name: train(name, extra.split(), args.data, args.steps, args.out, args.common.split())
             for name, extra in {"baseline": "", **variants}.items()}
-    import triton
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    payload = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-               "python": platform.python_version(), "command": " ".join(sys.argv),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "steps": args.steps, "runs": runs,
+    payload = {**cli_runs.header(), "steps": args.steps, "runs": runs,
                "variants": {name: compare(runs["baseline"], runs[name], args.out / "baseline", args.out / name)
                             for name in variants}}
-    (args.out / "parity.json").write_text(json.dumps(payload, indent=2) + "\n")
+    cli_runs.write_json(args.out / "parity.json", payload)
     for name, result in payload["variants"].items():
         print(f"{name}: val loss {runs[name]['val_loss']:.4f} vs {runs['baseline']['val_loss']:.4f} "
               f"({result['val_loss_rel_diff']:+.2%}), step {runs[name]['median_step_s'] * 1e3:.1f} vs "
