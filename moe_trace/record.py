@@ -139,7 +139,7 @@ def attach(model: nn.Module, out_dir: str | os.PathLike, meta: Mapping[str, Any]
     if board is not None:
         recorder.on_close(board.close)
     for layer, site in enumerate(sites):
-        handle = _hook(site, layer, recorder, count_eval)
+        handle = _hook(site, recorder.layer_index(layer), recorder, count_eval)
         recorder.on_close(handle.remove)
     if any(fields[k] is None for k in ("tokens_per_step", "seq_len", "global_batch")):
         handle = _unwrap(model).register_forward_pre_hook(_input_observer(recorder, count_eval), with_kwargs=True)
@@ -158,7 +158,8 @@ def _counts_now(module: nn.Module, recorder: Recorder, count_eval: bool) -> bool
     return torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1
 
 
-def _hook(site: MoESite, layer: int, recorder: Recorder, count_eval: bool) -> torch.utils.hooks.RemovableHandle:
+def _hook(site: MoESite, layer: torch.Tensor, recorder: Recorder,
+          count_eval: bool) -> torch.utils.hooks.RemovableHandle:
     module = site.module
     if site.kind == "counts":
         def after_forward(module: nn.Module, args: Any, output: Any) -> None:

@@ -70,20 +70,36 @@ class Recorder:
 
     # -- feeding counts (called from forward hooks; never reads device values) --------------------------
 
-    def add_counts(self, layer: int, counts: torch.Tensor) -> None:
+    def layer_index(self, layer: int) -> torch.Tensor:
+        """MoE layer ``layer`` as a one-element tensor on the recorder's device, for hooks torch.compile traces.
+
+        Where a graph breaks inside each MoE layer (expert parallelism's exchange), every layer's hook is traced
+        on its own: an int ``layer`` would specialise it, one recompilation per layer until Dynamo's limit sends
+        the rest back to eager; a tensor is an input like any other.
+        """
+        return torch.tensor([layer], device=self._current.device)
+
+    def add_counts(self, layer: int | torch.Tensor, counts: torch.Tensor) -> None:
         """Add an int64 count vector ``[experts]`` to MoE layer ``layer`` (position in ``moe_layers``)."""
-        self._current[0, layer] += counts
+        self._add(0, layer, counts)
 
-    def add_dropped(self, layer: int, dropped: torch.Tensor) -> None:
+    def add_dropped(self, layer: int | torch.Tensor, dropped: torch.Tensor) -> None:
         """Add the assignments ``[experts]`` a capacity limit dropped in MoE layer ``layer`` (``dropped=True``)."""
-        self._current[1, layer] += dropped
+        self._add(1, layer, dropped)
 
-    def add_expert_ids(self, layer: int, expert_ids: torch.Tensor) -> None:
+    def _add(self, kind: int, layer: int | torch.Tensor, values: torch.Tensor) -> None:
+        if isinstance(layer, int):
+            layer = torch.tensor([layer], device=self._current.device)
+        # index_add_ reads the layer on the device: indexing with it would make Dynamo guard on its value.
+        self._current[kind].index_add_(0, layer, values.view(1, -1))
+
+    def add_expert_ids(self, layer: int | torch.Tensor, expert_ids: torch.Tensor) -> None:
         """Count each selected expert id once; ids outside ``0..experts-1`` (padding sentinels) are dropped."""
         ids = expert_ids.reshape(-1).to(torch.int64)
         valid = (ids >= 0) & (ids < self.num_experts)
         # scatter_add_, not bincount: bincount reads the largest id on the host to size its output (a sync).
-        self._current[0, layer].scatter_add_(0, ids.clamp(0, self.num_experts - 1), valid.to(torch.int64))
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=ids.device)
+        self.add_counts(layer, counts.scatter_add_(0, ids.clamp(0, self.num_experts - 1), valid.to(torch.int64)))
 
     def add_sequences(self, sequences: int, seq_len: int) -> None:
         """Host-side shape of one counted forward's token ids: fills the sizes ``meta`` leaves as None."""

@@ -122,6 +122,30 @@ def test_harness_gpt_is_recorded_through_the_same_hooks(tmp_path):
     assert loaded.meta["tokens_per_step"] == 3 * 2 * 8
 
 
+def test_hooks_traced_one_layer_at_a_time_compile_once(tmp_path, monkeypatch):
+    """Expert parallelism's exchange breaks the compiled graph in every MoE layer, so each layer's hook is traced
+    on its own: it must not recompile per layer (past Dynamo's limit of 8 the rest would run eager), and the
+    counts stay those of the eager model."""
+    from moe_trace.moe import MoELayer
+
+    monkeypatch.setattr(MoELayer, "run_experts", torch.compiler.disable(MoELayer.run_experts))
+    config = ModelConfig(name="tiny", vocab_size=64, seq_len=8, n_blocks=10, hidden=16, heads=2, num_experts=4,
+                         top_k=1, moe_every=1)
+    model = GPT(config).train()
+    recorder = record.attach(model, tmp_path, meta={"seed": 0})
+    forward = torch.compile(model, backend="eager")
+    x = torch.randint(0, 64, (2, 8))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        forward(x, x)
+        recorder.step(0)
+        forward(x, x)
+    recorder.step(1)
+    counts = model.tokens_per_expert()
+    recorder.close()
+    torch._dynamo.reset()
+    assert np.array_equal(trace.load(tmp_path).counts, torch.stack([counts, counts]).numpy())
+
+
 def test_model_without_moe_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no MoE layer"):
         record.attach(torch.nn.Linear(2, 2), tmp_path)
