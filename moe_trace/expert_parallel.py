@@ -77,6 +77,9 @@ class ExpertParallelMoELayer(MoELayer):
         primary[first_slot] = True
         self.primary = torch.as_tensor(primary[local] & (self.local_experts >= 0))
 
+    # The exchange reads the count table on the host to size the all-to-all: under torch.compile it runs eager
+    # between two compiled graphs, one break per layer, while routing, attention and the rest compile.
+    @torch.compiler.disable
     def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         world, slots = self.world_size, self.slots_per_rank
         gathered = [torch.empty_like(tokens_per_expert) for _ in range(world)]

@@ -21,19 +21,19 @@ def _loss(model: GPT, forward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return logits, loss + model.aux_loss()
 
 
-def _worker(rank: int, store_path: str, variant: dict) -> None:
+def _worker(rank: int, store_path: str, variant: dict, compiled: bool) -> None:
     # A file store has no port to race for; the timeout turns a stuck collective into a failure, not a hang.
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        _compare_with_one_process(rank, variant)
+        _compare_with_one_process(rank, variant, compiled)
     finally:
         # Only once the models and their autograd graphs are freed: freeing them after the group is gone
         # can block.
         dist.destroy_process_group()
 
 
-def _compare_with_one_process(rank: int, variant: dict) -> None:
+def _compare_with_one_process(rank: int, variant: dict, compiled: bool) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = make_config("gpt-tiny-moe", n_blocks=2, hidden=32, heads=2, num_experts=4, top_k=2, seq_len=16,
@@ -59,7 +59,9 @@ def _compare_with_one_process(rank: int, variant: dict) -> None:
 
     expert_names = expert_parallel.shard_experts(model)
     ddp = expert_parallel.data_parallel(model, expert_names)
-    logits, loss = _loss(model, ddp, batches[rank])
+    # Compiled, the exchange runs eager between graphs (aot_eager: Dynamo's and AOTAutograd's graphs, no codegen).
+    forward = torch.compile(ddp, backend="aot_eager") if compiled else ddp
+    logits, loss = _loss(model, forward, batches[rank])
     loss.backward()
     counts = model.tokens_per_expert()
     dist.all_reduce(counts)
@@ -91,8 +93,9 @@ def _compare_with_one_process(rank: int, variant: dict) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("variant", [{}, dict(score="sigmoid", balance="aux_free", capacity_factor=1.0,
                                               shared_experts=1)], ids=["default", "router variants"])
-def test_expert_parallel_matches_one_process(tmp_path, variant):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), variant), nprocs=WORLD)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_expert_parallel_matches_one_process(tmp_path, variant, compiled):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), variant, compiled), nprocs=WORLD)
 
 
 def test_memory_estimate_refuses_with_a_way_out():

@@ -42,6 +42,12 @@ def _expert_parallel_scaling(result: dict) -> list[list[str]]:
              f"{r['tokens_per_s'] / 1e3:.1f}k", _percent(r["efficiency"])] for r in result["results"]]
 
 
+def _expert_parallel_scaling_studies(result: dict) -> list[list[str]]:
+    return [[r["study"], str(r["gpus"]), str(r["tokens_per_step"]), f"{r['median_step_s'] * 1e3:.1f} ms",
+             f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['speedup']:.2f}x" if "speedup" in r else "",
+             _percent(r["efficiency"]) if "efficiency" in r else ""] for r in result["runs"]]
+
+
 def _phase_detection(result: dict) -> list[list[str]]:
     rows = []
     for drift in [*result["trace"]["drifts"], "all"]:
@@ -99,6 +105,7 @@ RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/train_throughput.json": _train_throughput,
     "benchmarks/results/train_throughput_loop_h100.json": _train_throughput_loop,
     "benchmarks/results/expert_parallel_scaling.json": _expert_parallel_scaling,
+    "benchmarks/results/expert_parallel_scaling_x2.json": _expert_parallel_scaling_studies,
     "benchmarks/results/phase_detection.json": _phase_detection,
     "benchmarks/results/trace_summary.json": _trace_summary,
     "placement/calibration/h200.json": _expert_cost_vs_linear,

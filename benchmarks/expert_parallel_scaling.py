@@ -1,0 +1,109 @@
+"""Expert-parallel scaling of ``moe-trace train`` on the GPUs of one host, compiled or eager (issues 16 and 17).
+
+    PYTHONPATH=. python benchmarks/expert_parallel_scaling.py run --data IDS --work DIR [--runs weak:1,strong:2]
+    PYTHONPATH=. python benchmarks/expert_parallel_scaling.py analyse --work DIR --json benchmarks/results/X.json
+
+Two studies, each run the way a user runs it (``moe-trace train``, under ``torchrun`` on more than one GPU):
+
+* weak scaling: gpt-350m-moe ``--experts 32``, 8 sequences of 2048 tokens per GPU (goal at 2 GPUs >= 95 %,
+  issue 16; at 4 >= 90 % and at 8 >= 85 %, issue 17);
+* strong scaling: gpt-125m-moe at 128k tokens per step (64 sequences) whatever the GPU count (goal at 2 GPUs
+  >= 1.8x one GPU).
+
+Efficiency with G GPUs is tokens/s(G) / (G x tokens/s(1)); speed-up is tokens/s(G) / tokens/s(1). Tokens/s is
+the steady state of each run's ``metrics.parquet`` (``cli_runs``). ``--runs`` picks ``study:gpus`` pairs, so
+that one-GPU runs can go side by side on two GPUs (``CUDA_VISIBLE_DEVICES``) and the rest follow; a finished run
+is reused. ``--no-compile`` measures the eager path (the default before expert parallelism compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cli_runs
+
+STUDIES = {  # study: (preset and arguments, sequences per step as a function of the GPU count)
+    "weak": (["--model", "gpt-350m-moe", "--experts", "32"], lambda gpus: 8 * gpus),
+    "strong": (["--model", "gpt-125m-moe"], lambda gpus: 64),
+}
+GOALS = {("weak", 2): 0.95, ("weak", 4): 0.90, ("weak", 8): 0.85}  # efficiency
+STRONG_SPEEDUP_GOAL = {2: 1.8}
+SKIP = 5  # steps of compilation and warm-up left out of the steady state
+
+
+def run_name(study: str, gpus: int, compiled: bool) -> str:
+    return f"{study}-g{gpus}-{'compiled' if compiled else 'eager'}"
+
+
+def run(study: str, gpus: int, args: argparse.Namespace) -> cli_runs.TrainRun:
+    preset, sequences = STUDIES[study]
+    arguments = [*preset, "--global-batch", str(sequences(gpus)), "--steps", str(args.steps), "--attention", "sdpa",
+                 "--moe-backend", "torch", "--compile" if args.compile else "--no-compile",
+                 *(["--data", str(args.data)] if args.data else []),
+                 "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--seed", "0", *args.extra.split()]
+    measured = cli_runs.train(arguments, args.work / run_name(study, gpus, args.compile),
+                              ranks=gpus if gpus > 1 else None, reuse=True)
+    cli_runs.beside(measured.run_dir, ".command").write_text(measured.shown)
+    return measured
+
+
+def analyse(work: Path, steps: int) -> dict:
+    rows = []
+    for summary in sorted(work.glob("*-g*-*.json")):
+        study, gpus, mode = summary.stem.split("-")
+        measured = cli_runs.TrainRun([], summary.with_suffix(""), None)
+        command = cli_runs.beside(measured.run_dir, ".command").read_text()
+        rows.append({"study": study, "gpus": int(gpus[1:]), "mode": mode, "command": command,
+                     "tokens_per_step": int(measured.metrics["tokens"][0]), **measured.steady_state(SKIP),
+                     "peak_gpu_memory_gib": measured.summary["peak_gpu_memory_gib"]})
+    goals = []
+    for row in rows:
+        one = next((r for r in rows if (r["study"], r["gpus"], r["mode"]) == (row["study"], 1, row["mode"])), None)
+        if one is None or row["gpus"] == 1:
+            continue
+        row["speedup"] = row["tokens_per_s"] / one["tokens_per_s"]
+        row["efficiency"] = row["speedup"] / row["gpus"]
+        target = (GOALS.get((row["study"], row["gpus"])) if row["study"] == "weak"
+                  else STRONG_SPEEDUP_GOAL.get(row["gpus"]))
+        if target is not None:
+            measured = row["efficiency"] if row["study"] == "weak" else row["speedup"]
+            goals.append({"goal": f"{row['study']} scaling at {row['gpus']} GPUs ({row['mode']}): "
+                                  + ("efficiency" if row["study"] == "weak" else "speed-up"),
+                          "target": target, "measured": round(measured, 3), "met": measured >= target})
+    import torch
+
+    header = cli_runs.header()
+    header["device"] = f"{torch.cuda.device_count()}x {header['device']}"
+    return {**header, "benchmark": __doc__.split("\n")[0], "skip_steps": SKIP, "steps": steps,
+            "runs": rows, "goals": goals}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("run", "analyse"))
+    parser.add_argument("--work", type=Path, required=True, help="where the runs go (one directory each)")
+    parser.add_argument("--data", type=Path, help="token ids (.npy/.bin) for every run")
+    parser.add_argument("--runs", default="weak:1,weak:2,strong:1,strong:2", help="study:gpus pairs to run")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", type=Path, help="analyse: where to write the results")
+    parser.add_argument("--extra", default="", help="arguments for every run (a smaller model for a CPU dry run)")
+    args = parser.parse_args()
+    if args.action == "run":
+        for pair in args.runs.split(","):
+            study, gpus = pair.split(":")
+            run(study, int(gpus), args)
+    else:
+        result = analyse(args.work, args.steps)
+        for row in result["runs"]:
+            print({k: row[k] for k in ("study", "gpus", "mode", "tokens_per_s") if k in row},
+                  {k: round(row[k], 3) for k in ("speedup", "efficiency") if k in row})
+        for goal in result["goals"]:
+            print(goal)
+        if args.json:
+            cli_runs.write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
