@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-TRACES = ("traces/gpt-125m-moe", "traces/gpt-350m-moe")
+TRACES = ("traces/gpt-125m-moe", "traces/gpt-350m-moe", "traces/hf-olmoe")
 
 
 def summarise(path: str) -> dict:
