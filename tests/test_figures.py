@@ -48,6 +48,14 @@ def _expert_parallel_scaling_studies(result: dict) -> list[list[str]]:
              _percent(r["efficiency"]) if "efficiency" in r else ""] for r in result["runs"]]
 
 
+def _balancing_study(result: dict) -> list[list[str]]:
+    return [[f"`{r['run']}`", f"{result['training'][r['run']]['val_loss']:.3f}", r["layers stable"],
+             f"{r['heaviest/mean early']:.2f}", f"{r['heaviest/mean late']:.2f}", f"{r['dropped %']:.1f} %",
+             f"{r['mean_wape auto @200'] * 100:.1f} %", f"{r['mean_wape sw_avg:window=100 @200'] * 100:.1f} %",
+             f"{r['best step time / static']:.3f}", f"{r['oracle step time / static']:.3f}"]
+            for r in result["comparison"]]
+
+
 def _phase_detection(result: dict) -> list[list[str]]:
     rows = []
     for drift in [*result["trace"]["drifts"], "all"]:
@@ -107,6 +115,7 @@ RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/expert_parallel_scaling.json": _expert_parallel_scaling,
     "benchmarks/results/expert_parallel_scaling_x2.json": _expert_parallel_scaling_studies,
     "benchmarks/results/phase_detection.json": _phase_detection,
+    "benchmarks/results/balancing_study.json": _balancing_study,
     "benchmarks/results/trace_summary.json": _trace_summary,
     "placement/calibration/h200.json": _expert_cost_vs_linear,
     "benchmarks/results/placement_batch_curve.json": _placement_batch_curve,
