@@ -193,6 +193,20 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a bin exactly at the final level adds nothing: the level computed with it is the same",
     ("placement/dispatch.py", "water_fill", "for j in range(len(candidate)):"):
         "the extra first pass sets lam to candidate[0], which it already is",
+    # predictors/phases.py
+    ("predictors/phases.py", "parameters_for", "if n_steps > SHORT_TRACE:"):
+        "at n_steps = SHORT_TRACE the scale is 1, which gives the defaults",
+    ("predictors/phases.py", "movement", "if n_blocks < lag:"):
+        "with n_blocks == lag the slices are empty and give the same (0, layers) array",
+    ("predictors/phases.py", "movement", "noise = np.sqrt(4 * within_var / (np.pi * block)).sum(axis=+1)  # E "
+     "sum_e |m_k - m_j| for a constant load"): "within_var is [layers, experts]: axis 1 is the last",
+    **_same("predictors/phases.py", "stable_from", "ruptures.Pelt's defaults are model='l2' and min_size=2",
+            'ends = ruptures.Pelt(min_size=2, jump=1).fit(log_d).predict(pen=pen)',
+            'ends = ruptures.Pelt(model="l2", jump=1).fit(log_d).predict(pen=pen)'),
+    **_same("predictors/phases.py", "_quiet_start", "the two lists have the same length by construction",
+            "for seg_start, seg_end in reversed(list(zip([0, *ends[:-1]], ends, strict=None))):",
+            "for seg_start, seg_end in reversed(list(zip([0, *ends[:-1]], ends, ))):",
+            "for seg_start, seg_end in reversed(list(zip([0, *ends[:-1]], ends, strict=False))):"),
     # placement/planners.py
     ("placement/planners.py", "_check", "if gpus < 1 and slots_per_gpu < 1 or redundant < 0:"):
         "no GPU or no slot alone leaves no room, which the next check refuses (a PlacementError either way)",
