@@ -13,7 +13,8 @@ Two studies, each run the way a user runs it (``moe-trace train``, under ``torch
 Efficiency with G GPUs is tokens/s(G) / (G x tokens/s(1)); speed-up is tokens/s(G) / tokens/s(1). Tokens/s is
 the steady state of each run's ``metrics.parquet`` (``cli_runs``). ``--runs`` picks ``study:gpus`` pairs, so
 that one-GPU runs can go side by side on two GPUs (``CUDA_VISIBLE_DEVICES``) and the rest follow; a finished run
-is reused. ``--no-compile`` measures the eager path (the default before expert parallelism compiled).
+is reused. ``--no-compile`` measures the eager path (the default before expert parallelism compiled);
+``--expert-exchange padded`` the exchange with no host read (runs named ``..._padded``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ STRONG_SPEEDUP_GOAL = {2: 1.8}
 SKIP = 5  # steps of compilation and warm-up left out of the steady state
 
 
-def run_name(study: str, gpus: int, compiled: bool) -> str:
-    return f"{study}-g{gpus}-{'compiled' if compiled else 'eager'}"
+def run_name(study: str, gpus: int, args: argparse.Namespace) -> str:
+    """``study-gGPUS-MODE``, MODE compiled or eager, ``_padded`` for the padded exchange (on more than one GPU)."""
+    padded = "_padded" if args.expert_exchange == "padded" and gpus > 1 else ""
+    return f"{study}-g{gpus}-{'compiled' if args.compile else 'eager'}{padded}"
 
 
 def run(study: str, gpus: int, args: argparse.Namespace) -> cli_runs.TrainRun:
@@ -41,8 +44,9 @@ def run(study: str, gpus: int, args: argparse.Namespace) -> cli_runs.TrainRun:
     arguments = [*preset, "--global-batch", str(sequences(gpus)), "--steps", str(args.steps), "--attention", "sdpa",
                  "--moe-backend", "torch", "--compile" if args.compile else "--no-compile",
                  *(["--data", str(args.data)] if args.data else []),
-                 "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--seed", "0", *args.extra.split()]
-    measured = cli_runs.train(arguments, args.work / run_name(study, gpus, args.compile),
+                 "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--seed", "0", *args.extra.split(),
+                 *(["--expert-exchange", args.expert_exchange] if gpus > 1 else [])]
+    measured = cli_runs.train(arguments, args.work / run_name(study, gpus, args),
                               ranks=gpus if gpus > 1 else None, reuse=True)
     cli_runs.beside(measured.run_dir, ".command").write_text(measured.shown)
     return measured
@@ -59,7 +63,8 @@ def analyse(work: Path, steps: int) -> dict:
                      "peak_gpu_memory_gib": measured.summary["peak_gpu_memory_gib"]})
     goals = []
     for row in rows:
-        one = next((r for r in rows if (r["study"], r["gpus"], r["mode"]) == (row["study"], 1, row["mode"])), None)
+        one_gpu_mode = row["mode"].removesuffix("_padded")  # one GPU exchanges nothing
+        one = next((r for r in rows if (r["study"], r["gpus"], r["mode"]) == (row["study"], 1, one_gpu_mode)), None)
         if one is None or row["gpus"] == 1:
             continue
         row["speedup"] = row["tokens_per_s"] / one["tokens_per_s"]
@@ -87,6 +92,8 @@ def main() -> None:
     parser.add_argument("--runs", default="weak:1,weak:2,strong:1,strong:2", help="study:gpus pairs to run")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--expert-exchange", choices=("counts", "padded"), default="counts",
+                        help="moe-trace train --expert-exchange on more than one GPU")
     parser.add_argument("--json", type=Path, help="analyse: where to write the results")
     parser.add_argument("--extra", default="", help="arguments for every run (a smaller model for a CPU dry run)")
     args = parser.parse_args()

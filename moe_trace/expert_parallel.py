@@ -13,6 +13,12 @@ table (``placement.dispatch.routes``: an expert's tokens split among its copies 
 sends each row to its slot with ``all_to_all_single`` (autograd through ``torch.distributed.nn.functional``),
 runs its local slots and sends the outputs back.
 
+That host read empties the GPU's queue once per layer and micro-batch and splits a compiled step into a graph
+per layer. ``exchange="padded"`` removes it where every expert has exactly one slot (no replicas): each rank sends
+every other rank a buffer with room for all its rows (``ranks x`` the traffic), with the per-slot counts exchanged
+on the device beside it, so the whole layer has fixed shapes and compiles into the model's graph
+(:class:`PaddedExchange`).
+
 Gradients: a slot receives the gradients of every rank's tokens it served, summed by the all-to-all's backward.
 Data parallelism averages over ranks, so expert gradients are scaled by ``1/W`` to match (megablocks does the
 same); copies of one expert then add their gradients (:func:`sync_replica_grads`), so every copy holds the
@@ -30,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.distributed.nn.functional as dist_autograd
 from torch import Tensor, nn
 
@@ -42,15 +49,20 @@ class ExpertParallelMoELayer(MoELayer):
     """An :class:`MoELayer` that holds only its rank's expert slots and exchanges tokens with the other ranks."""
 
     def __init__(self, layer: MoELayer, slot_expert: np.ndarray, group: dist.ProcessGroup | None = None,
-                 dispatch: str = "balanced"):
+                 dispatch: str = "balanced", exchange: str = "counts"):
         nn.Module.__init__(self)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         if len(slot_expert) % world:
             raise ValueError(f"{len(slot_expert)} slots do not divide evenly over {world} ranks")
         self.num_experts, self.top_k, self.settings = layer.num_experts, layer.top_k, layer.settings
         self.load_balancing_weight, self.z_loss_weight = layer.load_balancing_weight, layer.z_loss_weight
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}")
         self.group, self.world_size, self.rank, self.dispatch = group, world, rank, dispatch
         self.slots_per_rank = len(slot_expert) // world
+        self.exchange = exchange
+        # Each expert's global slot, on the device: the padded exchange addresses rows with it (set_plan fills it).
+        self.register_buffer("expert_slot", torch.zeros(layer.num_experts, dtype=torch.int64), persistent=False)
         # Router, shared experts and selection bias are replicated: every rank routes its own tokens alike.
         self.router, self.shared = layer.router, layer.shared
         self.register_buffer("expert_bias", layer.expert_bias)
@@ -76,11 +88,24 @@ class ExpertParallelMoELayer(MoELayer):
         primary = np.zeros(len(slot_expert), dtype=bool)
         primary[first_slot] = True
         self.primary = torch.as_tensor(primary[local] & (self.local_experts >= 0))
+        if self.exchange == "padded":
+            if (replicas != 1).any():
+                raise ValueError("the padded exchange needs every expert in exactly one slot (no replicas): "
+                                 f"copies per expert {replicas.tolist()}")
+            slot_of_expert = np.empty(self.num_experts, dtype=np.int64)
+            hosted = np.flatnonzero(slot_expert >= 0)
+            slot_of_expert[slot_expert[hosted]] = hosted
+            self.expert_slot.copy_(torch.from_numpy(slot_of_expert))
+
+    def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        if self.exchange == "padded":
+            return PaddedExchange(self, tokens_per_expert).run(x_sorted)
+        return self._run_experts_sized_on_host(x_sorted, tokens_per_expert)
 
     # The exchange reads the count table on the host to size the all-to-all: under torch.compile it runs eager
     # between two compiled graphs, one break per layer, while routing, attention and the rest compile.
     @torch.compiler.disable
-    def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
+    def _run_experts_sized_on_host(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         world, slots = self.world_size, self.slots_per_rank
         gathered = [torch.empty_like(tokens_per_expert) for _ in range(world)]
         dist.all_gather(gathered, tokens_per_expert, group=self.group)
@@ -113,6 +138,68 @@ class ExpertParallelMoELayer(MoELayer):
                 f"hidden={self.w1.shape[1]}, ffn={self.w1.shape[2]}")
 
 
+EXCHANGES = ("counts", "padded")
+
+
+class PaddedExchange:
+    """One layer's token exchange with no host read: fixed-size buffers, positions computed on the device.
+
+    A rank's ``N`` rows (``x_sorted``, grouped by expert) go to the ranks hosting their experts. Rank ``d``'s
+    share of the send buffer ``[ranks * N, hidden]`` is ``[d * N, (d + 1) * N)``: room for all ``N`` rows, whichever
+    way the router split them, filled from the front slot by slot, the rest zero. The per-slot counts
+    ``[ranks, slots]`` travel the same way, so each receiver knows which of its rows are real. Received rows
+    are regrouped by local slot for the grouped GEMM (padding last), and the outputs go back the same way,
+    padding zeroed. The all-to-alls are torch's functional collectives, which torch.compile traces.
+    """
+
+    def __init__(self, layer: ExpertParallelMoELayer, tokens_per_expert: Tensor):
+        self.layer = layer
+        world, slots = layer.world_size, layer.slots_per_rank
+        # Rows per global slot, then where each slot's rows start in its destination rank's share.
+        per_slot = tokens_per_expert.new_zeros(world * slots).index_add(0, layer.expert_slot, tokens_per_expert)
+        self.sent_per_slot = per_slot
+        self.slot_start = (per_slot.view(world, slots).cumsum(dim=1) - per_slot.view(world, slots)).view(-1)
+        self.received_per_slot = funcol.all_to_all_single(per_slot, None, None, _group(layer.group)).view(world, slots)
+
+    def run(self, x_sorted: Tensor) -> Tensor:
+        layer, rows, device = self.layer, x_sorted.shape[0], x_sorted.device
+        world, slots = layer.world_size, layer.slots_per_rank
+        # Where each of this rank's rows goes in the send buffer: its slot's place in its destination's share.
+        counts = self.sent_per_slot[layer.expert_slot]  # rows per expert, in x_sorted's order
+        expert_of_row = torch.repeat_interleave(torch.arange(layer.num_experts, device=device), counts,
+                                                output_size=rows)
+        within_expert = torch.arange(rows, device=device) - (counts.cumsum(0) - counts)[expert_of_row]
+        slot = layer.expert_slot[expert_of_row]
+        send_position = torch.div(slot, slots, rounding_mode="floor") * rows + self.slot_start[slot] + within_expert
+        send = x_sorted.new_zeros((world * rows, x_sorted.shape[1])).index_copy(0, send_position, x_sorted)
+        received = funcol.all_to_all_single_autograd(send, None, None, _group(layer.group))
+
+        # Received rows are source-major, each source's real rows slot by slot, then its padding: regroup them
+        # by local slot (sources in order within a slot), padding after every real row.
+        per_source_slot = self.received_per_slot  # [source, local slot]
+        index = torch.arange(rows, device=device).expand(world, rows).contiguous()
+        ends = per_source_slot.cumsum(dim=1)
+        local_slot = torch.searchsorted(ends, index, right=True)  # == slots past a source's real rows
+        real = local_slot < slots
+        local_slot = local_slot.clamp(max=slots - 1)
+        per_local_slot = per_source_slot.sum(dim=0)
+        earlier_sources = (per_source_slot.cumsum(dim=0) - per_source_slot).gather(1, local_slot)
+        within_slot = index - (ends - per_source_slot).gather(1, local_slot)
+        grouped_position = (per_local_slot.cumsum(0) - per_local_slot)[local_slot] + earlier_sources + within_slot
+        padding_position = per_local_slot.sum() + (~real).view(-1).cumsum(0).view(world, rows) - 1
+        position = torch.where(real, grouped_position, padding_position).view(-1)
+        grouped = torch.empty_like(received).index_copy(0, position, received)
+        y = expert_forward(grouped, per_local_slot, layer.w1, layer.w2)
+        # where, not a product: the padding's outputs (and their gradients) are dropped, never multiplied.
+        y_received = torch.where(real.view(-1, 1), y[position], 0)
+        y_sent = funcol.all_to_all_single_autograd(y_received, None, None, _group(layer.group))
+        return y_sent[send_position]
+
+
+def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    return group or dist.group.WORLD
+
+
 def _rows(weights: Tensor, experts: Tensor) -> Tensor:
     """``weights[experts]`` with zeros where ``experts`` is -1 (an empty slot)."""
     return torch.where((experts >= 0).view(-1, *[1] * (weights.dim() - 1)), weights[experts.clamp(min=0)],
@@ -139,18 +226,19 @@ def expert_layers(model: nn.Module) -> list[ExpertParallelMoELayer]:
 
 
 def shard_experts(model: nn.Module, slot_expert: np.ndarray | None = None, group: dist.ProcessGroup | None = None,
-                  dispatch: str = "balanced") -> list[str]:
+                  dispatch: str = "balanced", exchange: str = "counts") -> list[str]:
     """Replace every :class:`MoELayer` of ``model`` in place by its expert-parallel shard.
 
     ``slot_expert[moe_layers, slots]`` is the placement to start from (default: the even sharding, no spare
-    slots). Returns the names of the expert parameters, for ``DistributedDataParallel`` to leave alone.
+    slots). ``exchange``: ``counts`` (sized on the host, any plan) or ``padded`` (no host read, one slot per
+    expert). Returns the names of the expert parameters, for ``DistributedDataParallel`` to leave alone.
     """
     names, index = [], 0
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is MoELayer:
                 row = np.arange(child.num_experts) if slot_expert is None else slot_expert[index]
-                setattr(parent, child_name, ExpertParallelMoELayer(child, row, group, dispatch))
+                setattr(parent, child_name, ExpertParallelMoELayer(child, row, group, dispatch, exchange))
                 prefix = f"{parent_name}.{child_name}" if parent_name else child_name
                 names += [f"{prefix}.w1", f"{prefix}.w2"]
                 index += 1

@@ -39,7 +39,7 @@ MOVABLE_OPTIMIZERS = ("adamw",)
 
 
 def check_request(policy: str, redundant: int, replan_every: int | None, world_size: int, num_experts: int,
-                  record: bool, optimizer: str = "adamw") -> None:
+                  record: bool, optimizer: str = "adamw", exchange: str = "counts") -> None:
     """Refuse placements that cannot run, with what to do instead (UsageError: one line, exit status 2)."""
     if policy not in policies.ONLINE:
         raise UsageError(f"--placement {policy!r}: training can follow {', '.join(policies.ONLINE)}")
@@ -52,6 +52,12 @@ def check_request(policy: str, redundant: int, replan_every: int | None, world_s
     if redundant > num_experts * (world_size - 1):
         raise UsageError(f"--redundant {redundant}: {num_experts} experts on {world_size} ranks hold at most "
                          f"{num_experts * (world_size - 1)} extra copies (one copy of an expert per rank)")
+    if exchange == "padded" and redundant:
+        raise UsageError(f"--expert-exchange padded gives every expert one slot; drop --redundant {redundant} or use "
+                         "--expert-exchange counts, which sends an expert's rows to its copies")
+    if exchange == "padded" and world_size == 1:
+        raise UsageError("--expert-exchange padded is expert parallelism's exchange: run under torchrun "
+                         "--nproc-per-node G (G >= 2)")
     if replan_every is not None and replan_every < 1:
         raise UsageError(f"--replan-every must be >= 1, got {replan_every}")
     if policy != "static" and not record:

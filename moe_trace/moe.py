@@ -202,18 +202,21 @@ def expert_bias_update(tokens_per_expert: Tensor, rate: float) -> Tensor:
 def expert_forward(x_sorted: Tensor, tokens_per_expert: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """``gelu(x @ w1[e]) @ w2[e]`` for each expert's contiguous slice of ``x_sorted [T*k, hidden]``.
 
-    ``tokens_per_expert [E]`` gives the slice lengths (rows are sorted by expert). On CUDA this is two
-    ``torch._grouped_mm`` calls in bf16 whose group offsets stay on the device; elsewhere a loop over
-    experts (which reads the counts on the host, harmless on CPU). Returns ``x_sorted``'s dtype.
+    ``tokens_per_expert [E]`` gives the slice lengths (rows are sorted by expert); rows past their sum are
+    padding (expert parallelism's fixed-size exchange), whose outputs the caller drops: unspecified on CUDA,
+    zero elsewhere. On CUDA this is two ``torch._grouped_mm`` calls in bf16 whose group offsets stay on the
+    device; elsewhere a loop over experts (which reads the counts on the host, harmless on CPU). Returns
+    ``x_sorted``'s dtype.
     """
     if x_sorted.is_cuda:
         offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
         hidden = torch._grouped_mm(x_sorted.bfloat16(), w1.bfloat16(), offs=offsets)
         out = torch._grouped_mm(F.gelu(hidden), w2.bfloat16(), offs=offsets)
         return out.to(x_sorted.dtype)
-    chunks = x_sorted.split(tokens_per_expert.tolist())
+    sizes = tokens_per_expert.tolist()
+    *chunks, padding = x_sorted.split([*sizes, x_sorted.shape[0] - sum(sizes)])
     # Empty chunks still pass through their expert so every expert weight is part of the graph (DDP).
-    return torch.cat([F.gelu(chunk @ w1[e]) @ w2[e] for e, chunk in enumerate(chunks)])
+    return torch.cat([*(F.gelu(chunk @ w1[e]) @ w2[e] for e, chunk in enumerate(chunks)), torch.zeros_like(padding)])
 
 
 def dispatch_combine(x_flat: Tensor, expert_indices: Tensor, expert_weights: Tensor, tokens_per_expert: Tensor,

@@ -69,6 +69,7 @@ class TrainConfig:
     placement: str = "static"  # expert placement policy under expert parallelism (placement.policies.ONLINE)
     redundant: int = 0  # spare expert slots over all ranks, for copies of hot experts
     replan_every: int | None = None  # the policy's re-plan cadence (its default if None)
+    expert_exchange: str = "counts"  # expert parallelism's token exchange (moe_trace.expert_parallel.EXCHANGES)
 
 
 @dataclass
@@ -294,7 +295,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
 
     optimizer_name = _choose_optimizer(model_config, config, world, device, sized=build_model is GPT)
     expert_placement.check_request(config.placement, config.redundant, config.replan_every, world.world_size,
-                                   model_config.num_experts, config.record, optimizer_name)
+                                   model_config.num_experts, config.record, optimizer_name, config.expert_exchange)
     if build_model is GPT:  # the estimate knows this project's GPT
         _check_activations(model_config, micro_batch, device, world, optimizer_name)
     data = _load_data_once(model_config, config, world)
@@ -307,7 +308,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         run_dir, write=world.is_main) if world.world_size > 1 else None
     model = build_model(model_config)
     # Before the move: a rank's GPU never holds all the experts.
-    expert_names = _shard_experts(model, world, placement.plan.slot_expert if placement else None)
+    expert_names = _shard_experts(model, world, placement.plan.slot_expert if placement else None,
+                                  config.expert_exchange)
     optim.cast_parameters(model, optimizer_name)
     model.to(device)
     optimizer = optim.build(optimizer_name, model, config.lr, config.weight_decay, device)
@@ -526,7 +528,7 @@ def _load_data_once(model_config: ModelConfig, config: TrainConfig, world: Distr
     return data if data is not None else load()
 
 
-def _shard_experts(model: GPT, world: Distributed, slot_expert: np.ndarray | None) -> list[str]:
+def _shard_experts(model: GPT, world: Distributed, slot_expert: np.ndarray | None, exchange: str) -> list[str]:
     """Expert parallelism over all ranks (the torch backend's layers) from the placement ``slot_expert``; the
     names of the sharded parameters."""
     if world.world_size == 1:
@@ -535,7 +537,7 @@ def _shard_experts(model: GPT, world: Distributed, slot_expert: np.ndarray | Non
         raise UsageError("expert parallelism under torchrun runs the torch MoE backend; use --moe-backend torch")
     if model.config.num_experts % world.world_size:
         raise UsageError(f"--experts {model.config.num_experts} does not divide over {world.world_size} ranks")
-    return expert_parallel.shard_experts(model, slot_expert)
+    return expert_parallel.shard_experts(model, slot_expert, exchange=exchange)
 
 
 def _write_config(run_dir: Path, model_config: ModelConfig, config: TrainConfig, data: TokenData,

@@ -21,19 +21,19 @@ def _loss(model: GPT, forward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return logits, loss + model.aux_loss()
 
 
-def _worker(rank: int, store_path: str, variant: dict, compiled: bool) -> None:
+def _worker(rank: int, store_path: str, variant: dict, compiled: bool, exchange: str) -> None:
     # A file store has no port to race for; the timeout turns a stuck collective into a failure, not a hang.
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        _compare_with_one_process(rank, variant, compiled)
+        _compare_with_one_process(rank, variant, compiled, exchange)
     finally:
         # Only once the models and their autograd graphs are freed: freeing them after the group is gone
         # can block.
         dist.destroy_process_group()
 
 
-def _compare_with_one_process(rank: int, variant: dict, compiled: bool) -> None:
+def _compare_with_one_process(rank: int, variant: dict, compiled: bool, exchange: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = make_config("gpt-tiny-moe", n_blocks=2, hidden=32, heads=2, num_experts=4, top_k=2, seq_len=16,
@@ -57,7 +57,7 @@ def _compare_with_one_process(rank: int, variant: dict, compiled: bool) -> None:
         ref_logits.append(logits.detach())
     ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
 
-    expert_names = expert_parallel.shard_experts(model)
+    expert_names = expert_parallel.shard_experts(model, exchange=exchange)
     ddp = expert_parallel.data_parallel(model, expert_names)
     # Compiled, the exchange runs eager between graphs (aot_eager: Dynamo's and AOTAutograd's graphs, no codegen).
     forward = torch.compile(ddp, backend="aot_eager") if compiled else ddp
@@ -90,12 +90,18 @@ def _compare_with_one_process(rank: int, variant: dict, compiled: bool) -> None:
         torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
 
 
+ROUTER_VARIANTS = dict(score="sigmoid", balance="aux_free", capacity_factor=1.0, shared_experts=1)
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("variant", [{}, dict(score="sigmoid", balance="aux_free", capacity_factor=1.0,
-                                              shared_experts=1)], ids=["default", "router variants"])
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_expert_parallel_matches_one_process(tmp_path, variant, compiled):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), variant, compiled), nprocs=WORLD)
+@pytest.mark.parametrize(("variant", "compiled", "exchange"), [
+    ({}, False, "counts"), ({}, True, "counts"), (ROUTER_VARIANTS, False, "counts"), (ROUTER_VARIANTS, True, "counts"),
+    ({}, False, "padded"), ({}, True, "padded"), (ROUTER_VARIANTS, False, "padded"),
+], ids=["default-eager", "default-compiled", "variants-eager", "variants-compiled", "padded-eager", "padded-compiled",
+        "padded-variants"])
+def test_expert_parallel_matches_one_process(tmp_path, variant, compiled, exchange):
+    """Both exchanges, the host-sized one and the padded one with no host read, eager and compiled."""
+    mp.spawn(_worker, args=(str(tmp_path / "store"), variant, compiled, exchange), nprocs=WORLD)
 
 
 def test_memory_estimate_refuses_with_a_way_out():

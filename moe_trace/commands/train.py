@@ -101,6 +101,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                      "(a multiple of the ranks; default 0)")
     place.add_argument("--replan-every", type=int, help="steps between re-plans (history 1000, predict 50, "
                                                         "phase 25 while loads move)")
+    place.add_argument("--expert-exchange", choices=("counts", "padded"),
+                       help="how MoE layers exchange tokens: counts (default; all-to-all sized from the counts read "
+                            "on the host, any placement) or padded (no host read, the step compiles whole; ranks x "
+                            "the traffic; needs --redundant 0)")
     # What --resume compares against to tell which settings the user changed.
     p.set_defaults(run=run, setting_defaults={f: p.get_default(f) for f in (*MODEL_FIELDS, *TRAIN_FIELDS)})
 
@@ -111,7 +115,7 @@ MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_ever
 _OPTIONS = {"n_blocks": "--blocks", "num_experts": "--experts", "load_balancing_weight": "--lb-weight"}
 TRAIN_FIELDS = ("steps", "global_batch", "micro_batch", "lr", "warmup", "eval_every", "checkpoint_every",
                 "flush_every", "data", "corpus_mb", "optimizer", "compile_mode", "tensorboard", "log_every",
-                "placement", "redundant", "replan_every")
+                "placement", "redundant", "replan_every", "expert_exchange")
 CHOICES = ("auto", "adamw", "adamw_bf16", "adamw8bit")  # moe_trace.optim.CHOICES, without importing torch
 
 
