@@ -17,7 +17,7 @@ That host read empties the GPU's queue once per layer and micro-batch and splits
 per layer. ``exchange="padded"`` removes it where every expert has exactly one slot (no replicas): each rank sends
 every other rank a buffer with room for all its rows (``ranks x`` the traffic), with the per-slot counts exchanged
 on the device beside it, so the whole layer has fixed shapes and compiles into the model's graph
-(:class:`PaddedExchange`).
+(:func:`padded_exchange`).
 
 Gradients: a slot receives the gradients of every rank's tokens it served, summed by the all-to-all's backward.
 Data parallelism averages over ranks, so expert gradients are scaled by ``1/W`` to match (megablocks does the
@@ -99,7 +99,7 @@ class ExpertParallelMoELayer(MoELayer):
 
     def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         if self.exchange == "padded":
-            return PaddedExchange(self, tokens_per_expert).run(x_sorted)
+            return padded_exchange(self, x_sorted, tokens_per_expert)
         return self._run_experts_sized_on_host(x_sorted, tokens_per_expert)
 
     # The exchange reads the count table on the host to size the all-to-all: under torch.compile it runs eager
@@ -141,7 +141,7 @@ class ExpertParallelMoELayer(MoELayer):
 EXCHANGES = ("counts", "padded")
 
 
-class PaddedExchange:
+def padded_exchange(layer: ExpertParallelMoELayer, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
     """One layer's token exchange with no host read: fixed-size buffers, positions computed on the device.
 
     A rank's ``N`` rows (``x_sorted``, grouped by expert) go to the ranks hosting their experts. Rank ``d``'s
@@ -151,53 +151,38 @@ class PaddedExchange:
     are regrouped by local slot for the grouped GEMM (padding last), and the outputs go back the same way,
     padding zeroed. The all-to-alls are torch's functional collectives, which torch.compile traces.
     """
+    world, slots, rows, device = layer.world_size, layer.slots_per_rank, x_sorted.shape[0], x_sorted.device
+    group = layer.group or dist.group.WORLD
+    # Where each of this rank's rows goes in the send buffer: its slot's place in its destination's share.
+    per_slot = tokens_per_expert.new_zeros(world * slots).index_add(0, layer.expert_slot, tokens_per_expert)
+    slot_start = (per_slot.view(world, slots).cumsum(dim=1) - per_slot.view(world, slots)).view(-1)
+    expert_of_row = torch.repeat_interleave(torch.arange(layer.num_experts, device=device), tokens_per_expert,
+                                            output_size=rows)
+    within_expert = torch.arange(rows, device=device) - (tokens_per_expert.cumsum(0) - tokens_per_expert)[expert_of_row]
+    slot = layer.expert_slot[expert_of_row]
+    send_position = torch.div(slot, slots, rounding_mode="floor") * rows + slot_start[slot] + within_expert
+    send = x_sorted.new_zeros((world * rows, x_sorted.shape[1])).index_copy(0, send_position, x_sorted)
+    received = funcol.all_to_all_single_autograd(send, None, None, group)
+    per_source_slot = funcol.all_to_all_single(per_slot, None, None, group).view(world, slots)
 
-    def __init__(self, layer: ExpertParallelMoELayer, tokens_per_expert: Tensor):
-        self.layer = layer
-        world, slots = layer.world_size, layer.slots_per_rank
-        # Rows per global slot, then where each slot's rows start in its destination rank's share.
-        per_slot = tokens_per_expert.new_zeros(world * slots).index_add(0, layer.expert_slot, tokens_per_expert)
-        self.sent_per_slot = per_slot
-        self.slot_start = (per_slot.view(world, slots).cumsum(dim=1) - per_slot.view(world, slots)).view(-1)
-        self.received_per_slot = funcol.all_to_all_single(per_slot, None, None, _group(layer.group)).view(world, slots)
-
-    def run(self, x_sorted: Tensor) -> Tensor:
-        layer, rows, device = self.layer, x_sorted.shape[0], x_sorted.device
-        world, slots = layer.world_size, layer.slots_per_rank
-        # Where each of this rank's rows goes in the send buffer: its slot's place in its destination's share.
-        counts = self.sent_per_slot[layer.expert_slot]  # rows per expert, in x_sorted's order
-        expert_of_row = torch.repeat_interleave(torch.arange(layer.num_experts, device=device), counts,
-                                                output_size=rows)
-        within_expert = torch.arange(rows, device=device) - (counts.cumsum(0) - counts)[expert_of_row]
-        slot = layer.expert_slot[expert_of_row]
-        send_position = torch.div(slot, slots, rounding_mode="floor") * rows + self.slot_start[slot] + within_expert
-        send = x_sorted.new_zeros((world * rows, x_sorted.shape[1])).index_copy(0, send_position, x_sorted)
-        received = funcol.all_to_all_single_autograd(send, None, None, _group(layer.group))
-
-        # Received rows are source-major, each source's real rows slot by slot, then its padding: regroup them
-        # by local slot (sources in order within a slot), padding after every real row.
-        per_source_slot = self.received_per_slot  # [source, local slot]
-        index = torch.arange(rows, device=device).expand(world, rows).contiguous()
-        ends = per_source_slot.cumsum(dim=1)
-        local_slot = torch.searchsorted(ends, index, right=True)  # == slots past a source's real rows
-        real = local_slot < slots
-        local_slot = local_slot.clamp(max=slots - 1)
-        per_local_slot = per_source_slot.sum(dim=0)
-        earlier_sources = (per_source_slot.cumsum(dim=0) - per_source_slot).gather(1, local_slot)
-        within_slot = index - (ends - per_source_slot).gather(1, local_slot)
-        grouped_position = (per_local_slot.cumsum(0) - per_local_slot)[local_slot] + earlier_sources + within_slot
-        padding_position = per_local_slot.sum() + (~real).view(-1).cumsum(0).view(world, rows) - 1
-        position = torch.where(real, grouped_position, padding_position).view(-1)
-        grouped = torch.empty_like(received).index_copy(0, position, received)
-        y = expert_forward(grouped, per_local_slot, layer.w1, layer.w2)
-        # where, not a product: the padding's outputs (and their gradients) are dropped, never multiplied.
-        y_received = torch.where(real.view(-1, 1), y[position], 0)
-        y_sent = funcol.all_to_all_single_autograd(y_received, None, None, _group(layer.group))
-        return y_sent[send_position]
-
-
-def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    return group or dist.group.WORLD
+    # Received rows are source-major, each source's real rows slot by slot, then its padding: regroup them by
+    # local slot (sources in order within a slot), padding after every real row.
+    index = torch.arange(rows, device=device).expand(world, rows).contiguous()
+    ends = per_source_slot.cumsum(dim=1)
+    local_slot = torch.searchsorted(ends, index, right=True)  # == slots past a source's real rows
+    real = local_slot < slots
+    local_slot = local_slot.clamp(max=slots - 1)
+    per_local_slot = per_source_slot.sum(dim=0)
+    earlier_sources = (per_source_slot.cumsum(dim=0) - per_source_slot).gather(1, local_slot)
+    within_slot = index - (ends - per_source_slot).gather(1, local_slot)
+    grouped_position = (per_local_slot.cumsum(0) - per_local_slot)[local_slot] + earlier_sources + within_slot
+    padding_position = per_local_slot.sum() + (~real).view(-1).cumsum(0).view(world, rows) - 1
+    position = torch.where(real, grouped_position, padding_position).view(-1)
+    grouped = torch.empty_like(received).index_copy(0, position, received)
+    y = expert_forward(grouped, per_local_slot, layer.w1, layer.w2)
+    # where, not a product: the padding's outputs (unspecified on CUDA) and their gradients are dropped.
+    y_received = torch.where(real.view(-1, 1), y[position], 0)
+    return funcol.all_to_all_single_autograd(y_received, None, None, group)[send_position]
 
 
 def _rows(weights: Tensor, experts: Tensor) -> Tensor:
