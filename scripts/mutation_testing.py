@@ -50,7 +50,8 @@ EXPERT_PLACEMENT_PURE = [f"tests/test_expert_placement.py::{t}" for t in (
 MODULES = {
     "moe_trace/moe.py": ["tests/test_moe.py"],
     "moe_trace/recorder.py": ["tests/test_recorder.py", "tests/test_record.py"],
-    "moe_trace/trace.py": ["tests/test_trace.py", "tests/test_recorder.py", "tests/test_synth.py"],
+    "moe_trace/trace.py": ["tests/test_trace.py", "tests/test_recorder.py", "tests/test_synth.py",
+                           "tests/test_fuzz.py::test_bad_input_is_one_line_exit_2_and_leaves_nothing"],
     "predictors/evaluate.py": ["tests/test_predictors.py", "tests/test_cli_predict.py"],
     "predictors/phases.py": ["tests/test_phases.py", "tests/test_cli_predict.py"],
     "placement/dispatch.py": ["tests/test_placement.py", "tests/test_simulate.py", *EXPERT_PLACEMENT_PURE],
@@ -193,6 +194,18 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a bin exactly at the final level adds nothing: the level computed with it is the same",
     ("placement/dispatch.py", "water_fill", "for j in range(len(candidate)):"):
         "the extra first pass sets lam to candidate[0], which it already is",
+    # placement/cost.py
+    **_same("placement/cost.py", "CostModel.expert_time_s", "its callers pass the float64 tokens gpu_tokens returns, "
+            "and an integer array times this float factor is float64 too",
+            "return np.asarray(tokens, dtype=None) * (3 * 2 * self.expert_params / self.matmul_flops)",
+            "return np.asarray(tokens, ) * (3 * 2 * self.expert_params / self.matmul_flops)"),
+    **_same("placement/cost.py", "CostModel.all_to_all_time_s", "its callers pass the float64 tokens gpu_tokens "
+            "returns, for which asarray changes nothing",
+            "remote_bytes = np.asarray(tokens, dtype=None) * self.activation_bytes * self.hidden * (gpus - 1) / gpus",
+            "remote_bytes = np.asarray(tokens, ) * self.activation_bytes * self.hidden * (gpus - 1) / gpus"),
+    ("placement/cost.py", "CostModel.migration_time_s", "if arrivals.size == 1:"):
+        "no arrivals sum to 0.0 anyway, and a single entry is one GPU's, which hosts every expert and so never "
+        "receives one",
     # predictors/phases.py
     ("predictors/phases.py", "parameters_for", "if n_steps > SHORT_TRACE:"):
         "at n_steps = SHORT_TRACE the scale is 1, which gives the defaults",
@@ -339,8 +352,9 @@ def run(args: argparse.Namespace) -> None:
             # After new tests, only the earlier survivors need another run (mutmut keeps every other verdict).
             retest = ([s["name"] for s in json.loads(out.read_text())["survivors"]]
                       if args.retest and out.exists() else [])
-            subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *retest], cwd=work,
-                           env=_env(), check=False)
+            names = retest or args.only
+            subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *names], cwd=work, env=_env(),
+                           check=False)
         statuses = _statuses(work)
         survivors = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items()
                      if s not in ("killed", "not checked", "timeout")]
@@ -353,7 +367,8 @@ def run(args: argparse.Namespace) -> None:
             counts[s] = counts.get(s, 0) + 1
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(
-            module=module, tests=MODULES[module], command=f"python scripts/mutation_testing.py run {module}",
+            module=module, tests=MODULES[module], command=f"python scripts/mutation_testing.py run {module}" + (
+                " --only " + " ".join(repr(o) for o in args.only) if args.only else ""),
             date=_now(), wall_s=None if args.collect else round(
                 (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()),
             versions=_versions(), counts=counts, killed_by_new_tests=killed_by_new_tests, timeouts=timeouts,
@@ -469,13 +484,13 @@ def report(args: argparse.Namespace) -> None:
 
 
 def _run_time(result: dict) -> str:
-    return f"{result['wall_s']} s" if result["wall_s"] else "stopped"
+    return f"{result['wall_s']} s" if result["wall_s"] else "stopped (not measured)"
 
 
 def _module_section(module: str, result: dict) -> list[str]:
     counts = result["counts"]
-    when = (f"{result['date']}, {result['wall_s']} s" if result["wall_s"] else
-            f"{result['date']}, stopped before the end: {counts.get('not checked', 0)} mutants not checked")
+    when = ", ".join([result["date"], *([f"{result['wall_s']} s"] if result["wall_s"] else []),
+                      *([f"{counts['not checked']} mutants not checked"] if counts.get("not checked") else [])])
     verdicts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
     lines = [f"## {module}", "", f"`{result['command']}` against {', '.join(result['tests'])} ({when}): "
              f"{verdicts}.", ""]
@@ -526,6 +541,9 @@ def main() -> None:
                             help="only gather the verdicts so far from --workdir (e.g. of a run still going)")
     run_parser.add_argument("--retest", action="store_true",
                             help="run only the survivors of the last run again (after adding tests)")
+    run_parser.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
+                            help="only the mutants whose names match (mutmut's globs, e.g. 'predictors.evaluate."
+                                 "x_step_wape*'): the functions that produce reported figures first")
     run_parser.set_defaults(func=run)
     replay_parser = sub.add_parser("replay", help="plant a module's recorded survivors in today's code again")
     replay_parser.add_argument("module", choices=list(MODULES))

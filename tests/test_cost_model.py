@@ -85,6 +85,30 @@ def test_linear_model_is_the_flop_rate_model():
     np.testing.assert_allclose(cost.expert_time_s(tokens, 3), tokens * 6 * cost.expert_params / cost.matmul_flops)
 
 
+def test_shapes_from_the_trace_metadata():
+    assert (CostModel.from_meta(META).hidden, CostModel.from_meta(META).n_blocks) == (768, 12)  # the preset's
+    unknown = CostModel.from_meta({"model": "mine", "moe_layers": [0, 2, 4], "seq_len": None, "tokens_per_step": 8})
+    # an unknown model: hidden 1024 (gpt-350m-moe's), two blocks per MoE layer, sequences of 2048
+    assert (unknown.hidden, unknown.n_blocks, unknown.n_moe_blocks, unknown.seq_len) == (1024, 6, 3, 2048)
+    given = CostModel.from_meta({**META, "hidden": 96, "n_blocks": 7}, a2a_bandwidth=1e9, link_bandwidth=None)
+    assert (given.hidden, given.n_blocks, given.seq_len, given.tokens_per_step) == (96, 7, 2048, 16384)
+    assert (given.a2a_bandwidth, given.link_bandwidth) == (1e9, CostModel.link_bandwidth)  # None: the default
+
+
+def test_dense_time_and_migration_stall_by_hand():
+    cost = CostModel(hidden=64, n_blocks=3, n_moe_blocks=1, seq_len=16, tokens_per_step=8, dense_flops=1e12,
+                     link_bandwidth=1e9)
+    # per token: attention projections 4 h^2 in each of 3 blocks, a dense FFN 2 h (4 h) in the 2 blocks without
+    # experts; 6 FLOPs per parameter (forward + backward) plus causal attention 6 x blocks x h x seq_len
+    params = 4 * 64 * 64 * 3 + 2 * 64 * 256 * 2
+    assert cost.dense_time_s(2) == pytest.approx(8 / 2 * (6 * params + 6 * 3 * 64 * 16) / 1e12)
+    # an expert's weights, gradient and Adam state: 2 h (4 h) parameters x 16 bytes; the busiest receiver per layer
+    assert cost.bytes_per_expert == 2 * 64 * 256 * 16
+    arrivals = np.array([[1, 0, 2], [0, 1, 0]])  # [layers, gpus]
+    assert cost.migration_time_s(arrivals) == pytest.approx((2 + 1) * cost.bytes_per_expert / 1e9)
+    assert cost.migration_time_s(np.zeros((0, 3))) == 0.0
+
+
 def test_step_time_uses_the_measured_expert_and_all_to_all_times(tmp_path):
     cal = calibration.load(write_calibration(tmp_path / "c.json", {(768, 3072, 2): {256: 0.1, 4096: 0.5}},
                                              all_to_all=[(1 << 10, 0.02), (1 << 30, 5.0)]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,15 @@ def test_oracle_beats_static_and_history_on_the_recorded_trace():
     setting = Setting(gpus=8, redundant=8, cost=CostModel.from_meta(recorded.meta))
     records = simulator.simulate(recorded.counts, policies.get("static,history,oracle"), setting, stable_from=3700)
     _assert_oracle_beats_static_and_history({r["policy"]: r for r in records}, ("transient", "stable"))
+    # The same replay made the 16k (recorded) row of benchmarks/results/placement_batch_curve_linear.json.
+    committed = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" /
+                            "placement_batch_curve_linear.json").read_text())
+    [row] = [r for r in committed["results"] if r["model"] == "gpt-125m-moe" and r["noise"] == "recorded"]
+    assert row["gpus"] == 8 and row["redundant"] == 8 and row["stable_from"] == 3700 and row["cost_model"] == "linear"
+    expected = {r["policy"]: r for r in row["records"]}
+    for record in records[:2]:
+        for figure in ("mean_imbalance", "p99_imbalance", "migrations", "moved_bytes", "est_step_time_s"):
+            assert record[figure] == pytest.approx(expected[record["policy"]][figure], rel=1e-12), figure
 
 
 def _assert_oracle_beats_static_and_history(records, phases):
