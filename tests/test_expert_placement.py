@@ -277,3 +277,28 @@ def test_sigkill_after_a_migration_then_resume_records_every_step_once(corpus_ca
     assert trace.load_metrics(out)["step"].tolist() == list(range(stop))
     steps = [s for s, _ in trace.load_placement(out / "placement.parquet")]
     assert steps[0] == 0 and 10 in steps and steps == sorted(set(steps))  # each plan once, a migration at step 10
+
+
+# ---------------------------------------------------------------------------------------------------
+# On 2 GPUs: NCCL, compiled (the default there), migrations
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nvidia-h200-x2)")
+@pytest.mark.parametrize("placement", [
+    ["--placement", "phase", "--redundant", "2", "--replan-every", "5"],
+    ["--placement", "history", "--replan-every", "5", "--expert-exchange", "padded"],
+], ids=["phase-replicas", "history-padded"])
+def test_placed_training_on_two_gpus_keeps_copies_identical(corpus_cache, tmp_path, placement):
+    """What the gloo tests show, through the command line on NCCL and compiled: every step recorded once with
+    its tokens, re-plans made, and every copy of an expert the same tensor after the last step."""
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--device", "cuda", "--steps", str(STEPS), "--checkpoint-every", str(STEPS), *placement]
+    run = subprocess.run(_torchrun("--out", str(out), *args), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    recorded = trace.load(out)
+    assert recorded.steps.tolist() == list(range(STEPS))
+    assert (recorded.counts.sum(axis=2) == 8 * 32 * 2).all()
+    assert len(trace.load_placement(out / "placement.parquet")) >= 2, "no re-plan"
+    for key, weights in _final_experts(out, 2).items():
+        assert all(torch.equal(copy, weights[0]) for copy in weights[1:]), f"copies of {key} differ"
