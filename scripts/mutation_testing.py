@@ -49,7 +49,9 @@ EXPERT_PLACEMENT_PURE = [f"tests/test_expert_placement.py::{t}" for t in (
 # module -> the tests that exercise it (tests that only reach it through a subprocess cannot see a mutant)
 MODULES = {
     "moe_trace/moe.py": ["tests/test_moe.py"],
-    "moe_trace/recorder.py": ["tests/test_recorder.py", "tests/test_record.py"],
+    # test_record's harness test: the hooks feeding a recorder (its transformers families take seconds each)
+    "moe_trace/recorder.py": ["tests/test_recorder.py",
+                              "tests/test_record.py::test_harness_gpt_is_recorded_through_the_same_hooks"],
     "moe_trace/trace.py": ["tests/test_trace.py", "tests/test_recorder.py", "tests/test_synth.py",
                            "tests/test_fuzz.py::test_bad_input_is_one_line_exit_2_and_leaves_nothing"],
     "predictors/evaluate.py": ["tests/test_predictors.py", "tests/test_cli_predict.py"],
@@ -194,6 +196,59 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a bin exactly at the final level adds nothing: the level computed with it is the same",
     ("placement/dispatch.py", "water_fill", "for j in range(len(candidate)):"):
         "the extra first pass sets lam to candidate[0], which it already is",
+    # moe_trace/recorder.py
+    **_same("moe_trace/recorder.py", "is_distributed", "the default group holds `group`: they differ only for a "
+            "group of one rank, whose all-reduce is the identity, whose world size is 1 and whose rank is 0",
+            "return dist.is_available() and dist.is_initialized() and dist.get_world_size(None) > 1"),
+    ("moe_trace/recorder.py", "Recorder._copy_to_host", "if is_distributed(None):"):
+        "the default group holds `group`: they differ only for a group of one rank, whose all-reduce is the identity",
+    ("moe_trace/recorder.py", "is_distributed",
+     "return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) >= 1"):
+        "with one rank the all-reduce is the identity, the world size 1 and the rank 0, as when not distributed",
+    ("moe_trace/recorder.py", "Recorder.__init__",
+     "block: int = 26, write: bool = True, group: dist.ProcessGroup | None = None,"):
+        "the block size only sets how many steps reach the host at once; every step is written whatever it is",
+    ("moe_trace/recorder.py", "Recorder.__init__", "shape = (2 + dropped, self.num_layers, self.num_experts)"):
+        "adds a row nothing writes or reads: the counts stay row 0 and the dropped row 1",
+    **_same("moe_trace/recorder.py", "Recorder.__init__", "mark_static_address only lets CUDA-graph replay "
+            "(--compile-mode reduce-overhead) capture the hooks' additions; without it the graphs are skipped, the "
+            "counts are the same", 'if device.type != "cuda":', 'if device.type == "XXcudaXX":',
+            'if device.type == "CUDA":'),
+    **{("moe_trace/recorder.py", function, line): "the same on the CPU; on CUDA a host tensor here either fails "
+       "loudly or costs a copy (the GPU no-sync test of test_recorder.py reports a sync), and cannot change a count"
+       for function, line in (
+           ("Recorder.__init__", "self._current = torch.zeros(shape, dtype=torch.int64, device=None)"),
+           ("Recorder.__init__", "self._current = torch.zeros(shape, dtype=torch.int64, )"),
+           ("Recorder.__init__", "self._buffer = torch.zeros((block, *shape), dtype=torch.int64, device=None)"),
+           ("Recorder.__init__", "self._buffer = torch.zeros((block, *shape), dtype=torch.int64, )"),
+           ("Recorder.layer_index", "return torch.tensor([layer], device=None)"),
+           ("Recorder.layer_index", "return torch.tensor([layer], )"),
+           ("Recorder._add", "layer = torch.tensor([layer], device=None)"),
+           ("Recorder._add", "layer = torch.tensor([layer], )"),
+           ("Recorder.add_expert_ids", "counts = torch.zeros(self.num_experts, dtype=torch.int64, device=None)"),
+           ("Recorder.add_expert_ids", "counts = torch.zeros(self.num_experts, dtype=torch.int64, )"))},
+    **{("moe_trace/recorder.py", function, line): "the same on the CPU; on CUDA the copy to the host becomes "
+       "synchronous (slower, and a sync the GPU no-sync test reports); the counts are the same"
+       for function, line in (
+           ("Recorder.__init__", 'self._pin = device.type == "XXcudaXX"'),
+           ("Recorder.__init__", 'self._pin = device.type == "CUDA"'),
+           ("Recorder._copy_to_host", "host = torch.empty(block.shape, dtype=torch.int64, pin_memory=None)"),
+           ("Recorder._copy_to_host", "host = torch.empty(block.shape, dtype=torch.int64, )"),
+           ("Recorder._copy_to_host", "host.copy_(block, )"))},
+    ("moe_trace/recorder.py", "Recorder.__init__",
+     "self._sequences, self._seq_len = 0, 1  # input shapes seen in the current step (add_sequences)"):
+        "_seq_len is read only in a step where add_sequences ran, which sets it",
+    **_same("moe_trace/recorder.py", "Recorder.__init__", "None is falsy like False", "self._truncated = None"),
+    ("moe_trace/recorder.py", "Recorder.flush", "self._truncated = None"): "None is falsy like False",
+    ("moe_trace/recorder.py", "Recorder.flush", "self._truncated = False"):
+        "truncating again at a later flush, from its first step, removes nothing: every step written before is "
+        "earlier",
+    ("moe_trace/recorder.py", "Recorder.step", "if len(self._steps) != len(self._buffer):"):
+        "copies every step to the host instead of every block of steps: the same counts reach the trace, with "
+        "more (non-blocking) copies and all-reduces",
+    **_same("moe_trace/recorder.py", "_on_host", "the steps are Python ints, which numpy stores as int64 anyway",
+            "steps = np.concatenate([np.asarray(s, dtype=None) for s, _, _ in blocks])",
+            "steps = np.concatenate([np.asarray(s, ) for s, _, _ in blocks])"),
     # placement/cost.py
     **_same("placement/cost.py", "CostModel.expert_time_s", "its callers pass the float64 tokens gpu_tokens returns, "
             "and an integer array times this float factor is float64 too",
@@ -356,12 +411,14 @@ def run(args: argparse.Namespace) -> None:
             subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *names], cwd=work, env=_env(),
                            check=False)
         statuses = _statuses(work)
-        survivors = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items()
-                     if s not in ("killed", "not checked", "timeout")]
-        timeouts = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items() if s == "timeout"]
         earlier = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
         killed_by_new_tests = earlier.get("killed_by_new_tests", []) + [
             s for s in earlier.get("survivors", []) if statuses.get(s["name"]) == "killed"]
+        # mutmut still holds replay's kills (``replay``, outside mutmut) as survivors: they stay killed
+        replayed = {k["name"] for k in killed_by_new_tests}
+        survivors = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items()
+                     if s not in ("killed", "not checked", "timeout") and n not in replayed]
+        timeouts = [dict(name=n, diff=_diff(work, n)) for n, s in statuses.items() if s == "timeout"]
         counts: dict[str, int] = {}
         for s in statuses.values():
             counts[s] = counts.get(s, 0) + 1
@@ -389,17 +446,15 @@ def replay(args: argparse.Namespace) -> None:
         source = (work / args.module).read_text()
         still, killed = [], []
         for survivor in result["survivors"]:
+            survivor = {k: v for k, v in survivor.items() if k != "stale"}
             if args.open and _key(args.module, survivor) in EQUIVALENT:
                 still.append(survivor)
                 continue
-            removed = "\n".join(line[1:] for line in survivor["diff"].splitlines()
-                                 if line.startswith("-") and not line.startswith("---"))
-            added = "\n".join(line[1:] for line in survivor["diff"].splitlines()
-                               if line.startswith("+") and not line.startswith("+++"))
-            if not removed or source.count(removed) != 1:
+            planted = _plant(source, survivor["diff"])
+            if planted is None:
                 still.append(survivor | {"stale": True})
                 continue
-            (work / args.module).write_text(source.replace(removed, added))
+            (work / args.module).write_text(planted)
             try:
                 status, failing = _failing_tests(work, (args.tests or MODULES[args.module]) + ["-x"])
             finally:
@@ -412,6 +467,23 @@ def replay(args: argparse.Namespace) -> None:
     result.update(survivors=still, killed_by_new_tests=result.get("killed_by_new_tests", []) + killed,
                   replayed=_now())
     out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _plant(source: str, diff: str) -> str | None:
+    """``source`` with a mutant's changed lines replaced, or None where they are not there exactly once.
+    ``mutmut show`` prints a method dedented to column 0: its lines are matched whole, at any indentation."""
+    removed = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    if not removed:
+        return None
+    shift = len(removed[0]) - len(removed[0].lstrip())
+    found = re.findall(r"^([ \t]*)" + re.escape(removed[0].lstrip()) + "$", source, flags=re.M)
+    if len(found) != 1:
+        return None
+    indent = " " * (len(found[0]) - shift)
+    old, new = ("\n".join(indent + line for line in lines) for lines in (removed, added))
+    starts = [m.start() for m in re.finditer("^" + re.escape(old) + "$", source, flags=re.M)]
+    return source[:starts[0]] + new + source[starts[0] + len(old):] if len(starts) == 1 else None
 
 
 def _configure(pyproject: Path, module: str) -> None:
