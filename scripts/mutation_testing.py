@@ -127,6 +127,13 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
            "if predictor.parallel and workers > 1 and len(all_origins) >= 1:",
            "if predictor.parallel and workers > 1 and len(all_origins) > 2:")},
     ("predictors/evaluate.py", "evaluate", "progress(None)"): "the progress display's step count; no figure",
+    **_same("predictors/evaluate.py", "origins", "every caller passes stride and min_history (evaluate's own "
+            "defaults, 250 and 1000, are tested)",
+            "def origins(n_steps: int, horizon: int, stride: int = 251, min_history: int = 1000) -> np.ndarray:",
+            "def origins(n_steps: int, horizon: int, stride: int = 250, min_history: int = 1001) -> np.ndarray:"),
+    **_same("predictors/evaluate.py", "origins", "numpy >= 2's default integer is int64 on every platform",
+            "return np.arange(min_history, n_steps - horizon + 1, stride, dtype=None)",
+            "return np.arange(min_history, n_steps - horizon + 1, stride, )"),
     **{("predictors/evaluate.py", "phase_masks", line): "numpy >= 2's default integer is int64 on every platform, "
        "which holds the sentinel" for line in (
            "starts = np.array([np.iinfo(np.int64).max if s is None else s for s in stable_from], dtype=None)",

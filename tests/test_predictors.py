@@ -128,6 +128,10 @@ def test_metrics_by_hand_where_mean_median_and_sum_differ():
     np.testing.assert_allclose(evaluate.step_floor(actual), [2 / 3, 0.0], atol=1e-12)
     # 2 |mean f - mean x| = 2 |0.3 - 0.4| (medians give 0.1, sums 0.6)
     np.testing.assert_allclose(evaluate.mean_wape(forecast, actual), [0.2, 0.0], atol=1e-12)
+    # one layer as [steps, experts]: the same figures, as scalars
+    assert evaluate.step_wape(forecast[:, 0], actual[:, 0]) == pytest.approx(0.8 / 3)
+    assert evaluate.step_floor(actual[:, 0]) == pytest.approx(2 / 3)
+    assert evaluate.mean_wape(forecast[:, 0], actual[:, 0]) == pytest.approx(0.2)
 
 
 class _Spy(Predictor):
