@@ -201,11 +201,7 @@ def test_balanced_dispatch_is_the_rule_applied_step_by_step():
         loads = skewed_loads(3, experts, seed=gpus, concentration=0.3)
         plan = planners.eplb(loads, gpus, planners.slots_per_gpu_for(experts, gpus, redundant), redundant)
         counts = rng.poisson(loads / loads.sum(axis=1, keepdims=True) * 400, size=(6, 3, experts)).astype(float)
-        tokens = gpu_tokens(counts, plan, "balanced")
-        for step in range(len(counts)):
-            for layer in range(3):
-                by_hand = _balanced_one_step(counts[step], plan, layer, counts[:, layer].sum(axis=0))
-                np.testing.assert_allclose(tokens[step, layer], by_hand, rtol=1e-12, atol=1e-9)
+        _assert_balanced_rule_step_by_step(counts, plan, atol=1e-9)
 
 
 def test_balanced_dispatch_of_fractional_loads_with_tied_heaviness_is_the_rule_applied_step_by_step():
@@ -215,11 +211,16 @@ def test_balanced_dispatch_of_fractional_loads_with_tied_heaviness_is_the_rule_a
     counts = rng.integers(0, 3, size=(6, 2, 24)) / 10
     plan = planners.eplb(counts.mean(axis=0), 8, planners.slots_per_gpu_for(24, 8, 12), 12)
     assert len(np.unique(counts.sum(axis=0))) < 24 and ((plan.replicas > 1) & (counts.sum(axis=0) < 1)).any()
+    _assert_balanced_rule_step_by_step(counts, plan, atol=1e-12)
+
+
+def _assert_balanced_rule_step_by_step(counts: np.ndarray, plan, atol: float) -> None:
+    """``gpu_tokens(..., "balanced")`` equals the rule applied by hand to each step and layer."""
     tokens = gpu_tokens(counts, plan, "balanced")
-    for step in range(len(counts)):
-        for layer in range(2):
+    for step in range(counts.shape[0]):
+        for layer in range(counts.shape[1]):
             by_hand = _balanced_one_step(counts[step], plan, layer, counts[:, layer].sum(axis=0))
-            np.testing.assert_allclose(tokens[step, layer], by_hand, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(tokens[step, layer], by_hand, rtol=1e-12, atol=atol)
 
 
 def test_imbalance_by_hand():
