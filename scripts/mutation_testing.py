@@ -203,6 +203,98 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a bin exactly at the final level adds nothing: the level computed with it is the same",
     ("placement/dispatch.py", "water_fill", "for j in range(len(candidate)):"):
         "the extra first pass sets lam to candidate[0], which it already is",
+    # moe_trace/trace.py
+    **{("moe_trace/trace.py", function, line): "the compression codec does not change what is read back, and "
+       "pyarrow takes a codec's name in any case" for function in ("write_part", "write", "truncate") for line in (
+           "atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=None))",
+           "atomic_write(path, lambda tmp: pq.write_table(table, tmp, ))",
+           'atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="ZSTD"))',
+           "atomic_write(new, lambda tmp, kept=kept: pq.write_table(kept, tmp, compression=None))",
+           "atomic_write(new, lambda tmp, kept=kept: pq.write_table(kept, tmp, ))",
+           'atomic_write(new, lambda tmp, kept=kept: pq.write_table(kept, tmp, compression="ZSTD"))')},
+    ("moe_trace/trace.py", "_now", 'return _dt.datetime.now(None).isoformat(timespec="seconds")'):
+        "the creation time in the metadata loses its zone; no figure reads it",
+    ("moe_trace/trace.py", "_arrow_schema",
+     "def _arrow_schema(meta: Mapping[str, Any], dropped: bool = True) -> pa.Schema:"):
+        "its one caller (_part_table) passes dropped",
+    **_same("moe_trace/trace.py", "_arrow_schema", "the order of the keys in the metadata's JSON text; readers "
+            "parse it into the same dict",
+            "return pa.schema(fields, metadata={META_KEY: json.dumps(dict(meta), sort_keys=None).encode()})",
+            "return pa.schema(fields, metadata={META_KEY: json.dumps(dict(meta), ).encode()})",
+            "return pa.schema(fields, metadata={META_KEY: json.dumps(dict(meta), sort_keys=False).encode()})"),
+    ("moe_trace/trace.py", "_list_array", "flat = pa.array(np.ascontiguousarray(values, dtype=np.int64)"
+     ".reshape(-2))"): _NEGATIVE_RESHAPE,
+    **_same("moe_trace/trace.py", "write", "numpy >= 2's default integer is int64 on every platform",
+            "steps = np.arange(counts.shape[0], dtype=None) if steps is None else np.asarray(steps)",
+            "steps = np.arange(counts.shape[0], ) if steps is None else np.asarray(steps)"),
+    **_same("moe_trace/trace.py", "truncate", "pyarrow infers int64 for a Python int, the type of the step column",
+            'kept = table.filter(pa.compute.less(table["step"], pa.scalar(from_step, None)))',
+            'kept = table.filter(pa.compute.less(table["step"], pa.scalar(from_step, )))'),
+    **_same("moe_trace/trace.py", "_check_disjoint", "only which of the two files holding a step is named first in "
+            "the refusal; the refusal is the same", "order = np.argsort(steps, kind=None)",
+            "order = np.argsort(steps, )", 'order = np.argsort(steps, kind="STABLE")'),
+    **_same("moe_trace/trace.py", "_per_expert", "the column has no nulls, so numpy gets it with or without a copy",
+            "lengths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=None)",
+            "lengths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=True)",
+            "return column.flatten().to_numpy(zero_copy_only=None).reshape(-1, n_experts)",
+            "return column.flatten().to_numpy(zero_copy_only=True).reshape(-1, n_experts)"),
+    ("moe_trace/trace.py", "_per_expert", "return column.flatten().to_numpy(zero_copy_only=False).reshape(-2, "
+     "n_experts)"): _NEGATIVE_RESHAPE,
+    **_same("moe_trace/trace.py", "_assemble", "numpy >= 2's default integer is int64 on every platform",
+            "layer_index = np.full(max(layer_ids) + 1, -1, dtype=None)",
+            "layer_index = np.full(max(layer_ids) + 1, -1, )"),
+    ("moe_trace/trace.py", "_assemble", "layer_index = np.full(max(layer_ids) + 2, -1, dtype=np.int64)"):
+        "adds one more block id marked -1 (not a MoE layer), which the same check refuses",
+    ("moe_trace/trace.py", "_assemble", "layer_index = np.full(max(layer_ids) + 1, -2, dtype=np.int64)"):
+        "any negative value marks a block that is not a MoE layer",
+    ("moe_trace/trace.py", "_assemble", "if (steps2 != steps2[:, :1]).any() or (layer_index[layers].reshape(-2, "
+     "n_layers)"): _NEGATIVE_RESHAPE,
+    ("moe_trace/trace.py", "_assemble", "steps2 = steps.reshape(-2, n_layers)"): _NEGATIVE_RESHAPE,
+    **_same("moe_trace/trace.py", "_assemble", "copy only decides whether numpy copies; the values are the same",
+            "counts = flat.reshape(shape).astype(np.int64, copy=None)",
+            "counts = flat.reshape(shape).astype(np.int64, )",
+            "counts = flat.reshape(shape).astype(np.int64, copy=True)",
+            "dropped = flat_dropped[order].reshape(shape).astype(np.int64, copy=None)",
+            "dropped = flat_dropped[order].reshape(shape).astype(np.int64, )",
+            "dropped = flat_dropped[order].reshape(shape).astype(np.int64, copy=True)"),
+    **_same("moe_trace/trace.py", "_list_array", "pyarrow casts the list values and offsets to the schema's types "
+            "when the table is built: the round-trip tests (int32 counts among them) read back the same counts",
+            "flat = pa.array(np.ascontiguousarray(values, dtype=None).reshape(-1))",
+            "flat = pa.array(np.ascontiguousarray(values, ).reshape(-1))",
+            "offsets = pa.array(np.arange(0, len(flat) + 1, values.shape[2], dtype=None))",
+            "offsets = pa.array(np.arange(0, len(flat) + 1, values.shape[2], ))"),
+    **_same("moe_trace/trace.py", "_part_table", "pyarrow casts the column to the schema's type when the table is "
+            "built (int32 block ids; int64 steps, exact in float64 below 2^53)",
+            'layer_ids = np.asarray(meta["moe_layers"], dtype=None)', 'layer_ids = np.asarray(meta["moe_layers"], )',
+            "columns = [pa.array(np.repeat(steps.astype(None), n_layers)), pa.array(np.tile(layer_ids, n_steps)),"),
+    **_same("moe_trace/trace.py", "_checked", "_part_table writes the steps as int64 whatever type np.asarray "
+            "gives (a list of ints is int64 already)", "steps = np.asarray(steps, dtype=None)",
+            "steps = np.asarray(steps, )"),
+    ("moe_trace/trace.py", "compact", "trace = _load_parts([p for _, _, p in live], None)"):
+        "only the path a refusal's message names while merging parts, which a writer's own parts never trigger",
+    ("moe_trace/trace.py", "_assemble", 'flat_dropped = _per_expert(table, "dropped", n_experts, None) if '
+     '"dropped" in table.column_names else None'):
+        "only the file named in the refusal of a dropped list of the wrong length",
+    **_same("moe_trace/trace.py", "write_metrics", "np.asarray gives the same array from the lists and arrays callers "
+            "pass (MetricsLog passes lists)",
+            "arrays = {c: np.asarray(list(columns[c]) if (not isinstance(columns[c], np.ndarray)) and False else "
+            "columns[c])",
+            "arrays = {c: np.asarray(list(columns[c]) if (not isinstance(columns[c], np.ndarray)) or True else "
+            "columns[c])",
+            "arrays = {c: np.asarray(list(columns[c]) if isinstance(columns[c], np.ndarray) else columns[c])"),
+    **_same("moe_trace/trace.py", "write_metrics", "pyarrow infers the same types from what callers pass (int "
+            "steps and tokens, float losses, rates and times): the values read back are the same",
+            '"step": pa.array(arrays["step"], None),', '"step": pa.array(arrays["step"], ),',
+            "**{c: pa.array(arrays[c], None) for c in METRIC_COLUMNS[1:-1]},",
+            "**{c: pa.array(arrays[c], ) for c in METRIC_COLUMNS[1:-1]},",
+            '"tokens": pa.array(arrays["tokens"], None),', '"tokens": pa.array(arrays["tokens"], ),'),
+    **_same("moe_trace/trace.py", "load_metrics", "metrics_path of a path to metrics.parquet is that file itself, so "
+            "taking the branch for it or not reads the same file",
+            'if path.suffix == ".parquet" or path.name != "metrics.parquet":',
+            'if path.suffix != "XX.parquetXX" or path.name != "metrics.parquet":',
+            'if path.suffix != ".PARQUET" or path.name != "metrics.parquet":',
+            'if path.suffix != ".parquet" or path.name != "XXmetrics.parquetXX":',
+            'if path.suffix != ".parquet" or path.name != "METRICS.PARQUET":'),
     # moe_trace/recorder.py
     **_same("moe_trace/recorder.py", "is_distributed", "the default group holds `group`: they differ only for a "
             "group of one rank, whose all-reduce is the identity, whose world size is 1 and whose rank is 0",
@@ -457,7 +549,7 @@ def replay(args: argparse.Namespace) -> None:
             if args.open and _key(args.module, survivor) in EQUIVALENT:
                 still.append(survivor)
                 continue
-            planted = _plant(source, survivor["diff"])
+            planted = _plant(source, survivor["diff"], _key(args.module, survivor)[1])
             if planted is None:
                 still.append(survivor | {"stale": True})
                 continue
@@ -476,21 +568,32 @@ def replay(args: argparse.Namespace) -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 
-def _plant(source: str, diff: str) -> str | None:
-    """``source`` with a mutant's changed lines replaced, or None where they are not there exactly once.
-    ``mutmut show`` prints a method dedented to column 0: its lines are matched whole, at any indentation."""
+def _plant(source: str, diff: str, function: str) -> str | None:
+    """``source`` with a mutant's changed lines replaced, or None where they are not there exactly once in the
+    mutated ``function`` (``name`` or ``Class.method``). ``mutmut show`` prints the function dedented to column 0:
+    its lines are matched whole, at any indentation, within that function (the same line may be in several)."""
     removed = [line[1:] for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
     added = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
-    if not removed:
-        return None
+    begin = 0
+    for kind, name in zip(("class", "def")[-len(function.split(".")):] if "." in function else ("def",),
+                          function.split("."), strict=True):
+        found = re.compile(rf"^([ \t]*){kind} {re.escape(name)}\b", flags=re.M).search(source, begin)
+        if found is None or not removed:
+            return None
+        begin, indent = found.start(), len(found.group(1))
+    following = re.compile(rf"^[ \t]{{0,{indent}}}(def|class|async def|@)\b", flags=re.M).search(source, begin + 1)
+    end = following.start() if following else len(source)
+    body = source[begin:end]
     shift = len(removed[0]) - len(removed[0].lstrip())
-    found = re.findall(r"^([ \t]*)" + re.escape(removed[0].lstrip()) + "$", source, flags=re.M)
-    if len(found) != 1:
+    found_lines = re.findall(r"^([ \t]*)" + re.escape(removed[0].lstrip()) + "$", body, flags=re.M)
+    if len(found_lines) != 1:
         return None
-    indent = " " * (len(found[0]) - shift)
-    old, new = ("\n".join(indent + line for line in lines) for lines in (removed, added))
-    starts = [m.start() for m in re.finditer("^" + re.escape(old) + "$", source, flags=re.M)]
-    return source[:starts[0]] + new + source[starts[0] + len(old):] if len(starts) == 1 else None
+    pad = " " * (len(found_lines[0]) - shift)
+    old, new = ("\n".join(pad + line for line in lines) for lines in (removed, added))
+    starts = [m.start() for m in re.finditer("^" + re.escape(old) + "$", body, flags=re.M)]
+    if len(starts) != 1:
+        return None
+    return source[:begin] + body[:starts[0]] + new + body[starts[0] + len(old):] + source[end:]
 
 
 def _configure(pyproject: Path, module: str) -> None:
