@@ -127,10 +127,18 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
            "if predictor.parallel and workers > 1 and len(all_origins) >= 1:",
            "if predictor.parallel and workers > 1 and len(all_origins) > 2:")},
     ("predictors/evaluate.py", "evaluate", "progress(None)"): "the progress display's step count; no figure",
-    **_same("predictors/evaluate.py", "origins", "every caller passes stride and min_history (evaluate's own "
-            "defaults, 250 and 1000, are tested)",
-            "def origins(n_steps: int, horizon: int, stride: int = 251, min_history: int = 1000) -> np.ndarray:",
-            "def origins(n_steps: int, horizon: int, stride: int = 250, min_history: int = 1001) -> np.ndarray:"),
+    **_same("predictors/evaluate.py", "evaluate", "the progress display's step count; no figure",
+            "merge(future.result(), None)", "merge(score(predictor, proportions, horizons, [t0]), None)",
+            "merge(score(predictor, proportions, horizons, [t0]), 2)"),
+    **_same("predictors/evaluate.py", "evaluate", "only how the origins are split among the processes, or how many "
+            "processes there are, which give the same scores (test_predictors.py::"
+            "test_processes_give_the_same_scores_as_one)",
+            "chunks = [c.tolist() for c in np.array_split(all_origins, min(len(all_origins), 2 / workers)) if len(c)]",
+            "chunks = [c.tolist() for c in np.array_split(all_origins, min(len(all_origins), 3 * workers)) if len(c)]",
+            "with ProcessPoolExecutor(None, initializer=_set_shared, initargs=(proportions,)) as pool:",
+            "with ProcessPoolExecutor(initializer=_set_shared, initargs=(proportions,)) as pool:"),
+    ("predictors/evaluate.py", "evaluate", "rows.sort(key=None)"):
+        "a horizon's origins are distinct, so the (origin, errors) tuples sort by origin without comparing errors",
     **_same("predictors/evaluate.py", "origins", "numpy >= 2's default integer is int64 on every platform",
             "return np.arange(min_history, n_steps - horizon + 1, stride, dtype=None)",
             "return np.arange(min_history, n_steps - horizon + 1, stride, )"),

@@ -215,6 +215,21 @@ def test_no_predictor_beats_the_floor_on_average(small_trace):
             assert len(s.origins) == len(evaluate.origins(2400, h, 100, 400))
 
 
+def test_a_horizon_longer_than_any_origin_allows_has_no_scores(small_trace):
+    # 2400 steps, origins from 2000: the 300-step horizon fits once, the 1000-step one never (and does not crash)
+    scores = evaluate.evaluate(small_trace, "sw_avg:window=50", [300, 1000], stride=200, min_history=2000, workers=1)
+    assert scores[300].origins.tolist() == [2000]
+    empty = scores[1000]
+    assert empty.origins.dtype == np.int64 and empty.origins.shape == (0,)
+    assert empty.step_wape.shape == empty.step_floor.shape == empty.mean_wape.shape == (0, 2)  # [origins, layers]
+
+
+def test_origins_refuse_empty_steps():
+    for stride, min_history, horizon in ((0, 10, 10), (10, 0, 10), (10, 10, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            evaluate.origins(100, horizon, stride, min_history)
+
+
 def test_processes_give_the_same_scores_as_one(small_trace):
     spec = "arima:order=(1,0,0):block=20:history=1000"
     serial = evaluate.evaluate(small_trace, spec, [400], stride=200, min_history=400, workers=1)[400]
