@@ -5,7 +5,12 @@ argument dropped); a mutant the tests still pass on "survives" and shows a prope
 
     python scripts/mutation_testing.py known                   # issue 18's four mutants: each must fail the suite
     python scripts/mutation_testing.py run [MODULE ...]        # mutmut on each module against its own tests
+    python scripts/mutation_testing.py replay MODULE --open    # after new tests: plant the open survivors again
     python scripts/mutation_testing.py report                  # benchmarks/results/mutation_report.md
+
+mutmut picks a mutant's tests by what calls the mutated function in the test process: work a test does in a
+child process (the two-rank recorder test) or reads from a signature (the protocol defaults test) is invisible to
+it; ``replay`` plants the survivor in the source and runs whole test files, which sees both.
 
 Why mutmut (3.x) and not cosmic-ray: mutmut writes every mutant of a file into one copy of it, switched at run
 time, and runs the tests in processes forked from one warmed-up pytest session, each mutant against only the tests
