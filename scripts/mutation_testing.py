@@ -101,23 +101,19 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("moe_trace/moe.py", "MoELayer.forward", "order = routing.expert_indices.flatten().argsort(stable=False)"):
         "the rows are put back by the inverse of the same permutation, and an expert's output for a row does not "
         "depend on the order of the rows around it; stability only keeps the order reproducible",
-    ("moe_trace/moe.py", "route", "probs = logits.softmax(dim=+1)"):
-        "route's logits are always [tokens, experts], so dim 1 is the last dim",
-    **{("moe_trace/moe.py", "route", line): "route's logits are always [tokens, experts], so dim 1 is the last dim"
-       for line in ("weights, indices = probs.topk(top_k, dim=+1)",
-                    "weights = weights / weights.sum(dim=+1, keepdim=True)",
-                    "z_loss = torch.logsumexp(logits, dim=+1).square().mean()")},
+    **_same("moe_trace/moe.py", "route", "route's logits are always [tokens, experts], so dim 1 is the last dim",
+            "probs = logits.softmax(dim=+1)", "weights, indices = probs.topk(top_k, dim=+1)",
+            "weights = weights / weights.sum(dim=+1, keepdim=True)",
+            "z_loss = torch.logsumexp(logits, dim=+1).square().mean()"),
     ("moe_trace/moe.py", "route", "weights, indices = probs.topk(top_k, )"): "topk's default dim is the last",
-    **{("moe_trace/moe.py", "route", line): "the same on the CPU; on CUDA the counts would land on the host and "
-       "scatter_add_ with CUDA indices fails, which test_moe.py's GPU test (grouped_mm backend) reports"
-       for line in ("tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=None).scatter_add_(",
-                    "tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, ).scatter_add_(")},
+    **_same("moe_trace/moe.py", "route", "the same on the CPU; on CUDA the counts would land on the host and "
+            "scatter_add_ with CUDA indices fails, which test_moe.py's GPU test (grouped_mm backend) reports",
+            "tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=None).scatter_add_(",
+            "tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, ).scatter_add_("),
     ("moe_trace/moe.py", "MoELayer.__init__", "self.router = nn.Linear(hidden, num_experts, bias=None)"):
         "nn.Linear treats a falsy bias as no bias",
-    ("moe_trace/moe.py", "MoELayer.__init__", 'self.tokens_per_expert: Tensor | None = ""'):
-        "read only after a forward, which sets it",
-    ("moe_trace/moe.py", "MoELayer.__init__", 'self.aux_loss: Tensor | None = ""'):
-        "read only after a forward, which sets it",
+    **_same("moe_trace/moe.py", "MoELayer.__init__", "read only after a forward, which sets it",
+            'self.tokens_per_expert: Tensor | None = ""', 'self.aux_loss: Tensor | None = ""'),
     **{("predictors/evaluate.py", "score", line): "each horizon is scored on predict(h) of the same fit, whatever "
        "the order; longest first only lets a predictor reuse its longest forecast (speed)" for line in (
            "for h in sorted(horizons, ):  # longest first: a predictor may reuse its longest forecast",
