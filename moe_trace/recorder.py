@@ -89,7 +89,7 @@ class Recorder:
 
     def _add(self, kind: int, layer: int | torch.Tensor, values: torch.Tensor) -> None:
         if isinstance(layer, int):
-            layer = torch.tensor([layer], device=self._current.device)
+            layer = self.layer_index(layer)
         # index_add_ reads the layer on the device: indexing with it would make Dynamo guard on its value.
         self._current[kind].index_add_(0, layer, values.view(1, -1))
 
@@ -97,9 +97,10 @@ class Recorder:
         """Count each selected expert id once; ids outside ``0..experts-1`` (padding sentinels) are dropped."""
         ids = expert_ids.reshape(-1).to(torch.int64)
         valid = (ids >= 0) & (ids < self.num_experts)
-        # scatter_add_, not bincount: bincount reads the largest id on the host to size its output (a sync).
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=ids.device)
-        self.add_counts(layer, counts.scatter_add_(0, ids.clamp(0, self.num_experts - 1), valid.to(torch.int64)))
+        # scatter_add_, not bincount: bincount reads the largest id on the host to size its output (a sync). The
+        # layer's row of the flattened [layers, experts] counts is found on the device, as in _add.
+        slots = layer * self.num_experts + ids.clamp(0, self.num_experts - 1)
+        self._current[0].view(-1).scatter_add_(0, slots, valid.to(torch.int64))
 
     def add_sequences(self, sequences: int, seq_len: int) -> None:
         """Host-side shape of one counted forward's token ids: fills the sizes ``meta`` leaves as None."""
