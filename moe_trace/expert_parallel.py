@@ -62,7 +62,8 @@ class ExpertParallelMoELayer(MoELayer):
         self.slots_per_rank = len(slot_expert) // world
         self.exchange = exchange
         # Each expert's global slot, on the device: the padded exchange addresses rows with it (set_plan fills it).
-        self.register_buffer("expert_slot", torch.zeros(layer.num_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("expert_slot", torch.zeros(layer.num_experts, dtype=torch.int64, device=layer.w1.device),
+                             persistent=False)
         # Router, shared experts and selection bias are replicated: every rank routes its own tokens alike.
         self.router, self.shared = layer.router, layer.shared
         self.register_buffer("expert_bias", layer.expert_bias)
@@ -95,7 +96,7 @@ class ExpertParallelMoELayer(MoELayer):
             slot_of_expert = np.empty(self.num_experts, dtype=np.int64)
             hosted = np.flatnonzero(slot_expert >= 0)
             slot_of_expert[slot_expert[hosted]] = hosted
-            self.expert_slot.copy_(torch.from_numpy(slot_of_expert))
+            self.expert_slot.copy_(torch.from_numpy(slot_of_expert).to(self.expert_slot.device))
 
     def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         if self.exchange == "padded":
@@ -186,7 +187,8 @@ def padded_exchange(layer: ExpertParallelMoELayer, x_sorted: Tensor, tokens_per_
 
 
 def _rows(weights: Tensor, experts: Tensor) -> Tensor:
-    """``weights[experts]`` with zeros where ``experts`` is -1 (an empty slot)."""
+    """``weights[experts]`` with zeros where ``experts`` is -1 (an empty slot), on the weights' device."""
+    experts = experts.to(weights.device)
     return torch.where((experts >= 0).view(-1, *[1] * (weights.dim() - 1)), weights[experts.clamp(min=0)],
                        0).clone()
 

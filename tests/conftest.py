@@ -1,8 +1,23 @@
 """Shared fixtures: the default corpus, tokenized once per session into a private cache directory."""
 
 import os
+from pathlib import Path
 
 import pytest
+
+# Modules that import kernels under Triton's CPU interpreter (tests/triton_interpreter.py). They hold no GPU
+# tests, and in a GPU run the interpreter leaked into the process's compiled kernels (torch.compile's own Triton
+# code ran interpreted on CUDA tensors: "only 0-dimensional arrays can be converted to Python scalars").
+INTERPRETED_MODULES = {"test_attention.py", "test_cross_entropy.py"}
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """``-m gpu`` on a CUDA machine leaves the interpreted kernel modules uncollected."""
+    if collection_path.name not in INTERPRETED_MODULES or config.option.markexpr != "gpu":
+        return None
+    import torch
+
+    return True if torch.cuda.is_available() else None
 
 
 @pytest.fixture(scope="session")

@@ -214,7 +214,8 @@ def test_placed_training_matches_the_static_sharding(corpus_cache, tmp_path, wor
 
 def _final_experts(run_dir, world: int) -> dict[tuple, list[torch.Tensor]]:
     """``(block, weight name, expert) -> [its copies]`` from the ranks' last checkpoints."""
-    shards = [torch.load(run_dir / "checkpoints" / f"step-{STEPS:010d}.rank-{rank}.pt", weights_only=False)
+    shards = [torch.load(run_dir / "checkpoints" / f"step-{STEPS:010d}.rank-{rank}.pt", weights_only=False,
+                         map_location="cpu")
               for rank in range(world)]
     slot_expert = shards[0]["placement"]["slot_expert"]
     slots = slot_expert.shape[1] // world
