@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_trace import __version__, expert_parallel, expert_placement, memory, optim, record, trace
+from moe_trace import __version__, expert_parallel, expert_placement, memory, optim, profiling, record, trace
 from moe_trace.data import TokenData, load_data
 from moe_trace.errors import UsageError
 from moe_trace.logs import TensorBoardLog
@@ -70,6 +70,7 @@ class TrainConfig:
     redundant: int = 0  # spare expert slots over all ranks, for copies of hot experts
     replan_every: int | None = None  # the policy's re-plan cadence (its default if None)
     expert_exchange: str = "counts"  # expert parallelism's token exchange (moe_trace.expert_parallel.EXCHANGES)
+    profile: tuple[int, int] | None = None  # steps [start, stop) to profile into OUT/profile/ (moe_trace.profiling)
 
 
 @dataclass
@@ -292,6 +293,12 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     _check_run_dir(run_dir, resume)
     micro_batch = micro_batch_size(model_config, config, world.world_size)
     accumulation = config.global_batch // (micro_batch * world.world_size)
+    if config.compile and config.compile_mode == "reduce-overhead" and accumulation > 1:
+        # CUDA graph trees install the backward's output as the first micro-batch's .grad, and the next replay
+        # overwrites it: an error, or silently wrong gradients (pytorch/pytorch#169545, open in torch 2.11).
+        raise UsageError(f"--compile-mode reduce-overhead needs one micro-batch a step (this run has "
+                         f"{accumulation}: CUDA graphs overwrite the accumulated gradients, pytorch/pytorch#169545); "
+                         f"use --compile-mode default, or --global-batch {micro_batch * world.world_size}")
 
     optimizer_name = _choose_optimizer(model_config, config, world, device, sized=build_model is GPT)
     expert_placement.check_request(config.placement, config.redundant, config.replan_every, world.world_size,
@@ -346,6 +353,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     bias_counts = (torch.zeros(len(model.moe_layers), model_config.num_experts, dtype=torch.int64, device=device)
                    if isinstance(model, GPT) and model_config.balance == "aux_free" else None)
     metrics = MetricsLog(run_dir / "metrics.parquet", start, write=world.is_main)
+    profiler = (profiling.StepProfiler(tuple(config.profile), run_dir / "profile", device, world.rank,
+                                       world.world_size) if config.profile else None)
 
     from tqdm import tqdm
 
@@ -373,6 +382,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     with _StopRequest() as stop, _kept_on_interrupt(recorder, metrics, world):
         while step < config.steps and not stop.requested:
             step_started = time.perf_counter()
+            if profiler:
+                profiler.step_begins(step)
             if placement:
                 placement.before_step(step, recorder)
             loss_sum = torch.zeros((), device=device)
@@ -427,6 +438,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                                                                           layer_aux / accumulation, strict=True)}
                 board.add_scalars(step, scalars)
                 last_log = (step + 1, now)
+            if profiler:
+                profiler.step_ends(step)
             step += 1
 
             if step % config.eval_every == 0 or step == config.steps:
@@ -445,6 +458,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
             progress.update(1)
         flush_and_checkpoint()
         recorder.close()
+        if profiler:
+            profiler.close(step)
     progress.close()
     elapsed = time.perf_counter() - started
     return {

@@ -155,7 +155,9 @@ def test_model_without_moe_layers_is_refused(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_gpt_is_recorded_on_the_gpu(tmp_path, mode):
-    """The hooks run inside torch.compile's graphs, CUDA-graph replay (reduce-overhead) included."""
+    """The hooks run inside torch.compile's graphs, CUDA-graph replay (reduce-overhead) included. Gradients are
+    dropped every step, as training does: under CUDA graphs, accumulating them across replays is what
+    `moe-trace train` refuses (pytorch/pytorch#169545)."""
     config = ModelConfig(name="tiny", vocab_size=256, seq_len=64, n_blocks=2, hidden=64, heads=2, num_experts=4,
                          top_k=2, moe_every=1)
     model = GPT(config).cuda().train()
@@ -167,6 +169,7 @@ def test_compiled_gpt_is_recorded_on_the_gpu(tmp_path, mode):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = forward(x, x)
         (loss + model.aux_loss()).backward()
+        model.zero_grad(set_to_none=True)
         expected.append(model.tokens_per_expert().clone())
         recorder.step(step)
     recorder.close()

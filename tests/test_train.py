@@ -103,11 +103,26 @@ def test_sigint_stops_with_a_checkpoint_and_a_readable_trace(corpus_cache, tmp_p
     (["--model", "gpt-tiny-moe", "--moe-backend", "megablocks"], "megablocks"),
     (["--model", "gpt-tiny-moe", "--top-k", "9"], "top_k"),
     (["--resume"], "--resume"),
+    (["--model", "gpt-tiny-moe", "--profile", "5"], "--profile takes START:STOP"),
+    (["--model", "gpt-tiny-moe", "--profile", "4:2"], "need 0 <= START < STOP"),
+    (["--model", "gpt-tiny-moe", "--compile", "--compile-mode", "reduce-overhead", "--global-batch", "8",
+      "--micro-batch", "4"], "needs one micro-batch a step"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert cli.main(["train", "--out", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_profile_writes_the_window_of_steps(corpus_cache, tmp_path):
+    """--profile 2:4 profiles steps 2 and 3: a Chrome trace with the training step's ops, and the table."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), *SMALL, "--steps", "6", "--profile", "2:4"]) == 0
+    events = json.loads((out / "profile" / "trace.json").read_text())["traceEvents"]
+    names = {event.get("name") for event in events}
+    assert {"aten::mm", "Optimizer.step#AdamW.step"} <= names
+    ops = (out / "profile" / "ops.txt").read_text()
+    assert ops.startswith("steps 2..3, sorted by self_cpu_time_total") and "aten::mm" in ops
 
 
 def test_existing_run_without_resume_is_refused(corpus_cache, tmp_path, capsys):

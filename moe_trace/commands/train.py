@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with its saved settings "
-                        "(only --steps and --device may change)")
+                        "(only --steps, --device and --profile may change)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     p.add_argument("--data", help="text file, directory of text files, or token ids (.bin uint16 / .npy); "
                                   "default: this Python installation's source files")
@@ -53,6 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also write TensorBoard scalars there: loss, lr, grad norm, tokens/s, aux loss, and per MoE "
                         "layer the load imbalance (max/mean expert load) and aux loss (GPT presets)")
     p.add_argument("--log-every", type=int, help="steps between TensorBoard scalars (default 10)")
+    p.add_argument("--profile", metavar="START:STOP",
+                   help="profile steps START..STOP-1 with torch.profiler into OUT/profile/: a Chrome trace "
+                        "(trace.json, for ui.perfetto.dev) and the ops by device time (ops.txt); one per rank "
+                        "under torchrun; allowed with --resume")
 
     model = p.add_argument_group("model (override the preset)")
     model.add_argument("--blocks", type=int, dest="n_blocks")
@@ -139,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
         changed = [_option(name) for name, default in args.setting_defaults.items()
                    if name != "steps" and getattr(args, name) != default]
         if changed:
-            raise UsageError(f"--resume continues the run with its saved settings; only --steps and --device may "
-                             f"change (got {', '.join(changed)})")
+            raise UsageError(f"--resume continues the run with its saved settings; only --steps, --device and "
+                             f"--profile may change (got {', '.join(changed)})")
         out = Path(args.out or f"runs/{args.model}")
         model_config, config = train_lib.read_run_config(out)
         if args.steps is not None:
@@ -175,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
         config = train_lib.TrainConfig(out=args.out or f"runs/{args.model}", seed=args.seed, record=args.record,
                                        compile=compile_model, **train_fields)
     _check_positive(config)
+    from moe_trace.profiling import parse_window
+
+    config = dataclasses.replace(config, profile=parse_window(args.profile) if args.profile else None)
     if not args.resume:
         if model_config.name.startswith(HF_PREFIX):
             config = dataclasses.replace(config, attention_reason=f"{model_config.name} runs its own attention")
