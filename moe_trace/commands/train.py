@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"placement {config.placement}, {config.redundant} spare slots: plans from steps "
               f"{', '.join(map(str, plans[:8]))}{' ...' if len(plans) > 8 else ''} (placement.parquet)")
     written = ["trace/"] * config.record + ["metrics.parquet", "config.json"] + ["checkpoints/"] * bool(
-        config.checkpoint_every) + ["placement.parquet"] * (summary["placement_plans"] is not None)
+        config.checkpoint_every) + ["placement.parquet"] * (summary["placement_plans"] is not None) + [
+        "profile/"] * (Path(config.out, "profile").is_dir() and config.profile is not None)
     print("wrote " + ", ".join(f"{config.out}/{name}" for name in written))
     if args.json:
         text = json.dumps(summary, indent=2) + "\n"
