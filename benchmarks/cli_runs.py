@@ -112,9 +112,10 @@ def beside(run_dir: Path, suffix: str) -> Path:
 
 def train(arguments: list[str], run_dir: Path, ranks: int | None = None, env: dict[str, str] | None = None,
           reuse: bool = False) -> TrainRun:
-    """Run ``moe-trace train ARGUMENTS --out RUN_DIR --json RUN_DIR.json``; raise with the end of its log if it
-    fails. With ``reuse``, a run that already finished there (its summary says it was not stopped early) is
-    returned as it is, so that a benchmark's runs can be spread over several commands."""
+    """Run ``moe-trace train ARGUMENTS --out RUN_DIR --json RUN_DIR.json`` (the command also goes to
+    ``RUN_DIR.command``); raise with the end of its log if it fails. With ``reuse``, a run that already finished
+    there (its summary says it was not stopped early) is returned as it is, so that a benchmark's runs can be
+    spread over several commands."""
     run_dir = Path(run_dir)
     summary_file, log = beside(run_dir, ".json"), beside(run_dir, ".log")
     command = train_command([*arguments, "--out", str(run_dir), "--json", str(summary_file)], ranks)
@@ -123,6 +124,7 @@ def train(arguments: list[str], run_dir: Path, ranks: int | None = None, env: di
         return TrainRun(command, run_dir, wall_s=None)
     print("$", shown(command), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
+    beside(run_dir, ".command").write_text(shown(command))  # first: a run cut by a time limit still says how it ran
     started = time.perf_counter()
     with log.open("w") as out:
         returncode = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,

@@ -11,10 +11,14 @@ Two studies, each run the way a user runs it (``moe-trace train``, under ``torch
   >= 1.8x one GPU).
 
 Efficiency with G GPUs is tokens/s(G) / (G x tokens/s(1)); speed-up is tokens/s(G) / tokens/s(1). Tokens/s is
-the steady state of each run's ``metrics.parquet`` (``cli_runs``). ``--runs`` picks ``study:gpus`` pairs, so
-that one-GPU runs can go side by side on two GPUs (``CUDA_VISIBLE_DEVICES``) and the rest follow; a finished run
-is reused. ``--no-compile`` measures the eager path (the default before expert parallelism compiled);
-``--expert-exchange padded`` the exchange with no host read (runs named ``..._padded``).
+the median step of each run's ``metrics.parquet`` in two windows: ``early`` (steps 5..14), while a fresh router
+sends most tokens to one expert (so one GPU does nearly all the expert work), and ``settled`` (``--settled-from``
+on, for runs with more steps), once the balancing loss has spread them; ``busiest_gpu_load`` says which.
+``--runs`` picks ``study:gpus`` pairs, so that one-GPU runs can go side by side on two GPUs
+(``CUDA_VISIBLE_DEVICES``) and the rest follow; a finished run is reused, and a run cut short (a time limit's
+SIGTERM stops it cleanly) is analysed over the steps it made. ``--no-compile`` measures the eager path (the
+default before expert parallelism compiled); ``--expert-exchange padded`` the exchange with no host read (runs
+named ``..._padded``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import argparse
 from pathlib import Path
 
 import cli_runs
+import numpy as np
+
+from moe_trace import trace
 
 STUDIES = {  # study: (preset and arguments, sequences per step as a function of the GPU count)
     "weak": (["--model", "gpt-350m-moe", "--experts", "32"], lambda gpus: 8 * gpus),
@@ -46,25 +53,49 @@ def run(study: str, gpus: int, args: argparse.Namespace) -> cli_runs.TrainRun:
                  *(["--data", str(args.data)] if args.data else []),
                  "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--seed", "0", *args.extra.split(),
                  *(["--expert-exchange", args.expert_exchange] if gpus > 1 else [])]
-    measured = cli_runs.train(arguments, args.work / run_name(study, gpus, args),
-                              ranks=gpus if gpus > 1 else None, reuse=True)
-    cli_runs.beside(measured.run_dir, ".command").write_text(measured.shown)
-    return measured
+    return cli_runs.train(arguments, args.work / run_name(study, gpus, args), ranks=gpus if gpus > 1 else None,
+                          reuse=True)
 
 
-def analyse(work: Path, steps: int) -> dict:
+def busiest_rank_load(run_dir: Path, gpus: int) -> np.ndarray:
+    """Per step, the busiest GPU's routed tokens over the mean GPU's (mean over MoE layers): 1 is even, ``gpus``
+    is every token on one GPU's experts. Static placement: expert e on GPU e // (experts / gpus)."""
+    counts = trace.load(run_dir).counts.astype(np.float64)  # [steps, layers, experts]
+    per_gpu = counts.reshape(*counts.shape[:2], gpus, -1).sum(axis=-1)
+    return (per_gpu.max(axis=-1) / per_gpu.mean(axis=-1)).mean(axis=-1)
+
+
+def analyse(work: Path, steps: int, settled_from: int) -> dict:
+    """Every run's steady state in two windows of steps: ``early`` (SKIP..14, while a fresh router sends most
+    tokens to one expert) and ``settled`` (``settled_from``.., once the balancing loss has spread them)."""
+    windows = {"early": (SKIP, 15), "settled": (settled_from, None)}  # settled: to the run's last step, >= 10 of them
     rows = []
     for summary in sorted(work.glob("*-g*-*.json")):
         study, gpus, mode = summary.stem.split("-")
         measured = cli_runs.TrainRun([], summary.with_suffix(""), None)
-        command = cli_runs.beside(measured.run_dir, ".command").read_text()
-        rows.append({"study": study, "gpus": int(gpus[1:]), "mode": mode, "command": command,
-                     "tokens_per_step": int(measured.metrics["tokens"][0]), **measured.steady_state(SKIP),
-                     "peak_gpu_memory_gib": measured.summary["peak_gpu_memory_gib"]})
+        command_file = cli_runs.beside(measured.run_dir, ".command")
+        if not (measured.run_dir / "metrics.parquet").exists():
+            print(f"skipping {measured.run_dir}: no steps recorded")
+            continue
+        command = command_file.read_text() if command_file.exists() else None
+        step_s, load = measured.metrics["step_time_s"], busiest_rank_load(measured.run_dir, int(gpus[1:]))
+        for window, (first, stop) in windows.items():
+            stop = stop or len(step_s)
+            if len(step_s) < max(stop, first + 10):
+                continue
+            median = float(np.median(step_s[first:stop]))
+            rows.append({"study": study, "gpus": int(gpus[1:]), "mode": mode, "window": window,
+                         "steps_timed": [first, stop], "command": command,
+                         "stopped_early": measured.summary["stopped_early"],
+                         "tokens_per_step": int(measured.metrics["tokens"][0]), "median_step_s": median,
+                         "tokens_per_s": float(measured.metrics["tokens"][0]) / median,
+                         "busiest_gpu_load": float(load[first:stop].mean()),
+                         "peak_gpu_memory_gib": measured.summary["peak_gpu_memory_gib"]})
     goals = []
     for row in rows:
         one_gpu_mode = row["mode"].removesuffix("_padded")  # one GPU exchanges nothing
-        one = next((r for r in rows if (r["study"], r["gpus"], r["mode"]) == (row["study"], 1, one_gpu_mode)), None)
+        one = next((r for r in rows if (r["study"], r["gpus"], r["mode"], r["window"]) ==
+                    (row["study"], 1, one_gpu_mode, row["window"])), None)
         if one is None or row["gpus"] == 1:
             continue
         row["speedup"] = row["tokens_per_s"] / one["tokens_per_s"]
@@ -73,7 +104,8 @@ def analyse(work: Path, steps: int) -> dict:
                   else STRONG_SPEEDUP_GOAL.get(row["gpus"]))
         if target is not None:
             measured = row["efficiency"] if row["study"] == "weak" else row["speedup"]
-            goals.append({"goal": f"{row['study']} scaling at {row['gpus']} GPUs ({row['mode']}): "
+            goals.append({"goal": f"{row['study']} scaling at {row['gpus']} GPUs ({row['mode']}, {row['window']} "
+                                  f"steps {row['steps_timed'][0]}..{row['steps_timed'][1] - 1}): "
                                   + ("efficiency" if row["study"] == "weak" else "speed-up"),
                           "target": target, "measured": round(measured, 3), "met": measured >= target})
     import torch
@@ -81,7 +113,7 @@ def analyse(work: Path, steps: int) -> dict:
     header = cli_runs.header()
     header["device"] = f"{torch.cuda.device_count()}x {header['device']}"
     return {**header, "benchmark": __doc__.split("\n")[0], "skip_steps": SKIP, "steps": steps,
-            "runs": rows, "goals": goals}
+            "windows": windows, "runs": rows, "goals": goals}
 
 
 def main() -> None:
@@ -94,6 +126,8 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--expert-exchange", choices=("counts", "padded"), default="counts",
                         help="moe-trace train --expert-exchange on more than one GPU")
+    parser.add_argument("--settled-from", type=int, default=80,
+                        help="analyse: first step of the settled window (runs of more steps than that)")
     parser.add_argument("--json", type=Path, help="analyse: where to write the results")
     parser.add_argument("--extra", default="", help="arguments for every run (a smaller model for a CPU dry run)")
     args = parser.parse_args()
@@ -102,9 +136,9 @@ def main() -> None:
             study, gpus = pair.split(":")
             run(study, int(gpus), args)
     else:
-        result = analyse(args.work, args.steps)
+        result = analyse(args.work, args.steps, args.settled_from)
         for row in result["runs"]:
-            print({k: row[k] for k in ("study", "gpus", "mode", "tokens_per_s") if k in row},
+            print({k: row[k] for k in ("study", "gpus", "mode", "window", "tokens_per_s", "busiest_gpu_load")},
                   {k: round(row[k], 3) for k in ("speedup", "efficiency") if k in row})
         for goal in result["goals"]:
             print(goal)

@@ -48,6 +48,21 @@ def _expert_parallel_scaling_studies(result: dict) -> list[list[str]]:
              _percent(r["efficiency"]) if "efficiency" in r else ""] for r in result["runs"]]
 
 
+def _expert_parallel_scaling_windows(result: dict) -> list[list[str]]:
+    return [[r["study"], str(r["gpus"]), "padded" if r["mode"].endswith("_padded") else "counts",
+             f"{r['window']} ({r['steps_timed'][0]}..{r['steps_timed'][1] - 1})", str(r["tokens_per_step"]),
+             f"{r['median_step_s'] * 1e3:.1f} ms", f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['busiest_gpu_load']:.2f}",
+             f"{r['speedup']:.2f}x" if "speedup" in r else "", _percent(r["efficiency"]) if "efficiency" in r else ""]
+            for r in result["runs"]]
+
+
+def _placement_training(result: dict) -> list[list[str]]:
+    return [[str(r["tokens_per_step"]), r["policy"], str(r["redundant"]), str(r["replans"]),
+             f"{r['measured_median_step_s'] * 1e3:.1f} ms", f"{r['simulated_step_s'] * 1e3:.1f} ms",
+             _percent(r["prediction_error_absolute"], signed=True), f"{r['measured_vs_static']:.3f}",
+             f"{r['simulated_vs_static']:.3f}"] for r in result["results"]]
+
+
 def _balancing_study(result: dict) -> list[list[str]]:
     return [[f"`{r['run']}`", f"{result['training'][r['run']]['val_loss']:.3f}", r["layers stable"],
              f"{r['heaviest/mean early']:.2f}", f"{r['heaviest/mean late']:.2f}", f"{r['dropped %']:.1f} %",
@@ -114,6 +129,8 @@ RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/train_throughput_loop_h100.json": _train_throughput_loop,
     "benchmarks/results/expert_parallel_scaling.json": _expert_parallel_scaling,
     "benchmarks/results/expert_parallel_scaling_x2.json": _expert_parallel_scaling_studies,
+    "benchmarks/results/expert_parallel_scaling_x4.json": _expert_parallel_scaling_windows,
+    "benchmarks/results/placement_training_x4.json": _placement_training,
     "benchmarks/results/phase_detection.json": _phase_detection,
     "benchmarks/results/balancing_study.json": _balancing_study,
     "benchmarks/results/trace_summary.json": _trace_summary,

@@ -1,0 +1,1 @@
+torchrun --standalone --nproc-per-node 2 -m moe_trace train --model gpt-125m-moe --global-batch 64 --steps 15 --attention sdpa --moe-backend torch --compile --data /work/main/.carry_data/pysrc-v50257.npy --eval-every 150 --checkpoint-every 0 --seed 0 --expert-exchange padded --out /tmp/runs/scaling/strong-g2-compiled_padded --json /tmp/runs/scaling/strong-g2-compiled_padded.json

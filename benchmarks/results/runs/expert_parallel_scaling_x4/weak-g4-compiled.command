@@ -1,0 +1,1 @@
+torchrun --standalone --nproc-per-node 4 -m moe_trace train --model gpt-350m-moe --experts 32 --global-batch 32 --steps 15 --attention sdpa --moe-backend torch --compile --data /work/main/.carry_data/pysrc-v50257.npy --eval-every 150 --checkpoint-every 0 --seed 0 --expert-exchange counts --out /tmp/runs/scaling/weak-g4-compiled --json /tmp/runs/scaling/weak-g4-compiled.json
