@@ -10,8 +10,12 @@ its tokens' activations. Two ways to price them (``--cost``):
 * ``linear``: ``tokens * (expert FLOPs / matmul rate + all-to-all bytes / bandwidth) + 4 * latency``.
 
 Every GPU holds the same number of expert slots and time rises with tokens, so the GPU with the most tokens is
-the slowest. The rest of the model (attention, dense FFNs) runs data-parallel on ``tokens_per_step / gpus``
-tokens per GPU and is the same for every placement (from a FLOP rate); the embedding and LM head are left out.
+the slowest. The rest of the step (:meth:`CostModel.rest_time_s`) is the dense model -- attention, dense FFNs and
+the LM head -- data-parallel on ``tokens_per_step / gpus`` tokens per GPU at a FLOP rate, and the optimizer step
+over the GPU's weights (its dense copy and its expert slots, so spare slots cost their update) at a memory
+bandwidth. Left out: the dense gradients' all-reduce (DDP overlaps it with the backward) and, under the default
+exchange, the host reads that size each all-to-all, which dominate small steps (measured on 4 H200s at 16k
+tokens a step: ``benchmarks/results/placement_training_x4.json``).
 Migrating an expert moves its weights, gradient and optimizer state over one link; a re-plan stalls training
 for the busiest receiving GPU's transfers (no overlap assumed, so migration is charged in full).
 """
@@ -26,8 +30,9 @@ import numpy as np
 
 from placement.calibration import NODE_GPUS, AllToAllTime, Calibration, ExpertTime
 
-# hidden size and transformer blocks per model preset (DESIGN.md), for traces whose metadata lacks them.
-PRESET_SHAPES = {"gpt-tiny-moe": (128, 4), "gpt-125m-moe": (768, 12), "gpt-350m-moe": (1024, 24)}
+# hidden size, transformer blocks and padded vocabulary (LM head rows) per model preset (DESIGN.md), for traces
+# whose metadata lacks them.
+PRESET_SHAPES = {"gpt-tiny-moe": (128, 4, 4096), "gpt-125m-moe": (768, 12, 50304), "gpt-350m-moe": (1024, 24, 50304)}
 DEFAULT_SHAPE_PRESET = "gpt-350m-moe"  # for synthetic or unknown models: hidden 1024, 2 blocks per MoE layer
 DEFAULT_SEQ_LEN = 2048  # for traces whose metadata has none (imported from logs that do not say)
 
@@ -42,6 +47,12 @@ class CostModel:
     ffn_mult: int = 4
     matmul_flops: float = 180e12  # achieved bf16 rate of grouped expert GEMMs (ANCHORS.md: 124-185 TFLOP/s, H100)
     dense_flops: float = 400e12  # achieved rate of attention + dense GEMMs (ANCHORS.md: GEMM 776, flash attn ~300)
+    vocab: int = 0  # LM head rows (the padded vocabulary); 0 leaves the head out
+    # Gradient clipping (norm: read the gradient; scale: read and write it) and fused AdamW (read weight, gradient
+    # and two moments; write weight and moments), float32: 12 + 28 bytes a parameter and step. The H100 profile
+    # (benchmarks/NOTES.md) ran them at 2.65 TB/s, 79 % of its peak; an H200 at that share of 4.8 TB/s.
+    optimizer_bytes_per_param: int = 40
+    hbm_bandwidth: float = 3.8e12
     a2a_bandwidth: float = 50e9  # bytes/s one GPU receives in an all-to-all (a 400 Gb/s NIC per GPU)
     a2a_latency: float = 30e-6  # seconds per all-to-all call
     link_bandwidth: float = 50e9  # bytes/s for moving an expert's state to its new GPU
@@ -53,13 +64,14 @@ class CostModel:
     def from_meta(cls, meta: dict[str, Any], calibration: Calibration | None = None, **overrides: Any) -> CostModel:
         """Shapes from the trace metadata (``hidden``, ``n_blocks``, ``seq_len`` if present, else defaults); expert
         and all-to-all times from ``calibration`` (None: the linear model)."""
-        hidden, n_blocks = PRESET_SHAPES.get(meta.get("model"), PRESET_SHAPES[DEFAULT_SHAPE_PRESET])
+        hidden, n_blocks, vocab = PRESET_SHAPES.get(meta.get("model"), PRESET_SHAPES[DEFAULT_SHAPE_PRESET])
         n_moe = len(meta["moe_layers"])
         if meta.get("model") not in PRESET_SHAPES:
             n_blocks = 2 * n_moe
         model = cls(hidden=int(meta.get("hidden") or hidden), n_blocks=int(meta.get("n_blocks") or n_blocks),
                     n_moe_blocks=n_moe, seq_len=int(meta["seq_len"] or DEFAULT_SEQ_LEN),
-                    tokens_per_step=int(meta["tokens_per_step"]), calibration=calibration)
+                    tokens_per_step=int(meta["tokens_per_step"]), vocab=int(meta.get("vocab_size") or vocab),
+                    calibration=calibration)
         return replace(model, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
@@ -97,11 +109,30 @@ class CostModel:
         return self.expert_params * self.state_bytes_per_param
 
     def dense_time_s(self, gpus: int) -> float:
-        """Attention and dense-FFN time per step on each GPU (data-parallel share of the tokens)."""
+        """Attention, dense FFNs and LM head time per step on each GPU (data-parallel share of the tokens)."""
         h = self.hidden
-        params_per_token = 4 * h * h * self.n_blocks + self.expert_params * (self.n_blocks - self.n_moe_blocks)
+        params_per_token = (4 * h * h * self.n_blocks + self.expert_params * (self.n_blocks - self.n_moe_blocks)
+                            + self.vocab * h)
         flops_per_token = 6 * params_per_token + 6 * self.n_blocks * h * self.seq_len  # causal attention
         return self.tokens_per_step / gpus * flops_per_token / self.dense_flops
+
+    @property
+    def dense_params(self) -> int:
+        """Weights every GPU holds: attention, dense FFNs, the token embedding (tied with the LM head) and the
+        position embedding."""
+        h = self.hidden
+        return (4 * h * h * self.n_blocks + self.expert_params * (self.n_blocks - self.n_moe_blocks)
+                + (self.vocab + self.seq_len) * h)
+
+    def optimizer_time_s(self, local_experts: int) -> float:
+        """Gradient clipping and the AdamW update over one GPU's weights: the dense ones and ``local_experts``
+        expert slots in every MoE layer."""
+        params = self.dense_params + local_experts * self.n_moe_blocks * self.expert_params
+        return params * self.optimizer_bytes_per_param / self.hbm_bandwidth
+
+    def rest_time_s(self, gpus: int, local_experts: int) -> float:
+        """The step's placement-independent part on each GPU: the dense model and the optimizer step."""
+        return self.dense_time_s(gpus) + self.optimizer_time_s(local_experts)
 
     def expert_time_s(self, tokens: np.ndarray, local_experts: int) -> np.ndarray:
         """One GPU's expert work (forward + backward) in one MoE layer for ``tokens`` (array) on it."""
@@ -125,7 +156,8 @@ class CostModel:
     def step_time_s(self, busiest_gpu_tokens: np.ndarray, gpus: int, local_experts: int) -> np.ndarray:
         """Step time from ``busiest_gpu_tokens[..., layers]`` (the max over GPUs per layer) with
         ``local_experts`` expert slots per GPU."""
-        return self.dense_time_s(gpus) + self.moe_layer_time_s(busiest_gpu_tokens, gpus, local_experts).sum(axis=-1)
+        return (self.rest_time_s(gpus, local_experts)
+                + self.moe_layer_time_s(busiest_gpu_tokens, gpus, local_experts).sum(axis=-1))
 
     def migration_time_s(self, arrivals: np.ndarray) -> float:
         """Stall for a re-plan from ``arrivals[layers, gpus]``, the experts each GPU receives per layer."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,13 @@ def test_dense_time_and_migration_stall_by_hand():
     # experts; 6 FLOPs per parameter (forward + backward) plus causal attention 6 x blocks x h x seq_len
     params = 4 * 64 * 64 * 3 + 2 * 64 * 256 * 2
     assert cost.dense_time_s(2) == pytest.approx(8 / 2 * (6 * params + 6 * 3 * 64 * 16) / 1e12)
+    # with a vocabulary, the LM head: 6 FLOPs per weight of its [vocab, h] matrix per token
+    headed = replace(cost, vocab=100)
+    assert headed.dense_time_s(2) - cost.dense_time_s(2) == pytest.approx(8 / 2 * 6 * 100 * 64 / 1e12)
+    # the optimizer step: 40 bytes per weight on the GPU (dense, embeddings, and 2 expert slots in the MoE layer)
+    weights = params + (100 + 16) * 64 + 2 * 1 * 2 * 64 * 256
+    assert headed.optimizer_time_s(2) == pytest.approx(weights * 40 / headed.hbm_bandwidth)
+    assert headed.rest_time_s(2, 2) == headed.dense_time_s(2) + headed.optimizer_time_s(2)
     # an expert's weights, gradient and Adam state: 2 h (4 h) parameters x 16 bytes; the busiest receiver per layer
     assert cost.bytes_per_expert == 2 * 64 * 256 * 16
     arrivals = np.array([[1, 0, 2], [0, 1, 0]])  # [layers, gpus]
@@ -117,10 +125,10 @@ def test_step_time_uses_the_measured_expert_and_all_to_all_times(tmp_path):
     expert = np.array([0.3e-3, 0.5e-3])
     remote = busiest[0] * 2 * 768 * 7 / 8
     a2a = 4 * np.interp(remote, [1 << 10, 1 << 30], [0.02e-3, 5e-3])
-    assert cost.step_time_s(busiest, 8, 2)[0] == pytest.approx(cost.dense_time_s(8) + (expert + a2a).sum())
+    assert cost.step_time_s(busiest, 8, 2)[0] == pytest.approx(cost.rest_time_s(8, 2) + (expert + a2a).sum())
     # beyond one host the all-to-all crosses the network: the linear NIC model
     nic = 4 * (busiest[0] * 2 * 768 * 15 / 16 / cost.a2a_bandwidth + cost.a2a_latency)
-    assert cost.step_time_s(busiest, 16, 2)[0] == pytest.approx(cost.dense_time_s(16) + (expert + nic).sum())
+    assert cost.step_time_s(busiest, 16, 2)[0] == pytest.approx(cost.rest_time_s(16, 2) + (expert + nic).sum())
     assert "all-to-all measured" in cost.name
 
 

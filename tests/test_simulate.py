@@ -33,7 +33,7 @@ def test_static_imbalance_and_step_time_by_hand():
     busiest = np.array([4.0, 6.0])
     expert_s = busiest * 6 * COST.expert_params / COST.matmul_flops  # linear model: forward + backward FLOPs
     a2a_s = 4 * (busiest * 2 * COST.hidden / 2 / COST.a2a_bandwidth + COST.a2a_latency)  # half the tokens cross
-    hand = COST.dense_time_s(2) + expert_s + a2a_s
+    hand = COST.rest_time_s(2, local_experts=2) + expert_s + a2a_s
     assert record["est_step_time_s"] == pytest.approx(hand.mean())
     assert record["migrations"] == 0 and record["moved_bytes"] == 0 and record["step_time_vs_static"] == 1.0
 
