@@ -5,6 +5,7 @@
         [--history-every 100] [--no-compile] [--cost FILE] [--data PATH] [--work DIR]
         [--out benchmarks/results/placement_training.json]
     python benchmarks/placement_training.py --dry-run      # the same logic on CPU: gloo, a tiny model, 2 ranks
+    python benchmarks/placement_training.py --resimulate --work RUNS --out JSON   # simulate again, on a CPU
 
 For every (tokens per step, policy): ``torchrun --nproc-per-node G -m moe_trace train --model MODEL
 --placement POLICY --redundant R`` from the same seed (what a user runs: compiled, unless ``--no-compile``), then
@@ -46,18 +47,27 @@ def main() -> int:
         args.history_every, args.phase_every, args.compile = 10, 5, False
         if args.out == DEFAULT_OUT:
             args.out = args.work / "placement_training_dry_run.json"
-    args.work.mkdir(parents=True, exist_ok=True)
     results = _load(args.out)
-    for tokens in args.tokens_per_step:
-        for policy in args.policies.split(","):
-            run_dir = args.work / f"{run_label(args)}-t{tokens}-{policy}"
-            run = cli_runs.train(train_arguments(args, tokens, policy), run_dir, ranks=args.gpus, reuse=True)
-            record = measure(args, tokens, policy, run)
-            results[_key(record)] = record
+    if args.resimulate:
+        for record in results.values():
+            record |= simulated(args, record, args.work / _run_name(record))
+    else:
+        args.work.mkdir(parents=True, exist_ok=True)
+        for tokens in args.tokens_per_step:
+            for policy in args.policies.split(","):
+                run_dir = args.work / f"{run_label(args)}-t{tokens}-{policy}"
+                run = cli_runs.train(train_arguments(args, tokens, policy), run_dir, ranks=args.gpus, reuse=True)
+                record = measure(args, tokens, policy, run)
+                results[_key(record)] = record
     records = sorted(results.values(), key=lambda r: (r.get("model", "gpt-125m-moe"), r.get("experts") or 0,
                                                        r["tokens_per_step"], r["policy"]))
     relative_to_static(records)
-    payload = {"benchmark": "placement_training", **environment(args), "results": records, "goals": goals(records)}
+    if args.resimulate:  # the GPU runs' header stays; what was recomputed, when and by what, is added
+        header = {k: v for k, v in json.loads(args.out.read_text()).items() if k not in ("results", "goals")}
+        header["resimulated"] = {"date": cli_runs.now(), "command": cli_runs.command_line(), "commit": _commit()}
+    else:
+        header = environment(args)
+    payload = {"benchmark": "placement_training", **header, "results": records, "goals": goals(records)}
     cli_runs.write_json(args.out, payload)
     for r in records:
         print(f"{_key(r):<36} step: measured {r['measured_median_step_s'] * 1e3:.2f} "
@@ -87,6 +97,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("/tmp/placement_training"), help="run directories")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--dry-run", action="store_true", help="check the logic on CPU: gloo, a tiny model, short runs")
+    p.add_argument("--resimulate", action="store_true",
+                   help="only recompute the simulated columns of --out's records from their runs in --work (a CPU "
+                        "is enough: after a cost-model change); the measured columns and the GPU header stay")
     args = p.parse_args()
     if args.redundant is None:
         args.redundant = args.gpus
@@ -115,27 +128,32 @@ def measure(args: argparse.Namespace, tokens: int, policy: str, run: cli_runs.Tr
     replans = len(trace.load_placement(run_dir / "placement.parquet")) - 1
     redundant = 0 if policy == "static" else args.redundant
     every = {"history": args.history_every, "phase": args.phase_every}.get(policy)
-    simulate = [sys.executable, "-m", "moe_trace", "simulate", str(run_dir / "trace"), "--gpus", str(args.gpus),
-                "--redundant", str(redundant), "--policy", policy, "--json", "-",
-                *(["--replan-every", str(every)] if every else []), *(["--cost", args.cost] if args.cost else [])]
-    [simulated] = json.loads(_output(simulate))
     stable_from = _model_stable_from(run_dir / "trace")
     step_times = run.metrics["step_time_s"]
     steps = np.arange(len(step_times))
     phase_medians = {name: float(np.median(step_times[chosen])) if chosen.any() else None for name, chosen in (
         ("transient", (steps >= args.skip) & (steps < (stable_from if stable_from is not None else len(steps)))),
         ("stable", steps >= max(args.skip, stable_from if stable_from is not None else len(steps))))}
-    return {"model": args.model if not args.dry_run else "gpt-tiny-moe", "experts": args.experts,
-            "compile": args.compile, "tokens_per_step": tokens, "policy": policy, "gpus": args.gpus,
-            "redundant": redundant, "replan_every": every, "steps": args.steps, "measured_from_step": args.skip,
-            "replans": replans, "stable_from": stable_from,
-            "measured_median_step_s": run.steady_state(args.skip)["median_step_s"],
-            "measured_median_step_s_by_phase": phase_medians,
-            "measured_mean_step_s": float(np.mean(step_times[args.skip:])),
-            "simulated_step_s": simulated["est_step_time_s"], "simulated_replans": simulated["replans"],
-            "simulated_mean_imbalance": simulated["mean_imbalance"],
-            "cost_model": simulated.get("cost_model"),  # named by simulate once it has the measured calibration
-            "train_command": run.shown,
+    record = {"model": args.model if not args.dry_run else "gpt-tiny-moe", "experts": args.experts,
+              "compile": args.compile, "tokens_per_step": tokens, "policy": policy, "gpus": args.gpus,
+              "redundant": redundant, "replan_every": every, "steps": args.steps, "measured_from_step": args.skip,
+              "replans": replans, "stable_from": stable_from,
+              "measured_median_step_s": run.steady_state(args.skip)["median_step_s"],
+              "measured_median_step_s_by_phase": phase_medians,
+              "measured_mean_step_s": float(np.mean(step_times[args.skip:])), "train_command": run.shown}
+    return record | simulated(args, record, run_dir)
+
+
+def simulated(args: argparse.Namespace, record: dict, run_dir: Path) -> dict:
+    """What ``moe-trace simulate`` predicts for the record's policy, cluster and cadence on the run's own trace."""
+    every = record["replan_every"]
+    simulate = [sys.executable, "-m", "moe_trace", "simulate", str(run_dir / "trace"), "--gpus", str(record["gpus"]),
+                "--redundant", str(record["redundant"]), "--policy", record["policy"], "--json", "-",
+                *(["--replan-every", str(every)] if every else []), *(["--cost", args.cost] if args.cost else [])]
+    [result] = json.loads(_output(simulate))
+    return {"simulated_step_s": result["est_step_time_s"], "simulated_replans": result["replans"],
+            "simulated_mean_imbalance": result["mean_imbalance"],
+            "cost_model": result.get("cost_model"),  # named by simulate once it has the measured calibration
             "simulate_command": shlex.join(simulate)}
 
 
@@ -160,6 +178,13 @@ def _key(record: dict) -> str:
 
 def run_label(args: argparse.Namespace) -> str:
     return f"{args.model}-e{args.experts}" if args.experts else args.model
+
+
+def _run_name(record: dict) -> str:
+    """The run directory's name of a record (``run_label``, tokens, policy)."""
+    model = record.get("model", "gpt-125m-moe")
+    label = f"{model}-e{record['experts']}" if record.get("experts") else model
+    return f"{label}-t{record['tokens_per_step']}-{record['policy']}"
 
 
 def _batch(record: dict) -> tuple:
@@ -212,9 +237,12 @@ def goals(records: list[dict]) -> dict:
     }
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def environment(args: argparse.Namespace) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {**cli_runs.header(cuda=not args.dry_run), "gpus": args.gpus, "dry_run": args.dry_run, "commit": commit}
+    return {**cli_runs.header(cuda=not args.dry_run), "gpus": args.gpus, "dry_run": args.dry_run, "commit": _commit()}
 
 
 def _load(path: Path) -> dict:

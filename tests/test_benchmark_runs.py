@@ -18,11 +18,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import each other as they do when run
 
+import argparse  # noqa: E402
+
 import attention_training  # noqa: E402
 import balancing_study  # noqa: E402
 import cli_runs  # noqa: E402
+import expert_parallel_scaling  # noqa: E402
+import placement_training  # noqa: E402
 
-STEPS, SKIP, BATCH, SEQ = 12, 4, 2, 16
+from moe_trace import trace  # noqa: E402
+
+STEPS, SKIP, BATCH, SEQ = 16, 4, 2, 16
 TINY = ["--model", "gpt-tiny-moe", "--blocks", "1", "--moe-every", "1", "--hidden", "16", "--heads", "2",
         "--experts", "4", "--seq-len", str(SEQ), "--vocab-size", "256", "--device", "cpu", "--threads", "1",
         "--global-batch", str(BATCH), "--steps", str(STEPS), "--eval-every", str(STEPS), "--checkpoint-every", "0"]
@@ -51,7 +57,40 @@ def test_the_run_keeps_its_summary_log_and_command(run):
     assert run.line("gpt-tiny-moe:").startswith(f"gpt-tiny-moe: steps 0..{STEPS - 1}")
     assert not any("\r" in line or "step/s" in line for line in run.log_lines)  # no progress bar
     assert run.shown.startswith("moe-trace train --model gpt-tiny-moe") and run.shown.endswith("run.json")
+    assert (run.run_dir.parent / "run.command").read_text() == run.shown  # written before the run starts
     assert run.wall_s > 0
+
+
+def test_scaling_analysis_takes_the_early_window_and_skips_runs_without_steps(run, tmp_path):
+    """The early window is the median of steps 5..14 of metrics.parquet; one GPU's busiest load is 1; a run cut
+    before its first step is skipped, not an error."""
+    import shutil
+
+    shutil.copytree(run.run_dir, tmp_path / "weak-g1-compiled")
+    for suffix in (".json", ".command"):
+        shutil.copy(run.run_dir.parent / f"run{suffix}", tmp_path / f"weak-g1-compiled{suffix}")
+    (tmp_path / "weak-g2-compiled_padded").mkdir()  # cut by a time limit before any step was recorded
+    (tmp_path / "weak-g2-compiled_padded.json").write_text(json.dumps({"stopped_early": True}))
+    result = expert_parallel_scaling.analyse(tmp_path, STEPS, settled_from=80)
+    [row] = result["runs"]
+    step_s = pq.read_table(run.run_dir / "metrics.parquet").column("step_time_s").to_numpy()
+    assert (row["window"], row["steps_timed"]) == ("early", [5, 15])
+    assert row["median_step_s"] == float(np.median(step_s[5:15])) and row["busiest_gpu_load"] == 1.0
+    assert result["goals"] == []
+
+
+def test_busiest_gpu_load_by_hand(run):
+    counts = trace.load(run.run_dir).counts.astype(float)  # [steps, layers, 4 experts]: GPU 0 hosts 0-1, GPU 1 2-3
+    per_gpu = np.stack([counts[..., :2].sum(-1), counts[..., 2:].sum(-1)], axis=-1)
+    expected = (per_gpu.max(-1) / per_gpu.mean(-1)).mean(-1)
+    np.testing.assert_allclose(expert_parallel_scaling.busiest_rank_load(run.run_dir, 2), expected)
+
+
+def test_placement_records_name_their_run_directories():
+    for experts in (None, 64):
+        args = argparse.Namespace(model="gpt-350m-moe", experts=experts)
+        record = {"model": "gpt-350m-moe", "experts": experts, "tokens_per_step": 16384, "policy": "phase"}
+        assert placement_training._run_name(record) == f"{placement_training.run_label(args)}-t16384-phase"
 
 
 def test_a_finished_run_is_reused_when_asked(run, monkeypatch, tmp_path):
