@@ -11,9 +11,10 @@ Two studies, each run the way a user runs it (``moe-trace train``, under ``torch
   >= 1.8x one GPU).
 
 Efficiency with G GPUs is tokens/s(G) / (G x tokens/s(1)); speed-up is tokens/s(G) / tokens/s(1). Tokens/s is
-the median step of each run's ``metrics.parquet`` in two windows: ``early`` (steps 5..14), while a fresh router
-sends most tokens to one expert (so one GPU does nearly all the expert work), and ``settled`` (``--settled-from``
-on, for runs with more steps), once the balancing loss has spread them; ``busiest_gpu_load`` says which.
+the median step of each run's ``metrics.parquet`` in two windows: ``early`` (steps 5..14), where the router may
+still send most tokens to a few experts (so one GPU does most of the expert work), and ``settled``
+(``--settled-from`` on, for runs with more steps), once the balancing loss has spread them; ``busiest_gpu_load``
+says which.
 ``--runs`` picks ``study:gpus`` pairs, so that one-GPU runs can go side by side on two GPUs
 (``CUDA_VISIBLE_DEVICES``) and the rest follow; a finished run is reused, and a run cut short (a time limit's
 SIGTERM stops it cleanly) is analysed over the steps it made. ``--no-compile`` measures the eager path (the
@@ -38,6 +39,10 @@ STUDIES = {  # study: (preset and arguments, sequences per step as a function of
 GOALS = {("weak", 2): 0.95, ("weak", 4): 0.90, ("weak", 8): 0.85}  # efficiency
 STRONG_SPEEDUP_GOAL = {2: 1.8}
 SKIP = 5  # steps of compilation and warm-up left out of the steady state
+# The learning-rate warm-up of a run of 1000 steps or more (moe-trace train's default there). Without it a short
+# run takes a tenth of its steps (1 at 15 steps), reaches the peak rate at once, and its router collapses onto one
+# expert (10-15x the mean load, against 4-5x in the first steps of the recorded 20000-step run).
+WARMUP = 100
 
 
 def run_name(study: str, gpus: int, args: argparse.Namespace) -> str:
@@ -51,7 +56,8 @@ def run(study: str, gpus: int, args: argparse.Namespace) -> cli_runs.TrainRun:
     arguments = [*preset, "--global-batch", str(sequences(gpus)), "--steps", str(args.steps), "--attention", "sdpa",
                  "--moe-backend", "torch", "--compile" if args.compile else "--no-compile",
                  *(["--data", str(args.data)] if args.data else []),
-                 "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--seed", "0", *args.extra.split(),
+                 "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--seed", "0",
+                 "--warmup", str(WARMUP), *args.extra.split(),
                  *(["--expert-exchange", args.expert_exchange] if gpus > 1 else [])]
     return cli_runs.train(arguments, args.work / run_name(study, gpus, args), ranks=gpus if gpus > 1 else None,
                           reuse=True)
@@ -66,8 +72,8 @@ def busiest_rank_load(run_dir: Path, gpus: int) -> np.ndarray:
 
 
 def analyse(work: Path, steps: int, settled_from: int) -> dict:
-    """Every run's steady state in two windows of steps: ``early`` (SKIP..14, while a fresh router sends most
-    tokens to one expert) and ``settled`` (``settled_from``.., once the balancing loss has spread them)."""
+    """Every run's steady state in two windows of steps: ``early`` (SKIP..14, while the router may still send most
+    tokens to a few experts) and ``settled`` (``settled_from``.., once the balancing loss has spread them)."""
     windows = {"early": (SKIP, 15), "settled": (settled_from, None)}  # settled: to the run's last step, >= 10 of them
     rows = []
     for summary in sorted(work.glob("*-g*-*.json")):

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import cli_runs
+import expert_parallel_scaling
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +117,7 @@ def train_arguments(args: argparse.Namespace, tokens: int, policy: str) -> list[
     every = {"history": args.history_every, "phase": args.phase_every}.get(policy)
     return [*model, "--global-batch", str(tokens // seq_len), "--steps", str(args.steps), "--seed", "0",
             "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--placement", policy,
+            *([] if args.dry_run else ["--warmup", str(expert_parallel_scaling.WARMUP)]),
             "--redundant", str(0 if policy == "static" else args.redundant),
             *(["--replan-every", str(every)] if every else []), *(["--data", args.data] if args.data else [])]
 
