@@ -87,12 +87,15 @@ def test_linear_model_is_the_flop_rate_model():
 
 
 def test_shapes_from_the_trace_metadata():
-    assert (CostModel.from_meta(META).hidden, CostModel.from_meta(META).n_blocks) == (768, 12)  # the preset's
+    preset = CostModel.from_meta(META)
+    assert (preset.hidden, preset.n_blocks, preset.vocab) == (768, 12, 50304)  # the preset's (padded vocabulary)
     unknown = CostModel.from_meta({"model": "mine", "moe_layers": [0, 2, 4], "seq_len": None, "tokens_per_step": 8})
     # an unknown model: hidden 1024 (gpt-350m-moe's), two blocks per MoE layer, sequences of 2048
     assert (unknown.hidden, unknown.n_blocks, unknown.n_moe_blocks, unknown.seq_len) == (1024, 6, 3, 2048)
-    given = CostModel.from_meta({**META, "hidden": 96, "n_blocks": 7}, a2a_bandwidth=1e9, link_bandwidth=None)
+    given = CostModel.from_meta({**META, "hidden": 96, "n_blocks": 7, "vocab_size": 1000}, a2a_bandwidth=1e9,
+                                link_bandwidth=None)
     assert (given.hidden, given.n_blocks, given.seq_len, given.tokens_per_step) == (96, 7, 2048, 16384)
+    assert given.vocab == 1000
     assert (given.a2a_bandwidth, given.link_bandwidth) == (1e9, CostModel.link_bandwidth)  # None: the default
 
 
