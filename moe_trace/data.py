@@ -28,6 +28,9 @@ VALIDATION_FRACTION = 0.05
 BYTE_ALPHABET = 257  # a byte-level BPE vocabulary starts with the 256 bytes and END_OF_TEXT
 _SPLITS = {"train": 0, "val": 1}
 _ENCODE_CHUNK = 512  # documents per encode_batch call: bounds the memory of tokenizers' Encoding objects
+# An uncapped default corpus learns its BPE merges from its first 128 MiB: on several GB, training on all of it
+# would take far longer than encoding it. (A capped corpus learns from all of it, as it always did.)
+BPE_SAMPLE_BYTES = 128 << 20
 
 
 @dataclass
@@ -59,8 +62,8 @@ def load_data(data: str | os.PathLike | None, vocab_size: int, seq_len: int, *,
               max_corpus_bytes: int = 8 << 20, cache_dir: Path | None = None) -> TokenData:
     """Token ids for ``data`` (see the module docstring), tokenizing and caching text on first use.
 
-    ``max_corpus_bytes`` caps the default corpus. Raises :class:`UsageError` for a missing path, ids that
-    do not fit ``vocab_size``, or too little data for one ``seq_len`` window in each split.
+    ``max_corpus_bytes`` caps the default corpus (0: no cap, every source file). Raises :class:`UsageError` for a
+    missing path, ids that do not fit ``vocab_size``, or too little data for one ``seq_len`` window in each split.
     """
     if vocab_size <= BYTE_ALPHABET and (data is None or Path(data).suffix not in (".bin", ".npy")):
         raise UsageError(f"--vocab-size {vocab_size}: a byte-level BPE tokenizer needs more than {BYTE_ALPHABET} "
@@ -68,7 +71,8 @@ def load_data(data: str | os.PathLike | None, vocab_size: int, seq_len: int, *,
     if data is None:
         docs = python_source_corpus(max_corpus_bytes)
         cache = (cache_dir or default_cache_dir()) / f"pysrc-{_fingerprint(docs)}-v{vocab_size}"
-        token_data = _tokenized(lambda: (text for _, text in docs), cache, vocab_size, "python sources")
+        token_data = _tokenized(lambda: (text for _, text in docs), cache, vocab_size, "python sources",
+                                sample_bytes=None if max_corpus_bytes else BPE_SAMPLE_BYTES)
     else:
         path = Path(data)
         if not path.exists():
@@ -90,7 +94,7 @@ def load_data(data: str | os.PathLike | None, vocab_size: int, seq_len: int, *,
 
 
 def python_source_corpus(max_bytes: int) -> list[tuple[str, str]]:
-    """``(name, text)`` of the interpreter's ``.py`` files, deduplicated by content, up to ``max_bytes``.
+    """``(name, text)`` of the interpreter's ``.py`` files, deduplicated by content, up to ``max_bytes`` (0: all).
 
     Files are taken in the order of a hash of their path relative to their root, a deterministic order
     that mixes packages so that a capped corpus is not all one library.
@@ -117,7 +121,7 @@ def python_source_corpus(max_bytes: int) -> list[tuple[str, str]]:
         seen.add(digest)
         docs.append((rel, raw.decode("utf-8", errors="replace")))
         total += len(raw)
-        if total >= max_bytes:
+        if max_bytes and total >= max_bytes:
             break
     return docs
 
@@ -147,16 +151,19 @@ def _fingerprint(docs: list[tuple]) -> str:
     return h.hexdigest()[:16]
 
 
-def _tokenized(texts: Callable[[], Iterable[str]], cache: Path, vocab_size: int, source: str) -> TokenData:
-    """Train (or load) the BPE tokenizer and the token ids cached in ``cache``."""
+def _tokenized(texts: Callable[[], Iterable[str]], cache: Path, vocab_size: int, source: str,
+               sample_bytes: int | None = None) -> TokenData:
+    """Train (or load) the BPE tokenizer, on the texts' first ``sample_bytes`` (None: all), and the token ids of
+    all of them, cached in ``cache``."""
     from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
     tokenizer_path, train_path, val_path = cache / "tokenizer.json", cache / "train.npy", cache / "val.npy"
     if not (tokenizer_path.exists() and train_path.exists() and val_path.exists()):
         cache.mkdir(parents=True, exist_ok=True)
         bpe = ByteLevelBPETokenizer()
-        bpe.train_from_iterator(texts(), vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT],
-                                show_progress=False)
+        sample = texts() if sample_bytes is None else _first_bytes(texts(), sample_bytes)
+        bpe.train_from_iterator(sample, vocab_size=vocab_size, min_frequency=2,
+                                special_tokens=[END_OF_TEXT], show_progress=False)
         tokenizer = Tokenizer.from_str(bpe.to_str())
         ids = np.concatenate(list(_encode(tokenizer, texts(), vocab_size)))
         n_val = max(1, int(len(ids) * VALIDATION_FRACTION))
@@ -168,6 +175,16 @@ def _tokenized(texts: Callable[[], Iterable[str]], cache: Path, vocab_size: int,
         os.replace(tmp, tokenizer_path)
     return TokenData(np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r"), vocab_size,
                      tokenizer_path, source)
+
+
+def _first_bytes(texts: Iterable[str], limit: int) -> Iterator[str]:
+    """The texts up to and including the one that brings their UTF-8 size to ``limit``."""
+    total = 0
+    for text in texts:
+        yield text
+        total += len(text.encode())
+        if total >= limit:
+            return
 
 
 def _encode(tokenizer, texts: Iterable[str], vocab_size: int) -> Iterator[np.ndarray]:

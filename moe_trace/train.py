@@ -466,6 +466,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         "run_dir": str(run_dir), "rank": world.rank, "steps": step, "start_step": start,
         "stopped_early": step < config.steps,
         "tokens_per_s": (step - start) * tokens_per_step / elapsed if step > start else float("nan"),
+        # How often the run has read its training tokens over, counting every step since step 0.
+        "train_tokens": len(data.train), "data_passes": step * tokens_per_step / len(data.train),
         "final_loss": metrics.last("loss") if step > start else float("nan"), "val_loss": val_loss,
         "elapsed_s": elapsed, "eval_s": eval_s, "checkpoint_s": checkpoint_s, "optimizer": optimizer_name,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

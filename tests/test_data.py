@@ -52,3 +52,32 @@ def test_bad_data_is_a_usage_error(tmp_path):
     np.save(tmp_path / "short.npy", np.arange(50, dtype=np.int32))
     with pytest.raises(UsageError, match="too few"):
         load_data(tmp_path / "short.npy", 100, 32)
+
+
+def test_the_tokenizer_learns_from_the_first_bytes_and_encodes_every_text(tmp_path):
+    """An uncapped corpus learns its merges from a sample (``BPE_SAMPLE_BYTES``) and still encodes every text."""
+    from tokenizers import Tokenizer
+
+    from moe_trace.data import _first_bytes, _tokenized
+
+    texts = ["alpha beta gamma " * 50] * 10 + ["zyxw vuts " * 50] * 10
+    assert list(_first_bytes(iter(texts), 1)) == texts[:1]
+    assert list(_first_bytes(iter(texts), 10 ** 9)) == texts
+    sample = sum(len(t.encode()) for t in texts[:10])
+    data = _tokenized(lambda: iter(texts), tmp_path / "sampled", 300, "test", sample_bytes=sample)
+    whole = _tokenized(lambda: iter(texts), tmp_path / "whole", 300, "test")  # no sample: all of it
+    sampled_tokens = Tokenizer.from_file(str(data.tokenizer_path)).get_vocab()
+    assert not any("zyx" in token for token in sampled_tokens)  # the second half never reached the merges
+    assert any("zyx" in token for token in Tokenizer.from_file(str(whole.tokenizer_path)).get_vocab())
+    # every text is encoded: its end-of-text ids are all there, in train and validation together
+    end = Tokenizer.from_file(str(data.tokenizer_path)).token_to_id("<|endoftext|>")
+    ids = np.concatenate([data.train, data.val])
+    assert int((ids == end).sum()) == len(texts)
+
+
+def test_an_uncapped_default_corpus_holds_the_capped_one():
+    from moe_trace.data import python_source_corpus
+
+    capped = python_source_corpus(1 << 20)
+    everything = python_source_corpus(0)
+    assert everything[:len(capped)] == capped and len(everything) > len(capped)

@@ -119,7 +119,8 @@ CASES = [
     (["train", "--out", "{out}", *TINY, "--hidden", "65536", "--heads", "64"], "does not fit"),
     (["train", "--out", "{out}", *TINY, "--data", "{missing}"], "no such file"),
     (["train", "--out", "{out}", *TINY, "--data", "{empty_dir}"], "no text files"),
-    (["train", "--out", "{out}", *TINY, "--corpus-mb", "0"], "--corpus-mb"),
+    (["train", "--out", "{out}", *TINY, "--corpus-mb", "-1"], "--corpus-mb"),  # 0 is valid: no cap
+    (["train", "--out", "{out}", *TINY, "--corpus-mb", "nan"], "--corpus-mb"),
     (["train", "--out", "{out}", *TINY, "--device", "gpu"], "invalid choice"),
     (["train", "--out", "{out}", *TINY, "--moe-backend", "megablocks"], "megablocks"),
     (["train", "--out", "{out}", *TINY, "--attention", "int8"], "--attention int8"),

@@ -37,6 +37,11 @@ def test_loss_goes_down(tiny_run):
     assert summary["val_loss"] < loss[0] - 1.5
 
 
+def test_the_summary_counts_passes_over_the_training_tokens(tiny_run):
+    _, summary = tiny_run
+    assert summary["data_passes"] == pytest.approx(100 * 8 * 128 / summary["train_tokens"])
+
+
 def test_every_row_of_the_trace_conserves_tokens(tiny_run):
     out, _ = tiny_run
     loaded = trace.load(out)

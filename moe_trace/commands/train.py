@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="text file, directory of text files, or token ids (.bin uint16 / .npy); "
                                   "default: this Python installation's source files")
     p.add_argument("--corpus-mb", type=float, help="size cap of the default corpus (default 8, or 128 for "
-                                                   "GPT-2-sized vocabularies)")
+                                                   "GPT-2-sized vocabularies; 0: every source file of the "
+                                                   "installation, the tokenizer learnt on the first 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--attention", choices=("auto", "int8", "sdpa"), default="auto")
@@ -288,7 +289,7 @@ def _check_positive(config) -> None:  # a train.TrainConfig
             raise UsageError(f"{_option(name)} must be positive, got {value}")
     if config.micro_batch is not None and config.micro_batch < 1:
         raise UsageError(f"--micro-batch must be positive, got {config.micro_batch}")
-    for name in ("lr", "corpus_mb"):
-        value = getattr(config, name)
-        if not (math.isfinite(value) and value > 0):
-            raise UsageError(f"{_option(name)} must be a positive number, got {value}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {config.lr}")
+    if not (math.isfinite(config.corpus_mb) and config.corpus_mb >= 0):
+        raise UsageError(f"--corpus-mb must be 0 (no cap) or a positive number, got {config.corpus_mb}")
