@@ -36,7 +36,7 @@ class StepProfiler:
         self.window, self.out, self.device = window, out, device
         self.suffix = f".rank-{rank}" if world_size > 1 else ""
         self._profile: torch.profiler.profile | None = None
-        self._first = None
+        self._first: int | None = None
 
     def step_begins(self, step: int) -> None:
         if self._profile is None and self.window[0] <= step < self.window[1]:
