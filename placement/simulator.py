@@ -30,7 +30,8 @@ def replay_bytes(layers: int, gpus: int, slots_per_gpu: int) -> int:
 
 def replay(counts: np.ndarray, schedule: list, setting: Setting) -> dict[str, np.ndarray]:
     """Per-step outcome of a schedule: ``imbalance[steps, layers]``, ``step_time_s[steps]`` (migration
-    stalls included) and ``migrations[steps]`` (experts moved at each step).
+    stalls included), ``migrations[steps]`` (experts moved at each step), ``stall_s[steps]`` (the stalls alone)
+    and the placement-independent ``dense_s`` and ``optimizer_s`` of every step (:class:`placement.cost.CostModel`).
 
     Stretches of equal length under different plans are dispatched in one call, their plans stacked as
     extra layers: a policy that re-plans every few dozen steps costs few calls.
@@ -64,19 +65,29 @@ def replay(counts: np.ndarray, schedule: list, setting: Setting) -> dict[str, np
                 result["imbalance"][lo: lo + length] = imb[:, j]
                 result["step_time_s"][lo: lo + length] = time_s[:, j]
     result["step_time_s"] += stall
+    slots_per_gpu = schedule[0][1].slots_per_gpu
+    result |= {"stall_s": stall, "dense_s": setting.cost.dense_time_s(setting.gpus),
+               "optimizer_s": setting.cost.optimizer_time_s(slots_per_gpu)}
     return result
 
 
 def summarise(outcome: dict[str, np.ndarray], steps: slice, bytes_per_expert: int) -> dict[str, Any]:
-    """Mean and p99 imbalance over (step, layer), migrations, bytes moved and mean step time over ``steps``."""
+    """Mean and p99 imbalance over (step, layer), migrations, bytes moved and mean step time over ``steps``, with
+    the step time's parts: the dense model (LM head included), the optimizer step, the MoE layers (busiest GPU's
+    expert work and all-to-alls) and migration stalls."""
     imb = outcome["imbalance"][steps]
     migrations = int(outcome["migrations"][steps].sum())
+    step_time = float(outcome["step_time_s"][steps].mean())
+    stall = float(outcome["stall_s"][steps].mean())
     return {
         "mean_imbalance": float(imb.mean()),
         "p99_imbalance": float(np.percentile(imb, 99)),
         "migrations": migrations,
         "moved_bytes": migrations * bytes_per_expert,
-        "est_step_time_s": float(outcome["step_time_s"][steps].mean()),
+        "est_step_time_s": step_time,
+        "est_step_parts_s": {"dense": outcome["dense_s"], "optimizer": outcome["optimizer_s"],
+                             "moe_layers": step_time - outcome["dense_s"] - outcome["optimizer_s"] - stall,
+                             "migration": stall},
     }
 
 
@@ -176,6 +187,11 @@ def format_table(records: list[dict[str, Any]], setting: Setting, stable_from: i
                          f"{figures['p99_imbalance']:>8.3f} {figures['migrations']:>10d} "
                          f"{figures['moved_bytes'] / 1e9:>9.1f} {figures['est_step_time_s'] * 1e3:>9.2f} "
                          f"{'' if relative is None else f'{relative:.3f}':>9}")
+    if records:
+        parts = records[0]["est_step_parts_s"]
+        lines.append(f"{records[0]['policy']}'s step: dense layers and LM head {parts['dense'] * 1e3:.2f} ms + "
+                     f"optimizer {parts['optimizer'] * 1e3:.2f} ms + MoE layers {parts['moe_layers'] * 1e3:.2f} ms + "
+                     f"migrations {parts['migration'] * 1e3:.2f} ms; placement changes the last two")
     if records and "p99_imbalance_bound" in records[0]:
         lines.append(f"no placement of these {setting.redundant} redundant slots, even re-planned every step, gets "
                      f"below mean imbalance {records[0]['mean_imbalance_bound']:.3f}, p99 "

@@ -35,6 +35,10 @@ def test_static_imbalance_and_step_time_by_hand():
     a2a_s = 4 * (busiest * 2 * COST.hidden / 2 / COST.a2a_bandwidth + COST.a2a_latency)  # half the tokens cross
     hand = COST.rest_time_s(2, local_experts=2) + expert_s + a2a_s
     assert record["est_step_time_s"] == pytest.approx(hand.mean())
+    # its parts: the placement-independent rest by the cost model, the MoE layers by hand, no migration
+    assert record["est_step_parts_s"] == pytest.approx({"dense": COST.dense_time_s(2),
+                                                        "optimizer": COST.optimizer_time_s(2),
+                                                        "moe_layers": (expert_s + a2a_s).mean(), "migration": 0.0})
     assert record["migrations"] == 0 and record["moved_bytes"] == 0 and record["step_time_vs_static"] == 1.0
 
 
@@ -57,6 +61,10 @@ def test_migrations_are_counted_and_charged():
     assert outcome["migrations"].tolist() == [0, 0, 0, 0, 2, 0, 0, 0]  # each GPU receives one expert
     stall = outcome["step_time_s"][4] - outcome["step_time_s"][5]
     assert stall == pytest.approx(COST.bytes_per_expert / COST.link_bandwidth)
+    np.testing.assert_allclose(outcome["stall_s"], [0, 0, 0, 0, stall, 0, 0, 0])
+    parts = simulator.summarise(outcome, slice(None), COST.bytes_per_expert)["est_step_parts_s"]
+    assert parts["migration"] == pytest.approx(stall / 8)
+    assert sum(parts.values()) == pytest.approx(outcome["step_time_s"].mean())
     assert {frozenset(g) for g in second.slot_expert.reshape(2, 2)} == {frozenset({2, 3}), frozenset({0, 1})}
 
 
