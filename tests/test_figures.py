@@ -63,6 +63,12 @@ def _placement_training(result: dict) -> list[list[str]]:
              f"{r['simulated_vs_static']:.3f}"] for r in result["results"]]
 
 
+def _paper_comparison(result: dict) -> list[list[str]]:
+    return [[t["model"], str(t["tokens_per_step"]), r["predictor"], str(r["horizon"]), _percent(r["step_wape"]),
+             _percent(r["step_floor"]), _percent(r["mean_wape"]), "" if r["paper"] is None else _percent(r["paper"])]
+            for t in result["traces"] for r in t["rows"] if r["phase"] == "stable"]
+
+
 def _balancing_study(result: dict) -> list[list[str]]:
     return [[f"`{r['run']}`", f"{result['training'][r['run']]['val_loss']:.3f}", r["layers stable"],
              f"{r['heaviest/mean early']:.2f}", f"{r['heaviest/mean late']:.2f}", f"{r['dropped %']:.1f} %",
@@ -131,6 +137,7 @@ RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/expert_parallel_scaling_x2.json": _expert_parallel_scaling_studies,
     "benchmarks/results/expert_parallel_scaling_x4.json": _expert_parallel_scaling_windows,
     "benchmarks/results/placement_training_x4.json": _placement_training,
+    "benchmarks/results/paper_comparison.json": _paper_comparison,
     "benchmarks/results/phase_detection.json": _phase_detection,
     "benchmarks/results/balancing_study.json": _balancing_study,
     "benchmarks/results/trace_summary.json": _trace_summary,
