@@ -43,6 +43,7 @@ class StepProfiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize(self.device)  # the previous step's kernels stay out of the window
             self._profile = torch.profiler.profile(activities=activities)
             self._profile.__enter__()
             self._first = step
