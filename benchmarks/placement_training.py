@@ -46,6 +46,7 @@ def main() -> int:
     if args.dry_run:
         args.gpus, args.tokens_per_step, args.steps, args.skip = 2, [256, 1024], 30, 5
         args.history_every, args.phase_every, args.compile = 10, 5, False
+        args.model, args.experts = "gpt-tiny-moe", None  # TINY's model: records and run directories say so
         if args.out == DEFAULT_OUT:
             args.out = args.work / "placement_training_dry_run.json"
     results = _load(args.out)
@@ -136,7 +137,7 @@ def measure(args: argparse.Namespace, tokens: int, policy: str, run: cli_runs.Tr
     phase_medians = {name: float(np.median(step_times[chosen])) if chosen.any() else None for name, chosen in (
         ("transient", (steps >= args.skip) & (steps < (stable_from if stable_from is not None else len(steps)))),
         ("stable", steps >= max(args.skip, stable_from if stable_from is not None else len(steps))))}
-    record = {"model": args.model if not args.dry_run else "gpt-tiny-moe", "experts": args.experts,
+    record = {"model": args.model, "experts": args.experts,
               "compile": args.compile, "tokens_per_step": tokens, "policy": policy, "gpus": args.gpus,
               "redundant": redundant, "replan_every": every, "steps": args.steps, "measured_from_step": args.skip,
               "replans": replans, "stable_from": stable_from,
