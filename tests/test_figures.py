@@ -49,7 +49,8 @@ def _expert_parallel_scaling_studies(result: dict) -> list[list[str]]:
 
 
 def _expert_parallel_scaling_windows(result: dict) -> list[list[str]]:
-    return [[r["study"], str(r["gpus"]), "padded" if r["mode"].endswith("_padded") else "counts",
+    exchange = {True: "padded", False: "counts"}
+    return [[r["study"], str(r["gpus"]), "none" if r["gpus"] == 1 else exchange[r["mode"].endswith("_padded")],
              f"{r['window']} ({r['steps_timed'][0]}..{r['steps_timed'][1] - 1})", str(r["tokens_per_step"]),
              f"{r['median_step_s'] * 1e3:.1f} ms", f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['busiest_gpu_load']:.2f}",
              f"{r['speedup']:.2f}x" if "speedup" in r else "", _percent(r["efficiency"]) if "efficiency" in r else ""]
