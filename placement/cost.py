@@ -108,21 +108,22 @@ class CostModel:
         """Bytes moved when an expert migrates: its parameters with their gradient and optimizer state."""
         return self.expert_params * self.state_bytes_per_param
 
+    @property
+    def block_params(self) -> int:
+        """The blocks' weights outside the experts: attention projections and the dense FFNs."""
+        return 4 * self.hidden * self.hidden * self.n_blocks + self.expert_params * (self.n_blocks - self.n_moe_blocks)
+
     def dense_time_s(self, gpus: int) -> float:
         """Attention, dense FFNs and LM head time per step on each GPU (data-parallel share of the tokens)."""
-        h = self.hidden
-        params_per_token = (4 * h * h * self.n_blocks + self.expert_params * (self.n_blocks - self.n_moe_blocks)
-                            + self.vocab * h)
-        flops_per_token = 6 * params_per_token + 6 * self.n_blocks * h * self.seq_len  # causal attention
+        params_per_token = self.block_params + self.vocab * self.hidden
+        flops_per_token = 6 * params_per_token + 6 * self.n_blocks * self.hidden * self.seq_len  # causal attention
         return self.tokens_per_step / gpus * flops_per_token / self.dense_flops
 
     @property
     def dense_params(self) -> int:
-        """Weights every GPU holds: attention, dense FFNs, the token embedding (tied with the LM head) and the
-        position embedding."""
-        h = self.hidden
-        return (4 * h * h * self.n_blocks + self.expert_params * (self.n_blocks - self.n_moe_blocks)
-                + (self.vocab + self.seq_len) * h)
+        """Weights every GPU holds: the blocks' outside the experts, the token embedding (tied with the LM head)
+        and the position embedding."""
+        return self.block_params + (self.vocab + self.seq_len) * self.hidden
 
     def optimizer_time_s(self, local_experts: int) -> float:
         """Gradient clipping and the AdamW update over one GPU's weights: the dense ones and ``local_experts``
