@@ -55,6 +55,15 @@ def subprocess_env() -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
+def run_checked(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a ``moe-trace`` command (not training: its output is small) and return its captured output; exit with
+    the command and its stderr if it fails."""
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{shown(command)} failed (exit {done.returncode}):\n{done.stderr}")
+    return done
+
+
 @dataclass(frozen=True)
 class TrainRun:
     """A finished ``moe-trace train`` run: its command, wall time, and what it wrote."""

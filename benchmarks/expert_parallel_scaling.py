@@ -79,10 +79,10 @@ def analyse(work: Path, steps: int, settled_from: int) -> dict:
     for summary in sorted(work.glob("*-g*-*.json")):
         study, gpus, mode = summary.stem.split("-")
         measured = cli_runs.TrainRun([], summary.with_suffix(""), None)
-        command_file = cli_runs.beside(measured.run_dir, ".command")
         if not (measured.run_dir / "metrics.parquet").exists():
             print(f"skipping {measured.run_dir}: no steps recorded")
             continue
+        command_file = cli_runs.beside(measured.run_dir, ".command")
         command = command_file.read_text() if command_file.exists() else None
         step_s, load = measured.metrics["step_time_s"], busiest_rank_load(measured.run_dir, int(gpus[1:]))
         for window, (first, stop) in windows.items():

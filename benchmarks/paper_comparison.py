@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -46,9 +45,7 @@ def compare(trace_dir: Path) -> dict:
     model, tokens = loaded.meta.get("model"), int(loaded.meta["tokens_per_step"])
     command = [sys.executable, "-m", "moe_trace", "predict", str(trace_dir), "--predictors",
                ",".join(PREDICTORS.values()), "--horizons", *map(str, HORIZONS), "--json", "-"]
-    done = subprocess.run(command, env=cli_runs.subprocess_env(), capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{cli_runs.shown(command)} failed:\n{done.stderr}")
+    done = cli_runs.run_checked(command)
     records = [r for r in json.loads(done.stdout) if r["layer"] == "all" and r["phase"] in ("stable", "all")]
     name_of = {spec: name for name, spec in PREDICTORS.items()}
     rows = [{"predictor": name_of[r["predictor"]], "spec": r["predictor"], "horizon": r["horizon"],

@@ -52,17 +52,16 @@ def main() -> int:
     results = _load(args.out)
     if args.resimulate:
         for record in results.values():
-            record |= simulated(args, record, args.work / _run_name(record))
+            record |= simulated(args, record, args.work / run_name(*_batch(record), record["policy"]))
     else:
         args.work.mkdir(parents=True, exist_ok=True)
         for tokens in args.tokens_per_step:
             for policy in args.policies.split(","):
-                run_dir = args.work / f"{run_label(args)}-t{tokens}-{policy}"
+                run_dir = args.work / run_name(args.model, args.experts, tokens, policy)
                 run = cli_runs.train(train_arguments(args, tokens, policy), run_dir, ranks=args.gpus, reuse=True)
                 record = measure(args, tokens, policy, run)
                 results[_key(record)] = record
-    records = sorted(results.values(), key=lambda r: (r.get("model", "gpt-125m-moe"), r.get("experts") or 0,
-                                                       r["tokens_per_step"], r["policy"]))
+    records = sorted(results.values(), key=lambda r: (r["model"], r["experts"] or 0, r["tokens_per_step"], r["policy"]))
     relative_to_static(records)
     if args.resimulate:  # the GPU runs' header stays; what was recomputed, when and by what, is added
         header = {k: v for k, v in json.loads(args.out.read_text()).items() if k not in ("results", "goals")}
@@ -153,46 +152,33 @@ def simulated(args: argparse.Namespace, record: dict, run_dir: Path) -> dict:
     simulate = [sys.executable, "-m", "moe_trace", "simulate", str(run_dir / "trace"), "--gpus", str(record["gpus"]),
                 "--redundant", str(record["redundant"]), "--policy", record["policy"], "--json", "-",
                 *(["--replan-every", str(every)] if every else []), *(["--cost", args.cost] if args.cost else [])]
-    [result] = json.loads(_output(simulate))
+    [result] = json.loads(cli_runs.run_checked(simulate).stdout)
     return {"simulated_step_s": result["est_step_time_s"], "simulated_replans": result["replans"],
             "simulated_mean_imbalance": result["mean_imbalance"],
             "cost_model": result.get("cost_model"),  # named by simulate once it has the measured calibration
             "simulate_command": shlex.join(simulate)}
 
 
-def _output(command: list[str]) -> str:
-    done = subprocess.run(command, env=cli_runs.subprocess_env(), capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{shlex.join(command)} failed (exit {done.returncode}):\n{done.stderr}")
-    return done.stdout
-
-
 def _model_stable_from(trace_dir: Path) -> int | None:
     """The step from which ``moe-trace phases`` finds every MoE layer stable (None: some layer never is)."""
-    layers = json.loads(_output([sys.executable, "-m", "moe_trace", "phases", str(trace_dir), "--json", "-"]))
+    layers = json.loads(cli_runs.run_checked([sys.executable, "-m", "moe_trace", "phases", str(trace_dir), "--json",
+                                                "-"]).stdout)
     starts = [layer["stable_from"] for layer in layers]
     return None if None in starts else max(starts)
 
 
 def _key(record: dict) -> str:
-    return (f"{record.get('model', 'gpt-125m-moe')}/{record.get('experts')}/{record['tokens_per_step']}/"
-            f"{record['policy']}")
+    return "/".join(map(str, (*_batch(record), record["policy"])))
 
 
-def run_label(args: argparse.Namespace) -> str:
-    return f"{args.model}-e{args.experts}" if args.experts else args.model
-
-
-def _run_name(record: dict) -> str:
-    """The run directory's name of a record (``run_label``, tokens, policy)."""
-    model = record.get("model", "gpt-125m-moe")
-    label = f"{model}-e{record['experts']}" if record.get("experts") else model
-    return f"{label}-t{record['tokens_per_step']}-{record['policy']}"
+def run_name(model: str, experts: int | None, tokens: int, policy: str) -> str:
+    """A run's directory: ``MODEL[-eEXPERTS]-tTOKENS-POLICY``."""
+    return f"{model}{f'-e{experts}' if experts else ''}-t{tokens}-{policy}"
 
 
 def _batch(record: dict) -> tuple:
     """Records that share a model, expert count and batch: the runs one comparison is made between."""
-    return record.get("model", "gpt-125m-moe"), record.get("experts"), record["tokens_per_step"]
+    return record["model"], record["experts"], record["tokens_per_step"]
 
 
 def relative_to_static(records: list[dict]) -> None:

@@ -18,8 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import each other as they do when run
 
-import argparse  # noqa: E402
-
 import attention_training  # noqa: E402
 import balancing_study  # noqa: E402
 import cli_runs  # noqa: E402
@@ -87,10 +85,9 @@ def test_busiest_gpu_load_by_hand(run):
 
 
 def test_placement_records_name_their_run_directories():
-    for experts in (None, 64):
-        args = argparse.Namespace(model="gpt-350m-moe", experts=experts)
+    for experts, name in ((None, "gpt-350m-moe-t16384-phase"), (64, "gpt-350m-moe-e64-t16384-phase")):
         record = {"model": "gpt-350m-moe", "experts": experts, "tokens_per_step": 16384, "policy": "phase"}
-        assert placement_training._run_name(record) == f"{placement_training.run_label(args)}-t16384-phase"
+        assert placement_training.run_name(*placement_training._batch(record), record["policy"]) == name
 
 
 def test_a_finished_run_is_reused_when_asked(run, monkeypatch, tmp_path):
