@@ -38,23 +38,29 @@ def _train_throughput_loop(result: dict) -> list[list[str]]:
 
 
 def _expert_parallel_scaling(result: dict) -> list[list[str]]:
-    return [[str(r["gpus"]), str(r["tokens_per_step"]), f"{r['median_step_s'] * 1e3:.1f} ms",
-             f"{r['tokens_per_s'] / 1e3:.1f}k", _percent(r["efficiency"])] for r in result["results"]]
+    return [[str(r["gpus"]), str(r["tokens_per_step"]), *_speed(r), _percent(r["efficiency"])]
+            for r in result["results"]]
+
+
+def _speed(r: dict) -> list[str]:
+    """A scaling run's median step and tokens/s."""
+    return [f"{r['median_step_s'] * 1e3:.1f} ms", f"{r['tokens_per_s'] / 1e3:.1f}k"]
+
+
+def _scaling(r: dict) -> list[str]:
+    """A multi-GPU run's speed-up and efficiency over one GPU (blank for the one-GPU run)."""
+    return [f"{r['speedup']:.2f}x" if "speedup" in r else "", _percent(r["efficiency"]) if "efficiency" in r else ""]
 
 
 def _expert_parallel_scaling_studies(result: dict) -> list[list[str]]:
-    return [[r["study"], str(r["gpus"]), str(r["tokens_per_step"]), f"{r['median_step_s'] * 1e3:.1f} ms",
-             f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['speedup']:.2f}x" if "speedup" in r else "",
-             _percent(r["efficiency"]) if "efficiency" in r else ""] for r in result["runs"]]
+    return [[r["study"], str(r["gpus"]), str(r["tokens_per_step"]), *_speed(r), *_scaling(r)] for r in result["runs"]]
 
 
 def _expert_parallel_scaling_windows(result: dict) -> list[list[str]]:
     exchange = {True: "padded", False: "counts"}
     return [[r["study"], str(r["gpus"]), "none" if r["gpus"] == 1 else exchange[r["mode"].endswith("_padded")],
              f"{r['window']} ({r['steps_timed'][0]}..{r['steps_timed'][1] - 1})", str(r["tokens_per_step"]),
-             f"{r['median_step_s'] * 1e3:.1f} ms", f"{r['tokens_per_s'] / 1e3:.1f}k", f"{r['busiest_gpu_load']:.2f}",
-             f"{r['speedup']:.2f}x" if "speedup" in r else "", _percent(r["efficiency"]) if "efficiency" in r else ""]
-            for r in result["runs"]]
+             *_speed(r), f"{r['busiest_gpu_load']:.2f}", *_scaling(r)] for r in result["runs"]]
 
 
 def _placement_training(result: dict) -> list[list[str]]:
