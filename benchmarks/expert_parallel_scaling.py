@@ -25,6 +25,7 @@ named ``..._padded``).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import cli_runs
@@ -71,6 +72,24 @@ def busiest_rank_load(run_dir: Path, gpus: int) -> np.ndarray:
     return (per_gpu.max(axis=-1) / per_gpu.mean(axis=-1)).mean(axis=-1)
 
 
+def machine_header() -> dict:
+    """Device (with the GPU count), versions, date and command of this machine."""
+    import torch
+
+    header = cli_runs.header()
+    header["device"] = f"{torch.cuda.device_count()}x {header['device']}"
+    return header
+
+
+def runs_header(work: Path) -> dict:
+    """The header ``run`` wrote beside the runs (``analyse`` may run elsewhere: a CPU reading the run directories
+    the GPU machine sent back), else this machine's."""
+    written = work / "header.json"
+    if not written.exists():
+        return machine_header()
+    return {**json.loads(written.read_text()), "analysed": cli_runs.command_line()}
+
+
 def analyse(work: Path, steps: int, settled_from: int) -> dict:
     """Every run's steady state in two windows of steps: ``early`` (SKIP..14, while the router may still send most
     tokens to a few experts) and ``settled`` (``settled_from``.., once the balancing loss has spread them)."""
@@ -114,11 +133,7 @@ def analyse(work: Path, steps: int, settled_from: int) -> dict:
                                   f"steps {row['steps_timed'][0]}..{row['steps_timed'][1] - 1}): "
                                   + ("efficiency" if row["study"] == "weak" else "speed-up"),
                           "target": target, "measured": round(measured, 3), "met": measured >= target})
-    import torch
-
-    header = cli_runs.header()
-    header["device"] = f"{torch.cuda.device_count()}x {header['device']}"
-    return {**header, "benchmark": __doc__.split("\n")[0], "skip_steps": SKIP, "steps": steps,
+    return {**runs_header(work), "benchmark": __doc__.split("\n")[0], "skip_steps": SKIP, "steps": steps,
             "windows": windows, "runs": rows, "goals": goals}
 
 
@@ -138,6 +153,7 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="arguments for every run (a smaller model for a CPU dry run)")
     args = parser.parse_args()
     if args.action == "run":
+        cli_runs.write_json(args.work / "header.json", machine_header())
         for pair in args.runs.split(","):
             study, gpus = pair.split(":")
             run(study, int(gpus), args)
