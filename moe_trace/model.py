@@ -206,19 +206,20 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(positions)
         for block in self.blocks:
             x = block(x)
-        padded_logits = self.lm_head(self.ln_f(x))
-        logits = padded_logits[..., : self.config.vocab_size]
-        if targets is None:
-            loss = None
-        elif padded_logits.is_cuda and TRITON_AVAILABLE:
-            # One Triton pass for loss and gradient (moe_trace.cross_entropy); imported here so CPU runs,
-            # and Triton's interpreter setting in tests, never depend on it.
-            from moe_trace.cross_entropy import cross_entropy
+        x = self.ln_f(x)
+        if targets is not None and x.is_cuda and TRITON_AVAILABLE:
+            # The head and a one-pass loss with the head's backward done in the forward
+            # (moe_trace.cross_entropy); imported here so CPU runs, and Triton's interpreter setting in tests,
+            # never depend on it.
+            from moe_trace.cross_entropy import linear_cross_entropy
 
-            loss = cross_entropy(padded_logits.flatten(0, 1), targets.flatten(), self.config.vocab_size)
-        else:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return (logits if loss is None else logits.detach()), loss
+            loss, padded_logits = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                                       self.config.vocab_size)
+            return padded_logits.view(*x.shape[:2], -1)[..., : self.config.vocab_size], loss
+        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        if targets is None:
+            return logits, None
+        return logits.detach(), F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def aux_loss(self) -> Tensor:
         """Weighted load-balancing + z losses of the last forward, summed over MoE layers."""

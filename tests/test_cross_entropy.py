@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from triton_interpreter import interpreted
 
 with interpreted():
-    from moe_trace.cross_entropy import cross_entropy, cross_entropy_loss_and_grad
+    from moe_trace.cross_entropy import (
+        cross_entropy,
+        cross_entropy_loss_and_grad,
+        linear_cross_entropy,
+        linear_cross_entropy_and_grads,
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -145,3 +150,68 @@ def test_opcheck():
 def test_rejects_bad_shapes(logits_shape, targets_shape, vocab):
     with pytest.raises(ValueError):
         cross_entropy(torch.zeros(logits_shape), torch.zeros(targets_shape, dtype=torch.int64), vocab)
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.25])
+def test_linear_cross_entropy_matches_the_head_then_the_loss(upstream):
+    # The head's backward, done in the forward and scaled by the upstream gradient in the backward, equals
+    # autograd through F.linear and F.cross_entropy (float32: no rounding between the two orders).
+    generator = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(37, 24, generator=generator), torch.randn(384, 24, generator=generator)
+    targets = torch.randint(0, 300, (37,), generator=generator)
+    fused_hidden, fused_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, logits = linear_cross_entropy(fused_hidden, fused_weight, targets, 300)
+    (loss * upstream).backward()
+    ref_hidden, ref_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_logits = F.linear(ref_hidden, ref_weight)
+    ref_loss = F.cross_entropy(ref_logits[:, :300], targets)
+    (ref_loss * upstream).backward()
+    torch.testing.assert_close(logits, ref_logits.detach(), rtol=0, atol=0)
+    assert not logits.requires_grad
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_hidden.grad, ref_hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_weight.grad, ref_weight.grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(fused_weight.grad[300:] == 0)  # padding rows of the head learn nothing
+
+
+def test_linear_cross_entropy_runs_in_the_autocast_dtype():
+    # Under autocast the GEMMs take bf16 copies; gradients come back in the inputs' float32.
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(16, 32, generator=generator).requires_grad_()
+    weight = torch.randn(256, 32, generator=generator).requires_grad_()
+    targets = torch.randint(0, 250, (16,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = linear_cross_entropy(hidden, weight, targets, 250)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(logits, hidden.detach().bfloat16() @ weight.detach().bfloat16().T, rtol=0, atol=0)
+    reference = hidden.detach().clone().requires_grad_()
+    F.cross_entropy(F.linear(reference, weight.detach())[:, :250], targets).backward()
+    assert (hidden.grad - reference.grad).norm() / reference.grad.norm() < 2e-2  # bf16 GEMMs
+
+
+def test_linear_cross_entropy_compiles_and_passes_opcheck():
+    generator = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(5, 8, generator=generator), torch.randn(128, 8, generator=generator)
+    targets = torch.randint(0, 100, (5,), generator=generator)
+    torch.library.opcheck(linear_cross_entropy_and_grads,
+                          (hidden.requires_grad_(), weight.requires_grad_(), targets, 100, torch.float32))
+
+    def loss_fn(hidden, weight):
+        return 3.0 * linear_cross_entropy(hidden, weight, targets, 100)[0]
+
+    compiled, eager = (hidden.detach().clone().requires_grad_() for _ in range(2))
+    torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(compiled, weight).backward()
+    loss_fn(eager, weight).backward()
+    torch.testing.assert_close(compiled.grad, eager.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hidden_shape, weight_shape, targets_shape, vocab", [
+    ((4, 8), (16, 6), (4,), 16),   # widths differ
+    ((4, 8), (16, 8), (3,), 16),   # one target per row
+    ((4, 8), (16, 8), (4,), 17),   # vocab past the head
+])
+def test_linear_cross_entropy_rejects_bad_shapes(hidden_shape, weight_shape, targets_shape, vocab):
+    with pytest.raises(ValueError):
+        linear_cross_entropy(torch.zeros(hidden_shape), torch.zeros(weight_shape),
+                             torch.zeros(targets_shape, dtype=torch.int64), vocab)
