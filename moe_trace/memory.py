@@ -76,7 +76,7 @@ def _refusal(config: ModelConfig, counts: ParameterCount, budget: float, gpu_byt
     per_parameter = OPTIMIZERS[name].bytes_per_parameter
     needed = per_parameter * counts.per_rank(expert_parallel)
     ways = [f"--optimizer {lean} (~{OPTIMIZERS[lean].bytes_per_parameter * counts.per_rank(expert_parallel) / GIB:.0f}"
-            f" GiB{'' if lean_available else ', pip install torchao'})"
+            f" GiB{'' if lean_available or not OPTIMIZERS[lean].needs_torchao else ', pip install torchao'})"
             for lean in OPTIMIZERS if OPTIMIZERS[lean].bytes_per_parameter < per_parameter
             and OPTIMIZERS[lean].bytes_per_parameter * counts.per_rank(expert_parallel) <= budget]
     fits = [w for w in (2, 4, 8, 16, 32, 64)

@@ -8,7 +8,7 @@ import pytest
 # Modules that import kernels under Triton's CPU interpreter (tests/triton_interpreter.py). They hold no GPU
 # tests, and in a GPU run the interpreter leaked into the process's compiled kernels (torch.compile's own Triton
 # code ran interpreted on CUDA tensors: "only 0-dimensional arrays can be converted to Python scalars").
-INTERPRETED_MODULES = {"test_attention.py", "test_cross_entropy.py"}
+INTERPRETED_MODULES = {"test_attention.py", "test_cross_entropy.py", "test_adamw_bf16.py"}
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

@@ -90,8 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--micro-batch", type=int, help="sequences per forward on one rank")
     opt.add_argument("--optimizer", choices=CHOICES, default="auto",
                      help="adamw: float32 weights and AdamW state (16 bytes a parameter); adamw_bf16 (8) and "
-                          "adamw8bit (~6): bf16 weights with stochastically rounded updates (torchao, CUDA); "
-                          "auto: the most exact one whose state fits the GPU")
+                          "adamw8bit (~6): bf16 weights with stochastically rounded updates (adamw8bit: torchao, "
+                          "CUDA); auto: the most exact one whose state fits the GPU")
     opt.add_argument("--lr", type=float)
     opt.add_argument("--warmup", type=int, help="warm-up steps")
     opt.add_argument("--eval-every", type=int)
