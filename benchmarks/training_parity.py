@@ -76,10 +76,16 @@ def main() -> None:
                         help="a run differing from the baseline by ARGS (repeatable)")
     parser.add_argument("--common", default="", help="arguments for every run (e.g. a smaller model for a dry run)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", metavar="NAME", help="train only this run (baseline or a variant) and stop: runs "
+                        "on several GPUs at once, then one invocation without it compares them")
     args = parser.parse_args()
     variants = dict(v.split("=", 1) for v in args.variant)
+    wanted = {"baseline": "", **variants}
+    if args.only:
+        train(args.only, wanted[args.only].split(), args.data, args.steps, args.out, args.common.split())
+        return
     runs = {name: train(name, extra.split(), args.data, args.steps, args.out, args.common.split())
-            for name, extra in {"baseline": "", **variants}.items()}
+            for name, extra in wanted.items()}
     payload = {**cli_runs.header(), "steps": args.steps, "runs": runs,
                "variants": {name: compare(runs["baseline"], runs[name], args.out / "baseline", args.out / name)
                             for name in variants}}

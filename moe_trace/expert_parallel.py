@@ -263,9 +263,9 @@ def sync_replica_grads(model: nn.Module, group: dist.ProcessGroup | None = None)
         weight.grad[slots] = summed.view(shape)[target]
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Clip by the norm of the whole (sharded) model's gradient: dense norm plus each expert once (its first
-    copy), summed over ranks. Call it after :func:`sync_replica_grads`."""
+def grad_norm(model: nn.Module, group: dist.ProcessGroup | None = None) -> Tensor:
+    """The norm of the whole (sharded) model's gradient: dense norm plus each expert once (its first copy),
+    summed over ranks. Call it after :func:`sync_replica_grads`; :func:`moe_trace.optim.clip_gradients` clips by it."""
     layers = expert_layers(model)
     experts = {id(p) for layer in layers for p in (layer.w1, layer.w2)}
     params = [p for p in model.parameters() if p.grad is not None]
@@ -276,6 +276,4 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
     squares = torch.stack([torch.nn.utils.get_total_norm(grads).to(device) if grads else torch.zeros((), device=device)
                            for grads in (dense, local)]).square()
     dist.all_reduce(squares[1:], group=group)
-    total = squares.sum().sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
+    return squares.sum().sqrt()

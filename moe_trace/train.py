@@ -410,9 +410,10 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                     layer_aux = layer_aux + torch.stack([layer.aux_loss.detach() for layer in model.moe_layers])
             if expert_names:
                 expert_parallel.sync_replica_grads(model)
-            grad_norm = (expert_parallel.clip_grad_norm_(model, config.grad_clip) if expert_names
-                         else torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-            lr = float(scheduler.get_last_lr()[0])  # a CPU tensor under torchao's optimizers: no sync
+            grad_norm = (expert_parallel.grad_norm(model) if expert_names else torch.nn.utils.get_total_norm(
+                [p.grad for p in model.parameters() if p.grad is not None]))
+            optim.clip_gradients(optimizer, model.parameters(), config.grad_clip, grad_norm)
+            lr = float(scheduler.get_last_lr()[0])  # a float, or a CPU tensor under torchao's adamw8bit: no sync
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
