@@ -143,6 +143,7 @@ RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/expert_parallel_scaling.json": _expert_parallel_scaling,
     "benchmarks/results/expert_parallel_scaling_x2.json": _expert_parallel_scaling_studies,
     "benchmarks/results/expert_parallel_scaling_x4.json": _expert_parallel_scaling_windows,
+    "benchmarks/results/expert_parallel_scaling_x2_settled.json": _expert_parallel_scaling_windows,
     "benchmarks/results/placement_training_x4.json": _placement_training,
     "benchmarks/results/paper_comparison.json": _paper_comparison,
     "benchmarks/results/phase_detection.json": _phase_detection,

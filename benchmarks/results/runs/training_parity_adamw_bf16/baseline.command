@@ -1,0 +1,1 @@
+moe-trace train --model gpt-125m-moe --global-batch 8 --steps 2000 --lr 6e-4 --warmup 500 --eval-every 500 --checkpoint-every 0 --seed 0 --data /work/main/.carry_data/pysrc-v50257.npy --attention sdpa --optimizer adamw --out /tmp/runs/parity/baseline --json /tmp/runs/parity/baseline.json
