@@ -70,6 +70,9 @@ class TrainConfig:
     redundant: int = 0  # spare expert slots over all ranks, for copies of hot experts
     replan_every: int | None = None  # the policy's re-plan cadence (its default if None)
     expert_exchange: str = "counts"  # expert parallelism's token exchange (moe_trace.expert_parallel.EXCHANGES)
+    # DDP's gradient bucket size for the dense parameters under torchrun (None: torch's 25 MB). Compiled, DDP also
+    # splits the step's graph at every bucket boundary, so that each bucket's all-reduce overlaps the backward.
+    ddp_bucket_mb: float | None = None
     profile: tuple[int, int] | None = None  # steps [start, stop) to profile into OUT/profile/ (moe_trace.profiling)
 
 
@@ -327,7 +330,9 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     if resume and start == 0 and world.is_main:
         print(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (the run stopped before its first): starting "
               "again from step 0, discarding the steps recorded so far", file=sys.stderr, flush=True)
-    ddp_model = expert_parallel.data_parallel(model, expert_names) if world.world_size > 1 else model
+    ddp_model = (expert_parallel.data_parallel(model, expert_names, **({"bucket_cap_mb": config.ddp_bucket_mb}
+                                                                       if config.ddp_bucket_mb else {}))
+                 if world.world_size > 1 else model)
     mode = None if config.compile_mode == "default" else config.compile_mode
     forward = torch.compile(ddp_model, mode=mode) if config.compile else ddp_model
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"

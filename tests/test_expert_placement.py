@@ -173,11 +173,13 @@ def _worker(rank: int, world: int, base: str) -> None:
         model_config = make_config("gpt-tiny-moe", **TINY)
         # Short cadences force re-plans (and migrations) within the run.
         # The padded exchange (no host read) under re-plans that move experts between ranks, one slot each.
+        # The padded run also takes DDP buckets of 1 kB (many buckets): bucketing must not change the sums.
         for name, redundant, every, exchange in (("static", 0, None, "counts"), ("phase", world, 5, "counts"),
                                                  ("history", world, 10, "counts"), ("history", 0, 5, "padded")):
             config = TrainConfig(out=f"{base}/{name}-{exchange}", steps=STEPS, global_batch=8, warmup=5,
                                  eval_every=1000, checkpoint_every=STEPS, flush_every=10, placement=name,
-                                 redundant=redundant, replan_every=every, expert_exchange=exchange)
+                                 redundant=redundant, replan_every=every, expert_exchange=exchange,
+                                 ddp_bucket_mb=0.001 if exchange == "padded" else None)
             train(model_config, config, "cpu")
     finally:
         # train() leaves a caller's process group alone; it ends here, once the models are freed.

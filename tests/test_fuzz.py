@@ -121,6 +121,7 @@ CASES = [
     (["train", "--out", "{out}", *TINY, "--data", "{empty_dir}"], "no text files"),
     (["train", "--out", "{out}", *TINY, "--corpus-mb", "-1"], "--corpus-mb"),  # 0 is valid: no cap
     (["train", "--out", "{out}", *TINY, "--corpus-mb", "nan"], "--corpus-mb"),
+    (["train", "--out", "{out}", *TINY, "--ddp-bucket-mb", "0"], "--ddp-bucket-mb"),
     (["train", "--out", "{out}", *TINY, "--device", "gpu"], "invalid choice"),
     (["train", "--out", "{out}", *TINY, "--moe-backend", "megablocks"], "megablocks"),
     (["train", "--out", "{out}", *TINY, "--attention", "int8"], "--attention int8"),

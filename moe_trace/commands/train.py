@@ -110,6 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="how MoE layers exchange tokens: counts (default; all-to-all sized from the counts read "
                             "on the host, any placement) or padded (no host read, the step compiles whole; ranks x "
                             "the traffic; needs --redundant 0)")
+    place.add_argument("--ddp-bucket-mb", type=float,
+                       help="gradient bucket size of the data-parallel (non-expert) parameters, MB (torch's "
+                            "default 25); compiled, every bucket boundary also splits the step's graph")
     # What --resume compares against to tell which settings the user changed.
     p.set_defaults(run=run, setting_defaults={f: p.get_default(f) for f in (*MODEL_FIELDS, *TRAIN_FIELDS)})
 
@@ -120,7 +123,7 @@ MODEL_FIELDS = ("n_blocks", "hidden", "heads", "num_experts", "top_k", "moe_ever
 _OPTIONS = {"n_blocks": "--blocks", "num_experts": "--experts", "load_balancing_weight": "--lb-weight"}
 TRAIN_FIELDS = ("steps", "global_batch", "micro_batch", "lr", "warmup", "eval_every", "checkpoint_every",
                 "flush_every", "data", "corpus_mb", "optimizer", "compile_mode", "tensorboard", "log_every",
-                "placement", "redundant", "replan_every", "expert_exchange")
+                "placement", "redundant", "replan_every", "expert_exchange", "ddp_bucket_mb")
 CHOICES = ("auto", "adamw", "adamw_bf16", "adamw8bit")  # moe_trace.optim.CHOICES, without importing torch
 
 
@@ -291,5 +294,7 @@ def _check_positive(config) -> None:  # a train.TrainConfig
         raise UsageError(f"--micro-batch must be positive, got {config.micro_batch}")
     if not (math.isfinite(config.lr) and config.lr > 0):
         raise UsageError(f"--lr must be a positive number, got {config.lr}")
+    if config.ddp_bucket_mb is not None and not (math.isfinite(config.ddp_bucket_mb) and config.ddp_bucket_mb > 0):
+        raise UsageError(f"--ddp-bucket-mb must be a positive number, got {config.ddp_bucket_mb}")
     if not (math.isfinite(config.corpus_mb) and config.corpus_mb >= 0):
         raise UsageError(f"--corpus-mb must be 0 (no cap) or a positive number, got {config.corpus_mb}")
