@@ -199,6 +199,11 @@ def expert_bias_update(tokens_per_expert: Tensor, rate: float) -> Tensor:
     return rate * torch.sign(counts.mean() - counts)
 
 
+def expert_dtype(x: Tensor) -> torch.dtype:
+    """The dtype :func:`expert_forward` computes in for rows like ``x``: bf16 on CUDA, else ``x``'s own."""
+    return torch.bfloat16 if x.is_cuda else x.dtype
+
+
 def expert_forward(x_sorted: Tensor, tokens_per_expert: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """``gelu(x @ w1[e]) @ w2[e]`` for each expert's contiguous slice of ``x_sorted [T*k, hidden]``.
 
@@ -209,9 +214,10 @@ def expert_forward(x_sorted: Tensor, tokens_per_expert: Tensor, w1: Tensor, w2: 
     ``x_sorted``'s dtype.
     """
     if x_sorted.is_cuda:
+        dtype = expert_dtype(x_sorted)
         offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-        hidden = torch._grouped_mm(x_sorted.bfloat16(), w1.bfloat16(), offs=offsets)
-        out = torch._grouped_mm(F.gelu(hidden), w2.bfloat16(), offs=offsets)
+        hidden = torch._grouped_mm(x_sorted.to(dtype), w1.to(dtype), offs=offsets)
+        out = torch._grouped_mm(F.gelu(hidden), w2.to(dtype), offs=offsets)
         return out.to(x_sorted.dtype)
     sizes = tokens_per_expert.tolist()
     *chunks, padding = x_sorted.split([*sizes, x_sorted.shape[0] - sum(sizes)])
@@ -229,11 +235,16 @@ def dispatch_combine(x_flat: Tensor, expert_indices: Tensor, expert_weights: Ten
     # Sort the T*k (token, expert) assignments by expert; a stable sort keeps token order per expert.
     order = expert_indices.flatten().argsort(stable=True)
     token_of_row = order // expert_indices.shape[1]
-    y_sorted = run_experts(x_flat[token_of_row], tokens_per_expert)
+    # From the gather on, rows travel in the dtype the experts compute in (bf16 on CUDA, where expert_forward casts
+    # to it first anyway): expert parallelism's all-to-alls and the copies around them move half the bytes of
+    # float32, and nothing changes, since only permutations happen in that dtype (a token's k gradients are
+    # summed by the gather's backward before the cast's).
+    rows = x_flat[token_of_row].to(expert_dtype(x_flat))
+    y_sorted = run_experts(rows, tokens_per_expert)
     # Back to (token, k) order by the inverse permutation: a copy, not an atomic scatter-add, so the
     # combine is cheap and deterministic; then each token's k outputs weighted by their gates.
     y = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted).view(*expert_weights.shape, -1)
-    return (y * expert_weights.unsqueeze(-1)).sum(dim=1)
+    return (y.to(x_flat.dtype) * expert_weights.unsqueeze(-1)).sum(dim=1)
 
 
 class SharedExperts(nn.Module):
