@@ -330,9 +330,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     if resume and start == 0 and world.is_main:
         print(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (the run stopped before its first): starting "
               "again from step 0, discarding the steps recorded so far", file=sys.stderr, flush=True)
-    ddp_model = (expert_parallel.data_parallel(model, expert_names, **({"bucket_cap_mb": config.ddp_bucket_mb}
-                                                                       if config.ddp_bucket_mb else {}))
-                 if world.world_size > 1 else model)
+    ddp_options = {"bucket_cap_mb": config.ddp_bucket_mb} if config.ddp_bucket_mb else {}
+    ddp_model = expert_parallel.data_parallel(model, expert_names, **ddp_options) if world.world_size > 1 else model
     mode = None if config.compile_mode == "default" else config.compile_mode
     forward = torch.compile(ddp_model, mode=mode) if config.compile else ddp_model
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
