@@ -223,5 +223,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, vocab:
         raise ValueError(f"vocab={vocab} outside [1, {weight.shape[0]}]")
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):  # evaluation
+        logits = hidden.to(dtype) @ weight.to(dtype).T
+        return cross_entropy_loss_and_grad(logits, targets, vocab)[0], logits  # no head backward to do ahead
     loss, logits, _, _ = linear_cross_entropy_and_grads(hidden, weight, targets, vocab, dtype)
     return loss, logits.detach()

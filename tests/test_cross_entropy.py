@@ -215,3 +215,15 @@ def test_linear_cross_entropy_rejects_bad_shapes(hidden_shape, weight_shape, tar
     with pytest.raises(ValueError):
         linear_cross_entropy(torch.zeros(hidden_shape), torch.zeros(weight_shape),
                              torch.zeros(targets_shape, dtype=torch.int64), vocab)
+
+
+def test_linear_cross_entropy_without_gradients_gives_the_same_loss_and_logits():
+    # Evaluation (no_grad) skips the head's backward GEMMs; what it returns is what training's forward returns.
+    generator = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(9, 16, generator=generator), torch.randn(128, 16, generator=generator)
+    targets = torch.randint(0, 120, (9,), generator=generator)
+    loss, logits = linear_cross_entropy(hidden.requires_grad_(), weight.requires_grad_(), targets, 120)
+    with torch.no_grad():
+        eval_loss, eval_logits = linear_cross_entropy(hidden, weight, targets, 120)
+    torch.testing.assert_close(eval_loss, loss.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(eval_logits, logits, rtol=0, atol=0)
