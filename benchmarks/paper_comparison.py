@@ -27,7 +27,7 @@ import cli_runs
 
 from moe_trace import trace
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = cli_runs.ROOT
 PAPER_TOKENS_PER_STEP = 256 * 2048
 HORIZONS = (1000, 2000)
 PREDICTORS = {"sliding-window average": "sw_avg:window=1000", "ARIMA(5,1,5)": "arima:order=(5,1,5)",

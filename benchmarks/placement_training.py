@@ -31,7 +31,7 @@ import cli_runs
 import expert_parallel_scaling
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = cli_runs.ROOT
 SEQ_LEN = 2048
 TINY = ["--model", "gpt-tiny-moe", "--blocks", "2", "--hidden", "32", "--heads", "2", "--experts", "4",
         "--moe-every", "1", "--seq-len", "32", "--device", "cpu", "--threads", "1"]
@@ -133,9 +133,9 @@ def measure(args: argparse.Namespace, tokens: int, policy: str, run: cli_runs.Tr
     stable_from = _model_stable_from(run_dir / "trace")
     step_times = run.metrics["step_time_s"]
     steps = np.arange(len(step_times))
+    boundary = len(steps) if stable_from is None else stable_from  # no stable phase: every step is transient
     phase_medians = {name: float(np.median(step_times[chosen])) if chosen.any() else None for name, chosen in (
-        ("transient", (steps >= args.skip) & (steps < (stable_from if stable_from is not None else len(steps)))),
-        ("stable", steps >= max(args.skip, stable_from if stable_from is not None else len(steps))))}
+        ("transient", (steps >= args.skip) & (steps < boundary)), ("stable", steps >= max(args.skip, boundary)))}
     record = {"model": args.model, "experts": args.experts,
               "compile": args.compile, "tokens_per_step": tokens, "policy": policy, "gpus": args.gpus,
               "redundant": redundant, "replan_every": every, "steps": args.steps, "measured_from_step": args.skip,

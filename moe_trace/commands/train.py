@@ -292,9 +292,9 @@ def _check_positive(config) -> None:  # a train.TrainConfig
             raise UsageError(f"{_option(name)} must be positive, got {value}")
     if config.micro_batch is not None and config.micro_batch < 1:
         raise UsageError(f"--micro-batch must be positive, got {config.micro_batch}")
-    if not (math.isfinite(config.lr) and config.lr > 0):
-        raise UsageError(f"--lr must be a positive number, got {config.lr}")
-    if config.ddp_bucket_mb is not None and not (math.isfinite(config.ddp_bucket_mb) and config.ddp_bucket_mb > 0):
-        raise UsageError(f"--ddp-bucket-mb must be a positive number, got {config.ddp_bucket_mb}")
+    for name in ("lr", "ddp_bucket_mb"):
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{_option(name)} must be a positive number, got {value}")
     if not (math.isfinite(config.corpus_mb) and config.corpus_mb >= 0):
         raise UsageError(f"--corpus-mb must be 0 (no cap) or a positive number, got {config.corpus_mb}")
