@@ -357,7 +357,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     bias_counts = (torch.zeros(len(model.moe_layers), model_config.num_experts, dtype=torch.int64, device=device)
                    if isinstance(model, GPT) and model_config.balance == "aux_free" else None)
     metrics = MetricsLog(run_dir / "metrics.parquet", start, write=world.is_main)
-    profiler = (profiling.StepProfiler(tuple(config.profile), run_dir / "profile", device, world.rank,
+    profiler = (profiling.StepProfiler(config.profile, run_dir / "profile", device, world.rank,
                                        world.world_size) if config.profile else None)
 
     from tqdm import tqdm
