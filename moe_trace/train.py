@@ -70,8 +70,8 @@ class TrainConfig:
     redundant: int = 0  # spare expert slots over all ranks, for copies of hot experts
     replan_every: int | None = None  # the policy's re-plan cadence (its default if None)
     expert_exchange: str = "counts"  # expert parallelism's token exchange (moe_trace.expert_parallel.EXCHANGES)
-    # DDP's gradient bucket size for the dense parameters under torchrun (None: torch's 25 MB). Compiled, DDP also
-    # splits the step's graph at every bucket boundary, so that each bucket's all-reduce overlaps the backward.
+    # DDP's gradient bucket size for the dense parameters under torchrun (None: torch's 25 MB); compiled, the
+    # buckets are all-reduced after the backward (expert_parallel.compile_data_parallel keeps the step one graph).
     ddp_bucket_mb: float | None = None
     profile: tuple[int, int] | None = None  # steps [start, stop) to profile into OUT/profile/ (moe_trace.profiling)
 
@@ -333,7 +333,12 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
     ddp_options = {"bucket_cap_mb": config.ddp_bucket_mb} if config.ddp_bucket_mb else {}
     ddp_model = expert_parallel.data_parallel(model, expert_names, **ddp_options) if world.world_size > 1 else model
     mode = None if config.compile_mode == "default" else config.compile_mode
-    forward = torch.compile(ddp_model, mode=mode) if config.compile else ddp_model
+    if not config.compile:
+        forward = ddp_model
+    elif world.world_size > 1:
+        forward = expert_parallel.compile_data_parallel(ddp_model, mode=mode)
+    else:
+        forward = torch.compile(ddp_model, mode=mode)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 

@@ -63,7 +63,7 @@ def _compare_with_one_process(rank: int, variant: dict, compiled: bool, exchange
     expert_names = expert_parallel.shard_experts(model, exchange=exchange)
     ddp = expert_parallel.data_parallel(model, expert_names)
     # Compiled, the exchange runs eager between graphs (aot_eager: Dynamo's and AOTAutograd's graphs, no codegen).
-    forward = torch.compile(ddp, backend="aot_eager") if compiled else ddp
+    forward = expert_parallel.compile_data_parallel(ddp, backend="aot_eager") if compiled else ddp
     logits, loss = _loss(model, forward, batches[rank])
     loss.backward()
     counts = model.tokens_per_expert()
@@ -132,3 +132,36 @@ def test_memory_estimate_refuses_with_a_way_out():
         memory.choose_optimizer(config, gpu)
     assert memory.choose_optimizer(config, gpu, expert_parallel=4) == "adamw"
     assert memory.choose_optimizer(make_config("gpt-350m-moe", num_experts=32), gpu) == "adamw"
+
+
+def test_compiled_data_parallel_is_not_split_at_buckets(tmp_path):
+    """Dynamo splits a DDP model's graphs at every gradient bucket; compile_data_parallel makes the graphs the
+    model alone makes (on CPU the expert loop breaks them anyway), and trains the same."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        config = make_config("gpt-tiny-moe", n_blocks=2, hidden=256, heads=4, num_experts=4, top_k=2, seq_len=16,
+                             vocab_size=64)  # ~12 MB of float32 parameters
+        tokens = torch.randint(0, config.vocab_size, (2, config.seq_len + 1),
+                               generator=torch.Generator().manual_seed(1))
+        graphs, grads = {}, {}
+        for name in ("alone", "split", "whole"):
+            torch.manual_seed(0)
+            model = GPT(config)
+            ddp = expert_parallel.data_parallel(model, [], bucket_cap_mb=1)  # Dynamo's smallest bucket
+            compile_ = expert_parallel.compile_data_parallel if name == "whole" else torch.compile
+            graphs[name] = []
+
+            def counting_backend(gm, example_inputs, seen=graphs[name]):
+                seen.append(gm)
+                return gm.forward
+
+            torch._dynamo.reset()
+            _, loss = _loss(model, compile_(model if name == "alone" else ddp, backend=counting_backend), tokens)
+            loss.backward()
+            grads[name] = [p.grad for p in model.parameters()]
+        assert len(graphs["whole"]) == len(graphs["alone"]) < len(graphs["split"])
+        for whole, split in zip(grads["whole"], grads["split"], strict=True):
+            torch.testing.assert_close(whole, split)
+    finally:
+        torch._dynamo.reset()  # the next test's compiles start from nothing
+        dist.destroy_process_group()

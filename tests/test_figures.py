@@ -63,6 +63,10 @@ def _expert_parallel_scaling_windows(result: dict) -> list[list[str]]:
              *_speed(r), f"{r['busiest_gpu_load']:.2f}", *_scaling(r)] for r in result["runs"]]
 
 
+def _expert_parallel_scaling_levers(result: dict) -> list[list[str]]:
+    return [[r["variant"], r["study"], r["window"], *_speed(r), *_scaling(r)] for r in result["results"]]
+
+
 def _placement_training(result: dict) -> list[list[str]]:
     return [[str(r["tokens_per_step"]), r["policy"], str(r["redundant"]), str(r["replans"]),
              f"{r['measured_median_step_s'] * 1e3:.1f} ms", f"{r['simulated_step_s'] * 1e3:.1f} ms",
@@ -144,6 +148,7 @@ RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/expert_parallel_scaling_x2.json": _expert_parallel_scaling_studies,
     "benchmarks/results/expert_parallel_scaling_x4.json": _expert_parallel_scaling_windows,
     "benchmarks/results/expert_parallel_scaling_x2_settled.json": _expert_parallel_scaling_windows,
+    "benchmarks/results/expert_parallel_scaling_x2_levers.json": _expert_parallel_scaling_levers,
     "benchmarks/results/placement_training_x4.json": _placement_training,
     "benchmarks/results/paper_comparison.json": _paper_comparison,
     "benchmarks/results/phase_detection.json": _phase_detection,

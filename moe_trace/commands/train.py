@@ -112,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "the traffic; needs --redundant 0)")
     place.add_argument("--ddp-bucket-mb", type=float,
                        help="gradient bucket size of the data-parallel (non-expert) parameters, MB (torch's "
-                            "default 25); compiled, every bucket boundary also splits the step's graph")
+                            "default 25), all-reduced after the backward (compiled, the step stays one graph)")
     # What --resume compares against to tell which settings the user changed.
     p.set_defaults(run=run, setting_defaults={f: p.get_default(f) for f in (*MODEL_FIELDS, *TRAIN_FIELDS)})
 
