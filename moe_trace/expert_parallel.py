@@ -144,6 +144,16 @@ class ExpertParallelMoELayer(MoELayer):
 EXCHANGES = ("counts", "padded")
 
 
+def choose_exchange(requested: str, world_size: int, compiled: bool, redundant: int) -> str:
+    """``requested``, or for ``auto`` the exchange measured faster where it applies: ``padded`` when compiled on 2 to
+    4 ranks with no spare slots (2 H200s: strong scaling 1.47x against 0.94x with ``counts``; 4 H200s in one call:
+    weak scaling 70.1 % against 62.1 %; README), else ``counts`` -- eager, where the host read costs little, with
+    replicas, which padding cannot address, and past 4 ranks, where it would send 8x the rows unmeasured."""
+    if requested != "auto":
+        return requested
+    return "padded" if compiled and 2 <= world_size <= 4 and redundant == 0 else "counts"
+
+
 def padded_exchange(layer: ExpertParallelMoELayer, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
     """One layer's token exchange with no host read: fixed-size buffers, positions computed on the device.
 

@@ -69,7 +69,7 @@ class TrainConfig:
     placement: str = "static"  # expert placement policy under expert parallelism (placement.policies.ONLINE)
     redundant: int = 0  # spare expert slots over all ranks, for copies of hot experts
     replan_every: int | None = None  # the policy's re-plan cadence (its default if None)
-    expert_exchange: str = "counts"  # expert parallelism's token exchange (moe_trace.expert_parallel.EXCHANGES)
+    expert_exchange: str = "auto"  # expert parallelism's token exchange: auto or one of expert_parallel.EXCHANGES
     # DDP's gradient bucket size for the dense parameters under torchrun (None: torch's 25 MB); compiled, the
     # buckets are all-reduced after the backward (expert_parallel.compile_data_parallel keeps the step one graph).
     ddp_bucket_mb: float | None = None
@@ -304,8 +304,10 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                          f"use --compile-mode default, or --global-batch {micro_batch * world.world_size}")
 
     optimizer_name = _choose_optimizer(model_config, config, world, device, sized=build_model is GPT)
+    exchange = expert_parallel.choose_exchange(config.expert_exchange, world.world_size, config.compile,
+                                               config.redundant)
     expert_placement.check_request(config.placement, config.redundant, config.replan_every, world.world_size,
-                                   model_config.num_experts, config.record, optimizer_name, config.expert_exchange)
+                                   model_config.num_experts, config.record, optimizer_name, exchange)
     if build_model is GPT:  # the estimate knows this project's GPT
         _check_activations(model_config, micro_batch, device, world, optimizer_name)
     data = _load_data_once(model_config, config, world)
@@ -318,8 +320,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         run_dir, write=world.is_main) if world.world_size > 1 else None
     model = build_model(model_config)
     # Before the move: a rank's GPU never holds all the experts.
-    expert_names = _shard_experts(model, world, placement.plan.slot_expert if placement else None,
-                                  config.expert_exchange)
+    expert_names = _shard_experts(model, world, placement.plan.slot_expert if placement else None, exchange)
     optim.cast_parameters(model, optimizer_name)
     model.to(device)
     optimizer = optim.build(optimizer_name, model, config.lr, config.weight_decay, device)
@@ -343,7 +344,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                 else contextlib.nullcontext())
 
     if world.is_main:
-        _write_config(run_dir, model_config, dataclasses.replace(config, optimizer=optimizer_name), data, world,
+        _write_config(run_dir, model_config,
+                      dataclasses.replace(config, optimizer=optimizer_name, expert_exchange=exchange), data, world,
                       device)
     # Hooks on the MoE layers count every training forward (micro-batches sum into the step); the first
     # flush drops any rows a killed run recorded from `start` on.

@@ -165,3 +165,11 @@ def test_compiled_data_parallel_is_not_split_at_buckets(tmp_path):
     finally:
         torch._dynamo.reset()  # the next test's compiles start from nothing
         dist.destroy_process_group()
+
+
+def test_auto_exchange_is_padded_only_where_it_was_measured_faster():
+    choose = expert_parallel.choose_exchange
+    assert [choose("auto", ranks, True, 0) for ranks in (1, 2, 4, 8)] == ["counts", "padded", "padded", "counts"]
+    assert choose("auto", 2, False, 0) == "counts"  # eager: the host read costs little
+    assert choose("auto", 2, True, 2) == "counts"  # replicas: padding addresses one slot per expert
+    assert choose("counts", 2, True, 0) == "counts" and choose("padded", 8, False, 0) == "padded"

@@ -106,10 +106,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                      "(a multiple of the ranks; default 0)")
     place.add_argument("--replan-every", type=int, help="steps between re-plans (history 1000, predict 50, "
                                                         "phase 25 while loads move)")
-    place.add_argument("--expert-exchange", choices=("counts", "padded"),
-                       help="how MoE layers exchange tokens: counts (default; all-to-all sized from the counts read "
-                            "on the host, any placement) or padded (no host read, the step compiles whole; ranks x "
-                            "the traffic; needs --redundant 0)")
+    place.add_argument("--expert-exchange", choices=("auto", "counts", "padded"),
+                       help="how MoE layers exchange tokens: counts (all-to-all sized from the counts read on the "
+                            "host, any placement) or padded (no host read, the step compiles whole; ranks x the "
+                            "traffic; needs --redundant 0); auto (default): padded when compiled on 2-4 GPUs "
+                            "with --redundant 0, where it was measured faster, else counts")
     place.add_argument("--ddp-bucket-mb", type=float,
                        help="gradient bucket size of the data-parallel (non-expert) parameters, MB (torch's "
                             "default 25), all-reduced after the backward (compiled, the step stays one graph)")
