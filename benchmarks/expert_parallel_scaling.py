@@ -128,11 +128,11 @@ def analyse(work: Path, steps: int, settled_from: int) -> dict:
         target = (GOALS.get((row["study"], row["gpus"])) if row["study"] == "weak"
                   else STRONG_SPEEDUP_GOAL.get(row["gpus"]))
         if target is not None:
-            measured = row["efficiency"] if row["study"] == "weak" else row["speedup"]
+            achieved = row["efficiency"] if row["study"] == "weak" else row["speedup"]
             goals.append({"goal": f"{row['study']} scaling at {row['gpus']} GPUs ({row['mode']}, {row['window']} "
                                   f"steps {row['steps_timed'][0]}..{row['steps_timed'][1] - 1}): "
                                   + ("efficiency" if row["study"] == "weak" else "speed-up"),
-                          "target": target, "measured": round(measured, 3), "met": measured >= target})
+                          "target": target, "measured": round(achieved, 3), "met": achieved >= target})
     return {**runs_header(work), "benchmark": __doc__.split("\n")[0], "skip_steps": SKIP, "steps": steps,
             "windows": windows, "runs": rows, "goals": goals}
 

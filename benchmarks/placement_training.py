@@ -107,6 +107,13 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def policy_settings(args: argparse.Namespace, policy: str) -> tuple[int, int | None]:
+    """The spare slots and re-plan cadence a policy's run trains with (None: the policy's own default), which
+    its simulation repeats."""
+    redundant = 0 if policy == "static" else args.redundant
+    return redundant, {"history": args.history_every, "phase": args.phase_every}.get(policy)
+
+
 def train_arguments(args: argparse.Namespace, tokens: int, policy: str) -> list[str]:
     seq_len = 32 if args.dry_run else SEQ_LEN
     if tokens % seq_len:
@@ -114,11 +121,11 @@ def train_arguments(args: argparse.Namespace, tokens: int, policy: str) -> list[
     model = TINY if args.dry_run else ["--model", args.model, "--device", "cuda", "--attention", "sdpa",
                                        "--corpus-mb", "32", *(["--experts", str(args.experts)] if args.experts else [])]
     model = [*model, "--compile" if args.compile else "--no-compile"]
-    every = {"history": args.history_every, "phase": args.phase_every}.get(policy)
+    redundant, every = policy_settings(args, policy)
     return [*model, "--global-batch", str(tokens // seq_len), "--steps", str(args.steps), "--seed", "0",
             "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--placement", policy,
             *([] if args.dry_run else ["--warmup", str(expert_parallel_scaling.WARMUP)]),
-            "--redundant", str(0 if policy == "static" else args.redundant),
+            "--redundant", str(redundant),
             *(["--replan-every", str(every)] if every else []), *(["--data", args.data] if args.data else [])]
 
 
@@ -128,8 +135,7 @@ def measure(args: argparse.Namespace, tokens: int, policy: str, run: cli_runs.Tr
 
     run_dir = run.run_dir
     replans = len(trace.load_placement(run_dir / "placement.parquet")) - 1
-    redundant = 0 if policy == "static" else args.redundant
-    every = {"history": args.history_every, "phase": args.phase_every}.get(policy)
+    redundant, every = policy_settings(args, policy)
     stable_from = _model_stable_from(run_dir / "trace")
     step_times = run.metrics["step_time_s"]
     steps = np.arange(len(step_times))
