@@ -18,8 +18,8 @@ says which.
 ``--runs`` picks ``study:gpus`` pairs, so that one-GPU runs can go side by side on two GPUs
 (``CUDA_VISIBLE_DEVICES``) and the rest follow; a finished run is reused, and a run cut short (a time limit's
 SIGTERM stops it cleanly) is analysed over the steps it made. ``--no-compile`` measures the eager path (the
-default before expert parallelism compiled); ``--expert-exchange padded`` the exchange with no host read (runs
-named ``..._padded``).
+default before expert parallelism compiled); ``--expert-exchange`` names an exchange instead of the command's
+``auto`` (runs named ``..._padded`` or ``..._counts``).
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ WARMUP = 100
 
 
 def run_name(study: str, gpus: int, args: argparse.Namespace) -> str:
-    """``study-gGPUS-MODE``, MODE compiled or eager, ``_padded`` for the padded exchange (on more than one GPU)."""
-    padded = "_padded" if args.expert_exchange == "padded" and gpus > 1 else ""
-    return f"{study}-g{gpus}-{'compiled' if args.compile else 'eager'}{padded}"
+    """``study-gGPUS-MODE``, MODE compiled or eager, ``_padded`` or ``_counts`` for an exchange named on the
+    command line (on more than one GPU); the exchange ``auto`` took is in each run's row."""
+    exchange = f"_{args.expert_exchange}" if args.expert_exchange != "auto" and gpus > 1 else ""
+    return f"{study}-g{gpus}-{'compiled' if args.compile else 'eager'}{exchange}"
 
 
 def run(study: str, gpus: int, args: argparse.Namespace) -> cli_runs.TrainRun:
@@ -59,7 +60,7 @@ def run(study: str, gpus: int, args: argparse.Namespace) -> cli_runs.TrainRun:
                  *(["--data", str(args.data)] if args.data else []),
                  "--eval-every", str(10 * args.steps), "--checkpoint-every", "0", "--seed", "0",
                  "--warmup", str(WARMUP), *args.extra.split(),
-                 *(["--expert-exchange", args.expert_exchange] if gpus > 1 else [])]
+                 *(["--expert-exchange", args.expert_exchange] if gpus > 1 and args.expert_exchange != "auto" else [])]
     return cli_runs.train(arguments, args.work / run_name(study, gpus, args), ranks=gpus if gpus > 1 else None,
                           reuse=True)
 
@@ -103,22 +104,25 @@ def analyse(work: Path, steps: int, settled_from: int) -> dict:
             continue
         command_file = cli_runs.beside(measured.run_dir, ".command")
         command = command_file.read_text() if command_file.exists() else None
-        step_s, load = measured.metrics["step_time_s"], busiest_rank_load(measured.run_dir, int(gpus[1:]))
+        gpu_count = int(gpus[1:])
+        step_s, load = measured.metrics["step_time_s"], busiest_rank_load(measured.run_dir, gpu_count)
+        exchange = measured.config["train"].get("expert_exchange") if gpu_count > 1 else None
         for window, (first, stop) in windows.items():
             stop = stop or len(step_s)
             if len(step_s) < max(stop, first + 10):
                 continue
             median = float(np.median(step_s[first:stop]))
-            rows.append({"study": study, "gpus": int(gpus[1:]), "mode": mode, "window": window,
+            rows.append({"study": study, "gpus": gpu_count, "mode": mode, "window": window,
                          "steps_timed": [first, stop], "command": command,
                          "stopped_early": measured.summary["stopped_early"],
+                         "expert_exchange": exchange,
                          "tokens_per_step": int(measured.metrics["tokens"][0]), "median_step_s": median,
                          "tokens_per_s": float(measured.metrics["tokens"][0]) / median,
                          "busiest_gpu_load": float(load[first:stop].mean()),
                          "peak_gpu_memory_gib": measured.summary["peak_gpu_memory_gib"]})
     goals = []
     for row in rows:
-        one_gpu_mode = row["mode"].removesuffix("_padded")  # one GPU exchanges nothing
+        one_gpu_mode = row["mode"].removesuffix("_padded").removesuffix("_counts")  # one GPU exchanges nothing
         one = next((r for r in rows if (r["study"], r["gpus"], r["mode"], r["window"]) ==
                     (row["study"], 1, one_gpu_mode, row["window"])), None)
         if one is None or row["gpus"] == 1:
@@ -145,8 +149,8 @@ def main() -> None:
     parser.add_argument("--runs", default="weak:1,weak:2,strong:1,strong:2", help="study:gpus pairs to run")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--expert-exchange", choices=("counts", "padded"), default="counts",
-                        help="moe-trace train --expert-exchange on more than one GPU")
+    parser.add_argument("--expert-exchange", choices=("auto", "counts", "padded"), default="auto",
+                        help="moe-trace train --expert-exchange on more than one GPU (auto: the command's default)")
     parser.add_argument("--settled-from", type=int, default=80,
                         help="analyse: first step of the settled window (runs of more steps than that)")
     parser.add_argument("--json", type=Path, help="analyse: where to write the results")

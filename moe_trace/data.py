@@ -54,6 +54,18 @@ class TokenData:
         return window[:, :-1], window[:, 1:]
 
 
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``batch`` on ``device``, queued behind the work already there. To a GPU each tensor goes through pinned
+    host memory: from pageable memory the driver may first wait for the GPU's queue to drain (CUDA's "API
+    synchronization behavior"), and a wait at every micro-batch leaves the GPU idle while the host launches the
+    next forward."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in batch)
+    # Pinned blocks come from torch's caching host allocator, which reuses one only after its copy completed.
+    return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t).to(device, non_blocking=True)
+                 for t in batch)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MOE_TRACE_CACHE") or Path.home() / ".cache" / "moe-trace")
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_trace import __version__, expert_parallel, expert_placement, memory, optim, profiling, record, trace
-from moe_trace.data import TokenData, load_data
+from moe_trace.data import TokenData, load_data, to_device
 from moe_trace.errors import UsageError
 from moe_trace.logs import TensorBoardLog
 from moe_trace.model import GPT, ModelConfig
@@ -248,9 +248,9 @@ def evaluate(model: nn.Module, data: TokenData, config: TrainConfig, micro_batch
     model.eval()
     losses = []
     for i in range(config.eval_batches):
-        x, y = data.batch("val", config.seed, 0, i, micro_batch, seq_len, world.rank)
+        x, y = to_device(data.batch("val", config.seed, 0, i, micro_batch, seq_len, world.rank), device)
         with autocast:
-            losses.append(model(x.to(device), y.to(device))[1])
+            losses.append(model(x, y)[1])
     model.train()
     loss = torch.stack(losses).mean()
     if world.world_size > 1:
@@ -405,8 +405,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                 # Micro-batch i of the step's global batch, whichever rank runs it: any world size sees the
                 # same data as one process (which expert parallelism's equal-counts promise needs).
                 global_micro = world.rank * accumulation + micro
-                x, y = data.batch("train", config.seed, step, global_micro, micro_batch, model_config.seq_len)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_device(data.batch("train", config.seed, step, global_micro, micro_batch,
+                                            model_config.seq_len), device)
                 # DDP all-reduces gradients on the last micro-batch only.
                 sync = micro == accumulation - 1 or world.world_size == 1
                 with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast:

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
-from moe_trace.data import load_data
+from moe_trace.data import TokenData, load_data, to_device
 from moe_trace.errors import UsageError
 
 
@@ -81,3 +82,28 @@ def test_an_uncapped_default_corpus_holds_the_capped_one():
     capped = python_source_corpus(1 << 20)
     everything = python_source_corpus(0)
     assert everything[:len(capped)] == capped and len(everything) > len(capped)
+
+
+def _token_data() -> TokenData:
+    ids = np.random.default_rng(0).integers(0, 1000, size=50_000).astype(np.uint16)
+    return TokenData(train=ids, val=ids[:5000], vocab_size=1000, tokenizer_path=None, source="random")
+
+
+def test_a_batch_reaches_the_device_unchanged():
+    x, y = _token_data().batch("train", 0, 3, 1, 4, 64)
+    moved = to_device((x, y), torch.device("cpu"))
+    assert all(torch.equal(m, t) for m, t in zip(moved, (x, y), strict=True))
+    assert torch.equal(moved[0][:, 1:], moved[1][:, :-1])  # targets are the inputs shifted by one
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_batch_is_queued_behind_the_gpus_work_not_waited_for():
+    """From pageable memory the copy may wait for the GPU's queue to drain; through pinned memory it must not."""
+    x, y = _token_data().batch("train", 0, 3, 1, 8, 2048)
+    device = torch.device("cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU work ahead of the copy
+    moved = to_device((x, y), device)
+    assert not torch.cuda.current_stream().query(), "the copy waited for the queued work"
+    assert torch.equal(moved[0].cpu(), x) and torch.equal(moved[1].cpu(), y)
