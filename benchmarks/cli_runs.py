@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from moe_trace import trace
+from moe_trace.train import PROGRESS_EVERY
 
 ROOT = Path(__file__).resolve().parent.parent
 # How a command's first three words (``python -m MODULE``) are shown: the console script a user types.
@@ -108,10 +109,16 @@ class TrainRun:
         return next(line for line in self.log_lines if line.startswith(prefix))
 
     def steady_state(self, skip: int) -> dict[str, float | int]:
-        """Median step time over the steps past the first ``skip``, and the tokens/s it makes."""
-        step_s = float(np.median(self.metrics["step_time_s"][skip:]))
-        return {"median_step_s": step_s, "tokens_per_s": float(self.metrics["tokens"][0]) / step_s,
-                "steps_timed": len(self.metrics["step_time_s"][skip:])}
+        """Mean step time over whole progress-bar periods past the first ``skip`` steps, and the tokens/s it makes.
+
+        The host runs ahead of the GPU until the progress bar reads the loss, every ``PROGRESS_EVERY`` steps and at
+        the last, where it waits for the GPU: one step's wall time says little (under CUDA graphs the steps after a
+        read take a few milliseconds of launches, the next ones the GPU's pace), a whole period's mean is exact."""
+        step_s = self.metrics["step_time_s"]
+        first = -(-skip // PROGRESS_EVERY) * PROGRESS_EVERY  # the first step after a read
+        mean = float(np.mean(step_s[first:]))
+        return {"step_s": mean, "tokens_per_s": float(self.metrics["tokens"][0]) / mean,
+                "median_step_s": float(np.median(step_s[first:])), "steps_timed": [first, len(step_s)]}
 
 
 def beside(run_dir: Path, suffix: str) -> Path:

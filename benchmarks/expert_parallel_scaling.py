@@ -11,10 +11,10 @@ Two studies, each run the way a user runs it (``moe-trace train``, under ``torch
   >= 1.8x one GPU).
 
 Efficiency with G GPUs is tokens/s(G) / (G x tokens/s(1)); speed-up is tokens/s(G) / tokens/s(1). Tokens/s is
-the median step of each run's ``metrics.parquet`` in two windows: ``early`` (steps 5..14), where the router may
-still send most tokens to a few experts (so one GPU does most of the expert work), and ``settled``
-(``--settled-from`` on, for runs with more steps), once the balancing loss has spread them; ``busiest_gpu_load``
-says which.
+the mean step of each run's ``metrics.parquet`` in two windows of whole progress-bar periods: ``early`` (steps
+10..19), where the router may still send most tokens to a few experts (so one GPU does most of the expert work),
+and ``settled`` (``--settled-from`` on, for runs with more steps), once the balancing loss has spread them;
+``busiest_gpu_load`` says which.
 ``--runs`` picks ``study:gpus`` pairs, so that one-GPU runs can go side by side on two GPUs
 (``CUDA_VISIBLE_DEVICES``) and the rest follow; a finished run is reused, and a run cut short (a time limit's
 SIGTERM stops it cleanly) is analysed over the steps it made. ``--no-compile`` measures the eager path (the
@@ -32,6 +32,7 @@ import cli_runs
 import numpy as np
 
 from moe_trace import trace
+from moe_trace.train import PROGRESS_EVERY
 
 STUDIES = {  # study: (preset and arguments, sequences per step as a function of the GPU count)
     "weak": (["--model", "gpt-350m-moe", "--experts", "32"], lambda gpus: 8 * gpus),
@@ -39,7 +40,7 @@ STUDIES = {  # study: (preset and arguments, sequences per step as a function of
 }
 GOALS = {("weak", 2): 0.95, ("weak", 4): 0.90, ("weak", 8): 0.85}  # efficiency
 STRONG_SPEEDUP_GOAL = {2: 1.8}
-SKIP = 5  # steps of compilation and warm-up left out of the steady state
+SKIP = 10  # steps of compilation and warm-up left out of the steady state: one progress-bar period
 # The learning-rate warm-up of a run of 1000 steps or more (moe-trace train's default there). Without it a short
 # run takes a tenth of its steps (1 at 15 steps), reaches the peak rate at once, and its router collapses onto one
 # expert (10-15x the mean load, against 4-5x in the first steps of the recorded 20000-step run).
@@ -92,9 +93,10 @@ def runs_header(work: Path) -> dict:
 
 
 def analyse(work: Path, steps: int, settled_from: int) -> dict:
-    """Every run's steady state in two windows of steps: ``early`` (SKIP..14, while the router may still send most
+    """Every run's steady state in two windows of steps: ``early`` (SKIP..19, while the router may still send most
     tokens to a few experts) and ``settled`` (``settled_from``.., once the balancing loss has spread them)."""
-    windows = {"early": (SKIP, 15), "settled": (settled_from, None)}  # settled: to the run's last step, >= 10 of them
+    # Whole progress-bar periods (cli_runs.TrainRun.steady_state says why); settled: to the run's end, >= 10 steps.
+    windows = {"early": (SKIP, SKIP + PROGRESS_EVERY), "settled": (settled_from, None)}
     rows = []
     for summary in sorted(work.glob("*-g*-*.json")):
         study, gpus, mode = summary.stem.split("-")
@@ -111,13 +113,14 @@ def analyse(work: Path, steps: int, settled_from: int) -> dict:
             stop = stop or len(step_s)
             if len(step_s) < max(stop, first + 10):
                 continue
-            median = float(np.median(step_s[first:stop]))
+            mean = float(np.mean(step_s[first:stop]))
             rows.append({"study": study, "gpus": gpu_count, "mode": mode, "window": window,
                          "steps_timed": [first, stop], "command": command,
                          "stopped_early": measured.summary["stopped_early"],
                          "expert_exchange": exchange,
-                         "tokens_per_step": int(measured.metrics["tokens"][0]), "median_step_s": median,
-                         "tokens_per_s": float(measured.metrics["tokens"][0]) / median,
+                         "tokens_per_step": int(measured.metrics["tokens"][0]), "step_s": mean,
+                         "median_step_s": float(np.median(step_s[first:stop])),
+                         "tokens_per_s": float(measured.metrics["tokens"][0]) / mean,
                          "busiest_gpu_load": float(load[first:stop].mean()),
                          "peak_gpu_memory_gib": measured.summary["peak_gpu_memory_gib"]})
     goals = []

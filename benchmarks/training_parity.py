@@ -33,7 +33,7 @@ def train(name: str, arguments: list[str], data: Path, steps: int, out: Path, co
                           "--seed", "0", "--data", str(data), *common, *BASELINE, *arguments], out / name,
                          reuse=True)  # the runs can be spread over several commands
     rate = run.steady_state(skip=steps // 4)
-    return {"command": run.shown, "val_loss": run.summary["val_loss"], "median_step_s": rate["median_step_s"],
+    return {"command": run.shown, "val_loss": run.summary["val_loss"], "step_s": rate["step_s"],
             "tokens_per_s": rate["tokens_per_s"], "optimizer": run.summary["optimizer"],
             "peak_gpu_memory_gib": run.summary["peak_gpu_memory_gib"]}
 
@@ -56,7 +56,7 @@ def load_apart(a: Path, b: Path, window: int) -> dict:
 
 def compare(baseline: dict, variant: dict, base_dir: Path, variant_dir: Path) -> dict:
     result = {"val_loss_rel_diff": val_loss_rel_diff(baseline["val_loss"], variant["val_loss"]),
-              "step_time_ratio_variant_over_baseline": variant["median_step_s"] / baseline["median_step_s"],
+              "step_time_ratio_variant_over_baseline": variant["step_s"] / baseline["step_s"],
               "load": {f"window_{w}": load_apart(variant_dir, base_dir, w) for w in WINDOWS}}
     apart = result["load"][f"window_{max(WINDOWS)}"]
     result["goals"] = [
@@ -92,8 +92,8 @@ def main() -> None:
     cli_runs.write_json(args.out / "parity.json", payload)
     for name, result in payload["variants"].items():
         print(f"{name}: val loss {runs[name]['val_loss']:.4f} vs {runs['baseline']['val_loss']:.4f} "
-              f"({result['val_loss_rel_diff']:+.2%}), step {runs[name]['median_step_s'] * 1e3:.1f} vs "
-              f"{runs['baseline']['median_step_s'] * 1e3:.1f} ms, goals met: {[g['met'] for g in result['goals']]}")
+              f"({result['val_loss_rel_diff']:+.2%}), step {runs[name]['step_s'] * 1e3:.1f} vs "
+              f"{runs['baseline']['step_s'] * 1e3:.1f} ms, goals met: {[g['met'] for g in result['goals']]}")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,10 @@ class MetricsLog:
         """One step's ``trace.METRIC_COLUMNS``; tensor values are read from the device later."""
         self._rows.append(row)
 
+    def amend_last(self, **values: Any) -> None:
+        """Change columns of the newest step (its step time once the step's whole iteration is over)."""
+        self._rows[-1].update(values)
+
     def last(self, column: str) -> float:
         return float(self._rows[-1][column])
 

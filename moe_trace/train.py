@@ -37,6 +37,9 @@ from moe_trace.model import GPT, ModelConfig
 from moe_trace.recorder import MetricsLog, Recorder
 
 CHECKPOINTS_KEPT = 2
+# The progress bar shows the loss every PROGRESS_EVERY steps, a read of a device value that the step loop makes at
+# that fixed cadence: the host runs at most that many steps ahead of the GPU (benchmarks time whole periods of it).
+PROGRESS_EVERY = 10
 # Router fields of ModelConfig that the trace metadata names, so a trace says how it was balanced.
 ROUTER_META = ("score", "balance", "bias_update_rate", "capacity_factor", "shared_experts")
 
@@ -392,7 +395,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
 
     with _StopRequest() as stop, _kept_on_interrupt(recorder, metrics, world):
         while step < config.steps and not stop.requested:
-            step_started = time.perf_counter()
+            step_started, set_apart = time.perf_counter(), eval_s + checkpoint_s
             if profiler:
                 profiler.step_begins(step)
             if placement:
@@ -438,7 +441,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                 loss_sum /= world.world_size
             recorder.step(step)
             metrics.add(step=step, loss=loss_sum / accumulation, lr=lr, grad_norm=grad_norm,
-                        aux_loss=aux_sum / accumulation, step_time_s=time.perf_counter() - step_started,
+                        aux_loss=aux_sum / accumulation, step_time_s=time.perf_counter() - step_started,  # for now
                         tokens=tokens_per_step)
             if logged:
                 now = time.perf_counter()
@@ -462,12 +465,15 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                 flush_and_checkpoint()
             elif step % config.flush_every == 0:
                 flush_logs()
-            if world.is_main and (step % 10 == 0 or step == config.steps):
+            if world.is_main and (step % PROGRESS_EVERY == 0 or step == config.steps):
                 elapsed = time.perf_counter() - started
                 progress.set_postfix(loss=f"{metrics.last('loss'):.3f}",
                                      **({} if math.isnan(val_loss) else {"val": f"{val_loss:.3f}"}),
                                      tok_s=f"{(step - start) * tokens_per_step / elapsed:,.0f}", refresh=False)
             progress.update(1)
+            # The whole iteration but evaluation and checkpoints: the host runs ahead of the GPU until the progress
+            # bar reads the loss (a sync), and the wait there is the GPU's time for the steps queued before it.
+            metrics.amend_last(step_time_s=time.perf_counter() - step_started - (eval_s + checkpoint_s - set_apart))
         flush_and_checkpoint()
         recorder.close()
         if profiler:

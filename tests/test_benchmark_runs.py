@@ -25,8 +25,9 @@ import expert_parallel_scaling  # noqa: E402
 import placement_training  # noqa: E402
 
 from moe_trace import trace  # noqa: E402
+from moe_trace.train import PROGRESS_EVERY  # noqa: E402
 
-STEPS, SKIP, BATCH, SEQ = 16, 4, 2, 16
+STEPS, SKIP, BATCH, SEQ = 20, 4, 2, 16
 TINY = ["--model", "gpt-tiny-moe", "--blocks", "1", "--moe-every", "1", "--hidden", "16", "--heads", "2",
         "--experts", "4", "--seq-len", str(SEQ), "--vocab-size", "256", "--device", "cpu", "--threads", "1",
         "--global-batch", str(BATCH), "--steps", str(STEPS), "--eval-every", str(STEPS), "--checkpoint-every", "0"]
@@ -39,13 +40,16 @@ def run(tmp_path_factory) -> cli_runs.TrainRun:
     return cli_runs.train([*TINY, "--data", str(work / "ids.npy")], work / "run")
 
 
-def test_steady_state_is_the_median_of_metrics_parquet(run):
+def test_steady_state_is_the_mean_over_whole_progress_periods(run):
+    """From the first step after a progress-bar read (the host's wait for the GPU) to the run's end."""
     step_s = pq.read_table(run.run_dir / "metrics.parquet").column("step_time_s").to_numpy()
     assert len(step_s) == STEPS
     rate = run.steady_state(SKIP)
-    assert rate["median_step_s"] == float(np.median(step_s[SKIP:]))
-    assert rate["tokens_per_s"] == BATCH * SEQ / float(np.median(step_s[SKIP:]))
-    assert rate["steps_timed"] == STEPS - SKIP
+    first = -(-SKIP // PROGRESS_EVERY) * PROGRESS_EVERY
+    assert first % PROGRESS_EVERY == 0 and SKIP <= first < STEPS
+    assert rate["step_s"] == float(np.mean(step_s[first:])) and rate["steps_timed"] == [first, STEPS]
+    assert rate["tokens_per_s"] == BATCH * SEQ / rate["step_s"]
+    assert rate["median_step_s"] == float(np.median(step_s[first:]))
 
 
 def test_the_run_keeps_its_summary_log_and_command(run):
@@ -60,8 +64,8 @@ def test_the_run_keeps_its_summary_log_and_command(run):
 
 
 def test_scaling_analysis_takes_the_early_window_and_skips_runs_without_steps(run, tmp_path):
-    """The early window is the median of steps 5..14 of metrics.parquet; one GPU's busiest load is 1; a run cut
-    before its first step is skipped, not an error."""
+    """The early window is the mean of steps 10..19 of metrics.parquet (one progress-bar period); one GPU's
+    busiest load is 1; a run cut before its first step is skipped, not an error."""
     import shutil
 
     shutil.copytree(run.run_dir, tmp_path / "weak-g1-compiled")
@@ -72,8 +76,8 @@ def test_scaling_analysis_takes_the_early_window_and_skips_runs_without_steps(ru
     result = expert_parallel_scaling.analyse(tmp_path, STEPS, settled_from=80)
     [row] = result["runs"]
     step_s = pq.read_table(run.run_dir / "metrics.parquet").column("step_time_s").to_numpy()
-    assert (row["window"], row["steps_timed"]) == ("early", [5, 15])
-    assert row["median_step_s"] == float(np.median(step_s[5:15])) and row["busiest_gpu_load"] == 1.0
+    assert (row["window"], row["steps_timed"]) == ("early", [10, 20])
+    assert row["step_s"] == float(np.mean(step_s[10:20])) and row["busiest_gpu_load"] == 1.0
     assert result["goals"] == []
 
 

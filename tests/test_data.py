@@ -99,7 +99,7 @@ def test_a_batch_reaches_the_device_unchanged():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_batch_is_queued_behind_the_gpus_work_not_waited_for():
-    """From pageable memory the copy may wait for the GPU's queue to drain; through pinned memory it must not."""
+    """The copy joins the GPU's queue: the host does not wait for the work already there."""
     x, y = _token_data().batch("train", 0, 3, 1, 8, 2048)
     device = torch.device("cuda")
     torch.cuda.synchronize()

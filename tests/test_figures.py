@@ -24,9 +24,14 @@ def _percent(x: float, signed: bool = False) -> str:
     return f"{x * 100:{'+' if signed else ''}.1f} %"
 
 
+def _step_s(r: dict) -> float:
+    """A run's step time: the mean over whole progress-bar periods since session 8, the median step before."""
+    return r.get("step_s", r["median_step_s"])
+
+
 def _train_throughput(result: dict) -> list[list[str]]:
     return [[r["run"], r["model"] + (f" --experts {r['num_experts']}" if r["num_experts"] != 16 else ""),
-             r["optimizer"], "no" if not r["compile"] else "yes", f"{r['median_step_s'] * 1e3:.1f} ms",
+             r["optimizer"], "no" if not r["compile"] else "yes", f"{_step_s(r) * 1e3:.1f} ms",
              f"{r['tokens_per_s'] / 1e3:.0f}k", _percent(r["mfu"]), f"{r['peak_gpu_memory_gib']:.1f} GiB"]
             for r in result["results"]]
 
@@ -43,8 +48,8 @@ def _expert_parallel_scaling(result: dict) -> list[list[str]]:
 
 
 def _speed(r: dict) -> list[str]:
-    """A scaling run's median step and tokens/s."""
-    return [f"{r['median_step_s'] * 1e3:.1f} ms", f"{r['tokens_per_s'] / 1e3:.1f}k"]
+    """A scaling run's step and tokens/s."""
+    return [f"{_step_s(r) * 1e3:.1f} ms", f"{r['tokens_per_s'] / 1e3:.1f}k"]
 
 
 def _scaling(r: dict) -> list[str]:
@@ -57,8 +62,11 @@ def _expert_parallel_scaling_studies(result: dict) -> list[list[str]]:
 
 
 def _expert_parallel_scaling_windows(result: dict) -> list[list[str]]:
-    exchange = {True: "padded", False: "counts"}
-    return [[r["study"], str(r["gpus"]), "none" if r["gpus"] == 1 else exchange[r["mode"].endswith("_padded")],
+    def exchange(r: dict) -> str:  # recorded since session 8; before, named by the run
+        return "none" if r["gpus"] == 1 else r.get("expert_exchange") or (
+            "padded" if r["mode"].endswith("_padded") else "counts")
+
+    return [[r["study"], str(r["gpus"]), exchange(r),
              f"{r['window']} ({r['steps_timed'][0]}..{r['steps_timed'][1] - 1})", str(r["tokens_per_step"]),
              *_speed(r), f"{r['busiest_gpu_load']:.2f}", *_scaling(r)] for r in result["runs"]]
 
@@ -143,13 +151,16 @@ def _placement_batch_curve(result: dict) -> list[list[str]]:
 
 RENDERERS: dict[str, Callable[[dict], list[list[str]]]] = {
     "benchmarks/results/train_throughput.json": _train_throughput,
+    "benchmarks/results/train_throughput_step_timing.json": _train_throughput,
     "benchmarks/results/train_throughput_loop_h100.json": _train_throughput_loop,
     "benchmarks/results/expert_parallel_scaling.json": _expert_parallel_scaling,
     "benchmarks/results/expert_parallel_scaling_x2.json": _expert_parallel_scaling_studies,
     "benchmarks/results/expert_parallel_scaling_x4.json": _expert_parallel_scaling_windows,
     "benchmarks/results/expert_parallel_scaling_x2_settled.json": _expert_parallel_scaling_windows,
     "benchmarks/results/expert_parallel_scaling_x2_levers.json": _expert_parallel_scaling_levers,
+    "benchmarks/results/expert_parallel_scaling_x2_step_timing.json": _expert_parallel_scaling_windows,
     "benchmarks/results/placement_training_x4.json": _placement_training,
+    "benchmarks/results/placement_training_x2.json": _placement_training,
     "benchmarks/results/paper_comparison.json": _paper_comparison,
     "benchmarks/results/phase_detection.json": _phase_detection,
     "benchmarks/results/balancing_study.json": _balancing_study,

@@ -240,6 +240,36 @@ def test_the_progress_bar_shows_no_validation_loss_before_the_first_evaluation(c
     assert "loss=" in err and "val=nan" not in err
 
 
+
+def test_a_steps_time_holds_the_wait_for_the_loss_but_not_evaluation_or_checkpoints(corpus_cache, tmp_path,
+                                                                                     monkeypatch):
+    """The progress bar's read of the loss, where the host waits for the steps it queued on the GPU, counts in the
+    step that makes it (else a run whose host runs ahead looks faster than it is); evaluation and checkpoint
+    saving are reported apart. A fake clock: 1 ms a reading, 100 s a loss read, 1000 s an evaluation or a save."""
+    from moe_trace import recorder
+    from moe_trace import train as training
+
+    clock = [0.0]
+
+    def advancing(seconds, call):
+        def wrapped(*args, **kwargs):
+            clock[0] += seconds
+            return call(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(training.time, "perf_counter", advancing(1e-3, lambda: clock[0]))
+    monkeypatch.setattr(recorder.MetricsLog, "last", advancing(100.0, recorder.MetricsLog.last))
+    monkeypatch.setattr(training, "evaluate", advancing(1000.0, training.evaluate))
+    monkeypatch.setattr(training, "save_checkpoint", advancing(1000.0, training.save_checkpoint))
+    out = tmp_path / "run"
+    config = TrainConfig(out=str(out), steps=20, global_batch=4, warmup=2, eval_every=5, checkpoint_every=10)
+    summary = train(make_config("gpt-tiny-moe", **SMALL_CONFIG), config, "cpu")
+    step_s = trace.load_metrics(out / "metrics.parquet")["step_time_s"]
+    reads = (np.arange(len(step_s)) + 1) % training.PROGRESS_EVERY == 0
+    assert len(step_s) == 20 and reads.sum() == 2
+    assert (step_s[reads] > 100).all() and (step_s[reads] < 101).all() and (step_s[~reads] < 1).all()
+    assert summary["eval_s"] >= 4000 and summary["checkpoint_s"] >= 2000
+
 SECOND_SIGNAL_SCRIPT = """
 import sys
 import torch

@@ -1,0 +1,1 @@
+torchrun --standalone --nproc-per-node 2 -m moe_trace train --model gpt-125m-moe --global-batch 64 --steps 120 --attention sdpa --moe-backend torch --compile --data /work/main/.carry_data/pysrc-v50257.npy --eval-every 1200 --checkpoint-every 0 --seed 0 --warmup 100 --out /tmp/runs/scaling/strong-g2-compiled --json /tmp/runs/scaling/strong-g2-compiled.json
