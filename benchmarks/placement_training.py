@@ -31,6 +31,8 @@ import cli_runs
 import expert_parallel_scaling
 import numpy as np
 
+from moe_trace import expert_parallel
+
 ROOT = cli_runs.ROOT
 SEQ_LEN = 2048
 TINY = ["--model", "gpt-tiny-moe", "--blocks", "2", "--hidden", "32", "--heads", "2", "--experts", "4",
@@ -155,8 +157,11 @@ def measure(args: argparse.Namespace, tokens: int, policy: str, run: cli_runs.Tr
 def simulated(args: argparse.Namespace, record: dict, run_dir: Path) -> dict:
     """What ``moe-trace simulate`` predicts for the record's policy, cluster and cadence on the run's own trace."""
     every = record["replan_every"]
+    # The dispatch rule the run's exchange followed (runs before the padded exchange took replicas: balanced).
+    exchange = json.loads((run_dir / "config.json").read_text())["train"].get("expert_exchange", "counts")
     simulate = [sys.executable, "-m", "moe_trace", "simulate", str(run_dir / "trace"), "--gpus", str(record["gpus"]),
                 "--redundant", str(record["redundant"]), "--policy", record["policy"], "--json", "-",
+                "--dispatch", expert_parallel.DISPATCH[exchange],
                 *(["--replan-every", str(every)] if every else []), *(["--cost", args.cost] if args.cost else [])]
     [result] = json.loads(cli_runs.run_checked(simulate).stdout)
     return {"simulated_step_s": result["est_step_time_s"], "simulated_replans": result["replans"],

@@ -14,10 +14,11 @@ sends each row to its slot with ``all_to_all_single`` (autograd through ``torch.
 runs its local slots and sends the outputs back.
 
 That host read empties the GPU's queue once per layer and micro-batch and splits a compiled step into a graph
-per layer. ``exchange="padded"`` removes it where every expert has exactly one slot (no replicas): each rank sends
-every other rank a buffer with room for all its rows (``ranks x`` the traffic), with the per-slot counts exchanged
-on the device beside it, so the whole layer has fixed shapes and compiles into the model's graph
-(:func:`padded_exchange`).
+per layer. ``exchange="padded"`` removes it: each rank sends every other rank a buffer with room for all its rows
+(``ranks x`` the traffic), with the per-slot counts exchanged on the device beside it, so the whole layer has
+fixed shapes and compiles into the model's graph (:func:`padded_exchange`). With no global counts on the host it
+splits an expert's rows among its copies by the ``even`` rule, each rank its own rows in equal runs, where
+``counts`` water-fills (``balanced``): :data:`DISPATCH` names each exchange's rule.
 
 Gradients: a slot receives the gradients of every rank's tokens it served, summed by the all-to-all's backward.
 Data parallelism averages over ranks, so expert gradients are scaled by ``1/W`` to match (megablocks does the
@@ -63,9 +64,12 @@ class ExpertParallelMoELayer(MoELayer):
         self.group, self.world_size, self.rank, self.dispatch = group, world, rank, dispatch
         self.slots_per_rank = len(slot_expert) // world
         self.exchange = exchange
-        # Each expert's global slot, on the device: the padded exchange addresses rows with it (set_plan fills it).
-        self.register_buffer("expert_slot", torch.zeros(layer.num_experts, dtype=torch.int64, device=layer.w1.device),
-                             persistent=False)
+        # Each expert's copies (global slots, in slot order, the last repeated to the width of the ranks) and how
+        # many it has, on the device: the padded exchange addresses rows with them (set_plan fills them).
+        self.register_buffer("expert_copies", torch.zeros((layer.num_experts, world), dtype=torch.int64,
+                                                          device=layer.w1.device), persistent=False)
+        self.register_buffer("expert_replicas", torch.ones(layer.num_experts, dtype=torch.int64,
+                                                           device=layer.w1.device), persistent=False)
         # Router, shared experts and selection bias are replicated: every rank routes its own tokens alike.
         self.router, self.shared = layer.router, layer.shared
         self.register_buffer("expert_bias", layer.expert_bias)
@@ -92,13 +96,9 @@ class ExpertParallelMoELayer(MoELayer):
         primary[first_slot] = True
         self.primary = torch.as_tensor(primary[local] & (self.local_experts >= 0))
         if self.exchange == "padded":
-            if (replicas != 1).any():
-                raise ValueError("the padded exchange needs every expert in exactly one slot (no replicas): "
-                                 f"copies per expert {replicas.tolist()}")
-            slot_of_expert = np.empty(self.num_experts, dtype=np.int64)
-            hosted = np.flatnonzero(slot_expert >= 0)
-            slot_of_expert[slot_expert[hosted]] = hosted
-            self.expert_slot.copy_(torch.from_numpy(slot_of_expert).to(self.expert_slot.device))
+            self.expert_copies.copy_(torch.from_numpy(copies_of_experts(slot_expert, self.num_experts,
+                                                                        self.world_size)))
+            self.expert_replicas.copy_(torch.from_numpy(replicas))
 
     def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         if self.exchange == "padded":
@@ -142,38 +142,36 @@ class ExpertParallelMoELayer(MoELayer):
 
 
 EXCHANGES = ("counts", "padded")
+# The dispatch rule (placement.dispatch) each exchange follows by default: counts water-fills from the global
+# counts it reads on the host; padded, which has no such read, gives each copy an equal run of every rank's rows.
+DISPATCH = {"counts": "balanced", "padded": "even"}
 
 
-def choose_exchange(requested: str, world_size: int, compiled: bool, redundant: int) -> str:
+def choose_exchange(requested: str, world_size: int, compiled: bool) -> str:
     """``requested``, or for ``auto`` the exchange measured faster where it applies: ``padded`` when compiled on 2 to
-    4 ranks with no spare slots (2 H200s: strong scaling 1.47x against 0.94x with ``counts``; 4 H200s in one call:
-    weak scaling 70.1 % against 62.1 %; README), else ``counts`` -- eager, where the host read costs little, with
-    replicas, which padding cannot address, and past 4 ranks, where it would send 8x the rows unmeasured."""
+    4 ranks (2 H200s: strong scaling 1.47x against 0.94x with ``counts``; 4 H200s in one call: weak scaling 70.1 %
+    against 62.1 %; with one spare slot per GPU, ``counts`` made the placed 128k step 1.79x the padded static one;
+    README), else ``counts`` -- eager, where the host read costs little, and past 4 ranks, where padding would send
+    8x the rows unmeasured."""
     if requested != "auto":
         return requested
-    return "padded" if compiled and 2 <= world_size <= 4 and redundant == 0 else "counts"
+    return "padded" if compiled and 2 <= world_size <= 4 else "counts"
 
 
 def padded_exchange(layer: ExpertParallelMoELayer, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
     """One layer's token exchange with no host read: fixed-size buffers, positions computed on the device.
 
-    A rank's ``N`` rows (``x_sorted``, grouped by expert) go to the ranks hosting their experts. Rank ``d``'s
-    share of the send buffer ``[ranks * N, hidden]`` is ``[d * N, (d + 1) * N)``: room for all ``N`` rows, whichever
-    way the router split them, filled from the front slot by slot, the rest zero. The per-slot counts
-    ``[ranks, slots]`` travel the same way, so each receiver knows which of its rows are real. Received rows
-    are regrouped by local slot for the grouped GEMM (padding last), and the outputs go back the same way,
-    padding zeroed. The all-to-alls are torch's functional collectives, which torch.compile traces.
+    A rank's ``N`` rows (``x_sorted``, grouped by expert) go to the slots hosting their experts, an expert's rows
+    split among its copies in equal runs (:func:`send_layout`). Rank ``d``'s share of the send buffer
+    ``[ranks * N, hidden]`` is ``[d * N, (d + 1) * N)``: room for all ``N`` rows, whichever way the router split
+    them, filled from the front slot by slot, the rest zero. The per-slot counts ``[ranks, slots]`` travel the
+    same way, so each receiver knows which of its rows are real. Received rows are regrouped by local slot for the
+    grouped GEMM (padding last), and the outputs go back the same way, padding zeroed. The all-to-alls are
+    torch's functional collectives, which torch.compile traces.
     """
     world, slots, rows, device = layer.world_size, layer.slots_per_rank, x_sorted.shape[0], x_sorted.device
     group = layer.group or dist.group.WORLD
-    # Where each of this rank's rows goes in the send buffer: its slot's place in its destination's share.
-    per_slot = tokens_per_expert.new_zeros(world * slots).index_add(0, layer.expert_slot, tokens_per_expert)
-    slot_start = (per_slot.view(world, slots).cumsum(dim=1) - per_slot.view(world, slots)).view(-1)
-    expert_of_row = torch.repeat_interleave(torch.arange(layer.num_experts, device=device), tokens_per_expert,
-                                            output_size=rows)
-    within_expert = torch.arange(rows, device=device) - (tokens_per_expert.cumsum(0) - tokens_per_expert)[expert_of_row]
-    slot = layer.expert_slot[expert_of_row]
-    send_position = torch.div(slot, slots, rounding_mode="floor") * rows + slot_start[slot] + within_expert
+    send_position, per_slot = send_layout(tokens_per_expert, layer.expert_copies, layer.expert_replicas, slots, rows)
     send = x_sorted.new_zeros((world * rows, x_sorted.shape[1])).index_copy(0, send_position, x_sorted)
     received = funcol.all_to_all_single_autograd(send, None, None, group)
     per_source_slot = funcol.all_to_all_single(per_slot, None, None, group).view(world, slots)
@@ -196,6 +194,46 @@ def padded_exchange(layer: ExpertParallelMoELayer, x_sorted: Tensor, tokens_per_
     # where, not a product: the padding's outputs (unspecified on CUDA) and their gradients are dropped.
     y_received = torch.where(real.view(-1, 1), y[position], 0)
     return funcol.all_to_all_single_autograd(y_received, None, None, group)[send_position]
+
+
+def copies_of_experts(slot_expert: np.ndarray, num_experts: int, world_size: int) -> np.ndarray:
+    """``[experts, ranks]``: each expert's global slots in slot order, the last repeated to the width (what
+    :func:`send_layout` takes). Every expert needs 1 to ``world_size`` copies."""
+    hosted = np.flatnonzero(slot_expert >= 0)
+    replicas = np.bincount(slot_expert[hosted], minlength=num_experts)
+    if not 1 <= replicas.min() <= replicas.max() <= world_size:
+        raise ValueError(f"every expert needs 1 to {world_size} copies: {replicas.tolist()}")
+    by_expert = hosted[np.argsort(slot_expert[hosted], kind="stable")]  # slots grouped by expert, in slot order
+    copy = np.minimum(np.arange(world_size), replicas[:, None] - 1)
+    return by_expert[(np.cumsum(replicas) - replicas)[:, None] + copy]
+
+
+def send_layout(tokens_per_expert: Tensor, expert_copies: Tensor, expert_replicas: Tensor, slots_per_rank: int,
+                rows: int) -> tuple[Tensor, Tensor]:
+    """Where the padded exchange sends each of a rank's rows (grouped by expert, ``tokens_per_expert[e]`` of
+    expert ``e``), and how many rows each global slot gets.
+
+    ``expert_copies[experts, ranks]`` holds each expert's global slots (the last repeated past its
+    ``expert_replicas``). Copy ``j`` of an expert with ``n`` rows here and ``r`` copies takes its rows
+    ``[ceil(j n / r), ceil((j + 1) n / r))``; row positions index a send buffer of ``ranks`` shares of ``rows``
+    (the rank's rows, ``tokens_per_expert.sum()``, given by the caller so that nothing is read on the host), each
+    share filled slot by slot from its front.
+    """
+    n, copies, device = tokens_per_expert, expert_replicas, tokens_per_expert.device
+    experts, world = expert_copies.shape
+    # Where copy j begins, for j = 0..ranks: copies past r begin at n and take nothing.
+    run_start = (torch.arange(world + 1, device=device) * n[:, None] + copies[:, None] - 1) // copies[:, None]
+    run_start = torch.minimum(run_start, n[:, None])
+    per_slot = n.new_zeros(world * slots_per_rank).index_add(0, expert_copies.view(-1),
+                                                             (run_start[:, 1:] - run_start[:, :-1]).view(-1))
+    slot_start = (per_slot.view(world, -1).cumsum(dim=1) - per_slot.view(world, -1)).view(-1)
+    expert_of_row = torch.repeat_interleave(torch.arange(experts, device=device), n, output_size=rows)
+    within_expert = torch.arange(rows, device=device) - (n.cumsum(0) - n)[expert_of_row]
+    copy = within_expert * copies[expert_of_row] // n[expert_of_row]
+    slot = expert_copies[expert_of_row, copy]
+    within_slot = within_expert - run_start[expert_of_row, copy]
+    share = torch.div(slot, slots_per_rank, rounding_mode="floor") * rows
+    return share + slot_start[slot] + within_slot, per_slot
 
 
 def _rows(weights: Tensor, experts: Tensor) -> Tensor:
@@ -229,8 +267,8 @@ def shard_experts(model: nn.Module, slot_expert: np.ndarray | None = None, group
     """Replace every :class:`MoELayer` of ``model`` in place by its expert-parallel shard.
 
     ``slot_expert[moe_layers, slots]`` is the placement to start from (default: the even sharding, no spare
-    slots). ``exchange``: ``counts`` (sized on the host, any plan) or ``padded`` (no host read, one slot per
-    expert). Returns the names of the expert parameters, for ``DistributedDataParallel`` to leave alone.
+    slots). ``exchange``: ``counts`` (sized on the host) or ``padded`` (no host read; see :data:`DISPATCH`).
+    Returns the names of the expert parameters, for ``DistributedDataParallel`` to leave alone.
     """
     names, index = [], 0
     for parent_name, parent in list(model.named_modules()):

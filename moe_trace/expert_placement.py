@@ -52,9 +52,6 @@ def check_request(policy: str, redundant: int, replan_every: int | None, world_s
     if redundant > num_experts * (world_size - 1):
         raise UsageError(f"--redundant {redundant}: {num_experts} experts on {world_size} ranks hold at most "
                          f"{num_experts * (world_size - 1)} extra copies (one copy of an expert per rank)")
-    if exchange == "padded" and redundant:
-        raise UsageError(f"--expert-exchange padded gives every expert one slot; drop --redundant {redundant} or use "
-                         "--expert-exchange counts, which sends an expert's rows to its copies")
     if exchange == "padded" and world_size == 1:
         raise UsageError("--expert-exchange padded is expert parallelism's exchange: run under torchrun "
                          "--nproc-per-node G (G >= 2)")
@@ -71,9 +68,12 @@ class PlacementRuntime:
     """The plan in force and the policy that changes it, for the expert-parallel layers of one model."""
 
     def __init__(self, policy: str, redundant: int, replan_every: int | None, world_size: int,
-                 meta: dict[str, Any], run_dir: Path, write: bool):
+                 meta: dict[str, Any], run_dir: Path, write: bool, dispatch: str = "balanced"):
+        """``dispatch``: the rule by which the layers split an expert's tokens among its copies
+        (``expert_parallel.DISPATCH`` of their exchange), which plans are judged by."""
         [self.policy] = policies.get(policy, replan_every=replan_every)
-        self.setting = Setting(gpus=world_size, redundant=redundant, cost=CostModel.from_meta(meta))
+        self.setting = Setting(gpus=world_size, redundant=redundant, cost=CostModel.from_meta(meta),
+                               dispatch=dispatch)
         self.block_ids = list(meta["moe_layers"])
         self.plan = self.setting.initial(len(self.block_ids), meta["num_experts"])
         self.plans: list[tuple[int, np.ndarray]] = [(0, self.plan.slot_expert)]  # every plan in force

@@ -307,8 +307,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
                          f"use --compile-mode default, or --global-batch {micro_batch * world.world_size}")
 
     optimizer_name = _choose_optimizer(model_config, config, world, device, sized=build_model is GPT)
-    exchange = expert_parallel.choose_exchange(config.expert_exchange, world.world_size, config.compile,
-                                               config.redundant)
+    exchange = expert_parallel.choose_exchange(config.expert_exchange, world.world_size, config.compile)
     expert_placement.check_request(config.placement, config.redundant, config.replan_every, world.world_size,
                                    model_config.num_experts, config.record, optimizer_name, exchange)
     if build_model is GPT:  # the estimate knows this project's GPT
@@ -320,7 +319,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, world: Distributed, d
         config.placement, config.redundant, config.replan_every, world.world_size,
         {"model": model_config.name, "moe_layers": model_config.moe_blocks, "num_experts": model_config.num_experts,
          "seq_len": model_config.seq_len, "tokens_per_step": tokens_per_step},
-        run_dir, write=world.is_main) if world.world_size > 1 else None
+        run_dir, write=world.is_main, dispatch=expert_parallel.DISPATCH[exchange]) if world.world_size > 1 else None
     model = build_model(model_config)
     # Before the move: a rank's GPU never holds all the experts.
     expert_names = _shard_experts(model, world, placement.plan.slot_expert if placement else None, exchange)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -169,7 +170,33 @@ def test_compiled_data_parallel_is_not_split_at_buckets(tmp_path):
 
 def test_auto_exchange_is_padded_only_where_it_was_measured_faster():
     choose = expert_parallel.choose_exchange
-    assert [choose("auto", ranks, True, 0) for ranks in (1, 2, 4, 8)] == ["counts", "padded", "padded", "counts"]
-    assert choose("auto", 2, False, 0) == "counts"  # eager: the host read costs little
-    assert choose("auto", 2, True, 2) == "counts"  # replicas: padding addresses one slot per expert
-    assert choose("counts", 2, True, 0) == "counts" and choose("padded", 8, False, 0) == "padded"
+    assert [choose("auto", ranks, True) for ranks in (1, 2, 4, 8)] == ["counts", "padded", "padded", "counts"]
+    assert choose("auto", 2, False) == "counts"  # eager: the host read costs little
+    assert choose("counts", 2, True) == "counts" and choose("padded", 8, False) == "padded"
+
+
+def test_the_padded_exchange_splits_an_experts_rows_evenly_over_its_copies():
+    """Pure layout, no collective: every row lands once in its destination's share, each slot's rows are a
+    contiguous run of its own expert's rows, and an expert's copies get equal runs (within one row)."""
+    world, slots = 2, 3
+    slot_expert = np.array([0, 1, 2, 0, 3, 1])  # experts 0 and 1 have a copy on each rank
+    copies = expert_parallel.copies_of_experts(slot_expert, 4, world)
+    assert copies.tolist() == [[0, 3], [1, 5], [2, 2], [4, 4]]
+    replicas = torch.tensor([2, 2, 1, 1])
+    for seed in range(20):
+        n = torch.randint(0, 9, (4,), generator=torch.Generator().manual_seed(seed))
+        rows = int(n.sum())
+        position, per_slot = expert_parallel.send_layout(n, torch.from_numpy(copies), replicas, slots, rows)
+        share, offset = position // max(rows, 1), position % max(rows, 1)
+        assert len(set(position.tolist())) == rows  # every row once
+        for expert in range(4):
+            got = per_slot[torch.from_numpy(copies[expert, :int(replicas[expert])])]
+            assert got.sum() == n[expert] and got.max() - got.min() <= 1, (seed, expert, got)
+        expert_of_row = torch.repeat_interleave(torch.arange(4), n)
+        for d in range(world):  # share d: its slots' runs one after the other from the front
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), per_slot[d * slots:(d + 1) * slots].cumsum(0)])
+            for j in range(slots):
+                mine = (share == d) & (offset >= starts[j]) & (offset < starts[j + 1])
+                assert mine.sum() == per_slot[d * slots + j]
+                assert (expert_of_row[mine] == slot_expert[d * slots + j]).all()
+                assert torch.equal(offset[mine], torch.arange(int(starts[j]), int(starts[j + 1])))

@@ -137,12 +137,15 @@ def test_placement_file_round_trip(tmp_path):
     (("phase", 2, 0, 2, 4, True), "--replan-every"),
     (("phase", 2, None, 2, 4, False), "--no-record"),
     (("phase", 2, None, 2, 4, True, "adamw_bf16"), "use --optimizer adamw"),
-    (("static", 2, None, 2, 4, True, "adamw", "padded"), "drop --redundant 2"),
     (("static", 0, None, 1, 4, True, "adamw", "padded"), "torchrun"),
 ])
 def test_placements_that_cannot_run_are_refused(request_args, message):
     with pytest.raises(UsageError, match=message):
         expert_placement.check_request(*request_args)
+
+
+def test_the_padded_exchange_takes_spare_slots():
+    expert_placement.check_request("phase", 2, None, 2, 4, True, "adamw", "padded")  # no error
 
 
 def test_placement_without_expert_parallelism_is_one_line_and_exit_2(tmp_path, capsys):
@@ -172,10 +175,12 @@ def _worker(rank: int, world: int, base: str) -> None:
     try:
         model_config = make_config("gpt-tiny-moe", **TINY)
         # Short cadences force re-plans (and migrations) within the run.
-        # The padded exchange (no host read) under re-plans that move experts between ranks, one slot each.
-        # The padded run also takes DDP buckets of 1 kB (many buckets): bucketing must not change the sums.
+        # The padded exchange (no host read) under re-plans that move experts between ranks, one slot each, and
+        # under re-plans that copy them (each copy an equal run of every rank's rows of its expert).
+        # The padded runs also take DDP buckets of 1 kB (many buckets): bucketing must not change the sums.
         for name, redundant, every, exchange in (("static", 0, None, "counts"), ("phase", world, 5, "counts"),
-                                                 ("history", world, 10, "counts"), ("history", 0, 5, "padded")):
+                                                 ("history", world, 10, "counts"), ("history", 0, 5, "padded"),
+                                                 ("phase", world, 5, "padded")):
             config = TrainConfig(out=f"{base}/{name}-{exchange}", steps=STEPS, global_batch=8, warmup=5,
                                  eval_every=1000, checkpoint_every=STEPS, flush_every=10, placement=name,
                                  redundant=redundant, replan_every=every, expert_exchange=exchange,
@@ -195,13 +200,13 @@ def test_placed_training_matches_the_static_sharding(corpus_cache, tmp_path, wor
     assert static.steps.tolist() == list(range(STEPS))
     assert [s for s, _ in trace.load_placement(tmp_path / "static-counts" / "placement.parquet")] == [0]
     static_experts = _final_experts(tmp_path / "static-counts", world)
-    for name in ("phase-counts", "history-counts", "history-padded"):
+    for name in ("phase-counts", "history-counts", "history-padded", "phase-padded"):
         placed = trace.load(tmp_path / name)
         assert np.array_equal(placed.counts, static.counts), name
         np.testing.assert_allclose(trace.load_metrics(tmp_path / name)["loss"], static_loss, rtol=1e-5, atol=1e-6)
         plans = trace.load_placement(tmp_path / name / "placement.parquet")
         copies = [np.bincount(row[row >= 0]).max() for _, slot_expert in plans for row in slot_expert]
-        if name.endswith("padded"):  # one slot per expert: re-plans move experts between ranks, never copy them
+        if name == "history-padded":  # no spare slots: re-plans move experts between ranks, never copy them
             assert max(copies) == 1, name
             moves = TINY["num_experts"] > world  # with one expert per rank every plan is as good as any other
         else:

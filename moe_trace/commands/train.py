@@ -108,9 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                         "phase 25 while loads move)")
     place.add_argument("--expert-exchange", choices=("auto", "counts", "padded"),
                        help="how MoE layers exchange tokens: counts (all-to-all sized from the counts read on the "
-                            "host, any placement) or padded (no host read, the step compiles whole; ranks x the "
-                            "traffic; needs --redundant 0); auto (default): padded when compiled on 2-4 GPUs "
-                            "with --redundant 0, where it was measured faster, else counts")
+                            "host; a replicated expert's tokens water-filled over its copies) or padded (no host "
+                            "read, the step compiles whole; ranks x the traffic; each copy an equal share); auto "
+                            "(default): padded when compiled on 2-4 GPUs, where it was measured faster, else counts")
     place.add_argument("--ddp-bucket-mb", type=float,
                        help="gradient bucket size of the data-parallel (non-expert) parameters, MB (torch's "
                             "default 25), all-reduced after the backward (compiled, the step stays one graph)")
