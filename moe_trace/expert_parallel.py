@@ -10,8 +10,8 @@ changes the plan during training). Routers, attention and embeddings are replica
 In each MoE layer every rank routes its own tokens and all ranks gather the ``[ranks, experts]`` count table,
 the one host read per layer that an uneven all-to-all forces. From it every rank computes the same dispatch
 table (``placement.dispatch.routes``: an expert's tokens split among its copies by the simulator's rule),
-sends each row to its slot with ``all_to_all_single`` (autograd through ``torch.distributed.nn.functional``),
-runs its local slots and sends the outputs back.
+sends each row to its slot with an uneven all-to-all (torch's functional collectives, with autograd), runs its
+local slots and sends the outputs back.
 
 That host read empties the GPU's queue once per layer and micro-batch and splits a compiled step into a graph
 per layer. ``exchange="padded"`` removes it: each rank sends every other rank a buffer with room for all its rows
@@ -40,7 +40,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.distributed.nn.functional as dist_autograd
 from torch import Tensor, nn
 
 from moe_trace.moe import MoELayer, expert_forward
@@ -123,7 +122,8 @@ class ExpertParallelMoELayer(MoELayer):
         # x_sorted is grouped by expert; send its rows in the order of their destination slots.
         send_order = torch.from_numpy(_send_order(sent, self.plan.slot_expert[0], counts[self.rank]))
         send_order = send_order.to(x_sorted.device, non_blocking=True)
-        x_received = _all_to_all(x_sorted[send_order], recv_splits, send_splits, self.group)
+        group = self.group or dist.group.WORLD
+        x_received = funcol.all_to_all_single_autograd(x_sorted[send_order], recv_splits, send_splits, group)
 
         # Rows arrive grouped by source rank, then by local slot; run the slots on rows grouped by slot.
         local_ids = torch.arange(slots, device=x_sorted.device).repeat(world)
@@ -133,7 +133,7 @@ class ExpertParallelMoELayer(MoELayer):
         per_slot = torch.from_numpy(received.sum(axis=0)).to(x_sorted.device)
         y = expert_forward(x_received[order], per_slot, self.w1, self.w2)
         y_received = torch.empty_like(y).index_copy(0, order, y)
-        y_sent = _all_to_all(y_received, send_splits, recv_splits, self.group)
+        y_sent = funcol.all_to_all_single_autograd(y_received, send_splits, recv_splits, group)
         return torch.empty_like(y_sent).index_copy(0, send_order, y_sent)
 
     def extra_repr(self) -> str:
@@ -250,12 +250,6 @@ def _send_order(sent: np.ndarray, slot_expert: np.ndarray, expert_rows: np.ndarr
     start = expert_start[np.maximum(slot_expert, 0)] + run_starts(sent, slot_expert)
     position = np.cumsum(sent) - sent  # where slot i's rows begin in the send buffer
     return np.repeat(start - position, sent) + np.arange(sent.sum())
-
-
-def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
-    output = x.new_empty((sum(output_splits), *x.shape[1:]))
-    return dist_autograd.all_to_all_single(output, x.contiguous(), output_splits, input_splits,
-                                           group=group or dist.group.WORLD)
 
 
 def expert_layers(model: nn.Module) -> list[ExpertParallelMoELayer]:
