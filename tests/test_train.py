@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from moe_trace import cli, trace
 from moe_trace.model import make_config
@@ -269,6 +270,26 @@ def test_a_steps_time_holds_the_wait_for_the_loss_but_not_evaluation_or_checkpoi
     assert len(step_s) == 20 and reads.sum() == 2
     assert (step_s[reads] > 100).all() and (step_s[reads] < 101).all() and (step_s[~reads] < 1).all()
     assert summary["eval_s"] >= 4000 and summary["checkpoint_s"] >= 2000
+
+
+def test_auto_compile_mode_takes_cuda_graphs_only_for_a_one_graph_step():
+    from moe_trace.train import choose_compile_mode
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert choose_compile_mode("auto", gpu, 1, 1, True) == "reduce-overhead"
+    assert choose_compile_mode("auto", gpu, 1, 4, True) == "default"  # accumulation: graphs overwrite the grads
+    assert choose_compile_mode("auto", gpu, 2, 1, True) == "default"  # torchrun
+    assert choose_compile_mode("auto", gpu, 1, 1, False) == "default"  # transformers models
+    assert choose_compile_mode("auto", cpu, 1, 1, True) == "default"
+    assert choose_compile_mode("max-autotune", cpu, 2, 4, False) == "max-autotune"
+
+
+def test_config_json_records_the_compile_mode_auto_took(corpus_cache, tmp_path):
+    out = tmp_path / "run"
+    config = TrainConfig(out=str(out), steps=2, global_batch=4, warmup=1, eval_every=1000, checkpoint_every=0)
+    train(make_config("gpt-tiny-moe", **SMALL_CONFIG), config, "cpu")
+    assert json.loads((out / "config.json").read_text())["train"]["compile_mode"] == "default"
+
 
 SECOND_SIGNAL_SCRIPT = """
 import sys

@@ -42,9 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for the torch backend on GPUs, where it trains "
                         "gpt-125m-moe 1.21x faster on an H100, expert parallel included; off on CPUs)")
-    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+    p.add_argument("--compile-mode", choices=("auto", "default", "reduce-overhead", "max-autotune",
                                               "max-autotune-no-cudagraphs"), default=None,
-                   help="torch.compile's mode (default: its default); reduce-overhead captures CUDA graphs")
+                   help="torch.compile's mode; reduce-overhead replays the step as CUDA graphs, which auto (the "
+                        "default) takes on one GPU with one micro-batch a step (measured 2-4 %% faster), else "
+                        "torch's default")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core); "
                                                "1 is much faster on a machine shared with other jobs")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not write the expert-load trace")
