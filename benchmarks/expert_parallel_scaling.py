@@ -40,7 +40,7 @@ STUDIES = {  # study: (preset and arguments, sequences per step as a function of
 }
 GOALS = {("weak", 2): 0.95, ("weak", 4): 0.90, ("weak", 8): 0.85}  # efficiency
 STRONG_SPEEDUP_GOAL = {2: 1.8}
-SKIP = 10  # steps of compilation and warm-up left out of the steady state: one progress-bar period
+SKIP = PROGRESS_EVERY  # steps of compilation and warm-up left out of the steady state: one progress-bar period
 # The learning-rate warm-up of a run of 1000 steps or more (moe-trace train's default there). Without it a short
 # run takes a tenth of its steps (1 at 15 steps), reaches the peak rate at once, and its router collapses onto one
 # expert (10-15x the mean load, against 4-5x in the first steps of the recorded 20000-step run).
