@@ -131,6 +131,25 @@ def test_profile_writes_the_window_of_steps(corpus_cache, tmp_path):
     assert ops.startswith("steps 2..3, sorted by self_cpu_time_total") and "aten::mm" in ops
 
 
+def test_the_gpu_timeline_splits_idle_time_by_what_the_gpu_waited_for():
+    """By hand: kernel b's launch began after a ended (20 us waiting for the host); c was launched before b ended
+    (its 10 us gap is something else); a copy overlapping c counts once."""
+    from moe_trace.profiling import gpu_timeline
+
+    def kernel(name, ts, correlation, cat="kernel"):
+        return {"cat": cat, "name": name, "ts": ts, "dur": 10, "args": {"correlation": correlation}}
+
+    def launch(ts, correlation):
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 2,
+                "args": {"correlation": correlation}}
+
+    events = [kernel("a", 0, 1), launch(-5, 1), kernel("b", 30, 2), launch(20, 2), kernel("c", 50, 3), launch(5, 3),
+              kernel("copy", 55, 4, cat="gpu_memcpy"), {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 99}]
+    assert gpu_timeline(events) == {"window_ms": 0.065, "busy_ms": 0.035, "idle_ms": 0.03,
+                                    "waiting_for_launch_ms": 0.02}
+    assert gpu_timeline([events[-1]]) is None  # a CPU-only trace
+
+
 def test_existing_run_without_resume_is_refused(corpus_cache, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
