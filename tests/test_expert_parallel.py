@@ -22,21 +22,27 @@ def _loss(model: GPT, forward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return logits, loss + model.aux_loss()
 
 
-def _worker(rank: int, store_path: str, variant: dict, compiled: bool, exchange: str, device: str = "cpu") -> None:
+def _worker(rank: int, store_path: str, variant: dict, compiled: bool, exchange: str, device: str = "cpu",
+            replicas: bool = False) -> None:
     if device == "cuda":
         torch.cuda.set_device(rank)
     # A file store has no port to race for; the timeout turns a stuck collective into a failure, not a hang.
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
-        _compare_with_one_process(rank, variant, compiled, exchange, device)
+        _compare_with_one_process(rank, variant, compiled, exchange, device, replicas)
     finally:
         # Only once the models and their autograd graphs are freed: freeing them after the group is gone
         # can block.
         dist.destroy_process_group()
 
 
-def _compare_with_one_process(rank: int, variant: dict, compiled: bool, exchange: str, device: str) -> None:
+# Two spare slots: experts 0 and 2 have a copy on each rank (slots 0-2 on rank 0, 3-5 on rank 1).
+REPLICA_PLAN = np.array([0, 1, 2, 2, 3, 0])
+
+
+def _compare_with_one_process(rank: int, variant: dict, compiled: bool, exchange: str, device: str,
+                              replicas: bool = False) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = make_config("gpt-tiny-moe", n_blocks=2, hidden=32, heads=2, num_experts=4, top_k=2, seq_len=16,
@@ -61,12 +67,14 @@ def _compare_with_one_process(rank: int, variant: dict, compiled: bool, exchange
         ref_logits.append(logits.detach())
     ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
 
-    expert_names = expert_parallel.shard_experts(model, exchange=exchange)
+    plan = np.stack([REPLICA_PLAN] * len(config.moe_blocks)) if replicas else None
+    expert_names = expert_parallel.shard_experts(model, plan, exchange=exchange)
     ddp = expert_parallel.data_parallel(model, expert_names)
     # Compiled, the exchange runs eager between graphs (aot_eager: Dynamo's and AOTAutograd's graphs, no codegen).
     forward = expert_parallel.compile_data_parallel(ddp, backend="aot_eager") if compiled else ddp
     logits, loss = _loss(model, forward, batches[rank])
     loss.backward()
+    expert_parallel.sync_replica_grads(model)  # every copy of an expert holds its whole gradient
     counts = model.tokens_per_expert()
     dist.all_reduce(counts)
     norm = expert_parallel.grad_norm(model)
@@ -111,6 +119,15 @@ ROUTER_VARIANTS = dict(score="sigmoid", balance="aux_free", capacity_factor=1.0,
 def test_expert_parallel_matches_one_process(tmp_path, variant, compiled, exchange):
     """Both exchanges, the host-sized one and the padded one with no host read, eager and compiled."""
     mp.spawn(_worker, args=(str(tmp_path / "store"), variant, compiled, exchange), nprocs=WORLD)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize(("compiled", "exchange"), [(False, "counts"), (False, "padded"), (True, "padded")],
+                         ids=["counts-eager", "padded-eager", "padded-compiled"])
+def test_experts_with_copies_match_one_process(tmp_path, compiled, exchange):
+    """Two experts with a copy on each rank: each exchange splits their rows over the copies by its own rule, and
+    the copies' gradients summed make the one-process gradient."""
+    mp.spawn(_worker, args=(str(tmp_path / "store"), {}, compiled, exchange, "cpu", True), nprocs=WORLD)
 
 
 @pytest.mark.gpu
