@@ -260,7 +260,6 @@ def test_the_progress_bar_shows_no_validation_loss_before_the_first_evaluation(c
     assert "loss=" in err and "val=nan" not in err
 
 
-
 def test_a_steps_time_holds_the_wait_for_the_loss_but_not_evaluation_or_checkpoints(corpus_cache, tmp_path,
                                                                                      monkeypatch):
     """The progress bar's read of the loss, where the host waits for the steps it queued on the GPU, counts in the
