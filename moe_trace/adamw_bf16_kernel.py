@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moe_trace.adamw_bf16 import UpdateScalars, interpreting
+from moe_trace.data import to_device
 
 # A chunk is 8 blocks of SUB elements: one Philox call per lane gives 4 words, each two 16-bit draws. SUB 512 with
 # 4 warps was the fastest of a sweep on an H200 (SUB 256..2048, 1..8 warps; 2**29 parameters in 8 tensors).
@@ -157,27 +158,20 @@ class KernelTable:
         first = torch.cumsum(per_tensor, 0) - per_tensor  # each tensor's first row
         chunk_index = torch.arange(len(tensor_index)) - first[tensor_index]
         count = torch.clamp(numels[tensor_index] - chunk_index * CHUNK, max=CHUNK)
-        self.chunks = self._upload(torch.stack([tensor_index, chunk_index, count], dim=1).to(torch.int32))
-        self.tensors = self._upload(torch.tensor([[p.data_ptr(), m.data_ptr(), v.data_ptr()]
-                                                  for p, m, v in zip(params, exp_avgs, exp_avg_sqs, strict=True)],
-                                                 dtype=torch.int64))
+        addresses = torch.tensor([[p.data_ptr(), m.data_ptr(), v.data_ptr()]
+                                  for p, m, v in zip(params, exp_avgs, exp_avg_sqs, strict=True)], dtype=torch.int64)
+        # Through pinned memory, in stream order: no wait for the device.
+        self.chunks, self.tensors = to_device(
+            (torch.stack([tensor_index, chunk_index, count], dim=1).to(torch.int32), addresses), self.device)
         self.n_chunks = len(tensor_index)
         self.grads: Tensor | None = None
         self._grad_addresses: list[int] = []
-
-    def _upload(self, host: Tensor) -> Tensor:
-        """``host`` on the device without waiting for it: from pinned memory the copy is asynchronous, ordered
-        before the step's launch on the stream (a copy from pageable memory would wait for the stream first),
-        and the caching host allocator keeps the pinned block until the copy is done."""
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
 
     def set_grads(self, addresses: list[int]) -> None:
         """Point the table at this step's gradients (their addresses, in the table's order; contiguous bf16,
         16-byte aligned); uploads only if an address changed since the last step."""
         if addresses != self._grad_addresses:
-            self.grads = self._upload(torch.tensor(addresses, dtype=torch.int64))
+            [self.grads] = to_device((torch.tensor(addresses, dtype=torch.int64),), self.device)
             self._grad_addresses = addresses
 
 

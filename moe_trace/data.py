@@ -55,10 +55,11 @@ class TokenData:
 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``batch`` on ``device``, queued behind the work already there. To a GPU each tensor goes through pinned
-    host memory, which the copy engine reads directly; from pageable memory the driver stages the bytes first.
-    Neither waits for the GPU's queue (measured on an H200), but pinned batches made gpt-125m-moe's 16k-token step
-    0.5 ms faster and the 2-GPU 128k step 1.7 ms (benchmarks/NOTES.md, session 8)."""
+    """``batch`` (token ids, or any small host tensors) on ``device``, queued behind the work already there. To a
+    GPU each tensor goes through pinned host memory, which the copy engine reads directly; from pageable memory
+    the driver stages the bytes first. Neither waits for the GPU's queue (measured on an H200), but pinned
+    batches made gpt-125m-moe's 16k-token step 0.5 ms faster and the 2-GPU 128k step 1.7 ms
+    (benchmarks/NOTES.md, session 8)."""
     if device.type != "cuda":
         return tuple(t.to(device) for t in batch)
     # Pinned blocks come from torch's caching host allocator, which reuses one only after its copy completed.
