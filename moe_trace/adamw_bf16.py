@@ -172,11 +172,15 @@ class _GroupPlan:
         return self.steps.tolist()
 
 
+def _kernel_can_read(t: Tensor) -> bool:
+    """A contiguous bf16 tensor at a 16-byte aligned address (the kernel's vector loads); anything else (a strided
+    view, say) takes the reference."""
+    return t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 16 == 0
+
+
 def _kernel_can_update(p: Tensor, state: dict[str, Tensor]) -> bool:
-    """Contiguous bf16 tensors at 16-byte aligned addresses (the kernel's vector loads); anything else (a strided
-    view, say) takes the reference. The gradient is checked at each step."""
-    return all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 16 == 0
-               for t in (p, state["exp_avg"], state["exp_avg_sq"]))
+    """The parameter and its moments; the gradient is checked at each step."""
+    return all(_kernel_can_read(t) for t in (p, state["exp_avg"], state["exp_avg_sq"]))
 
 
 class AdamWBF16(torch.optim.Optimizer):
@@ -271,12 +275,10 @@ class AdamWBF16(torch.optim.Optimizer):
                 reference = bucket.reference
                 if bucket.table is not None:
                     kernel_grads = [grads[i] for i in bucket.kernel]
-                    addresses = [g.data_ptr() for g in kernel_grads]
-                    if all(g.dtype == torch.bfloat16 and g.is_contiguous() for g in kernel_grads) and not any(
-                            a % 16 for a in addresses):
+                    if all(_kernel_can_read(g) for g in kernel_grads):
                         from moe_trace.adamw_bf16_kernel import launch
 
-                        bucket.table.set_grads(addresses)
+                        bucket.table.set_grads([g.data_ptr() for g in kernel_grads])
                         launch(bucket.table, s, grad_scale, seed + launches, self.stochastic_round)
                         launches += 1
                     else:  # an odd gradient this step (autograd's match their parameter's layout)
