@@ -95,8 +95,7 @@ class ExpertParallelMoELayer(MoELayer):
         primary[first_slot] = True
         self.primary = torch.as_tensor(primary[local] & (self.local_experts >= 0))
         if self.exchange == "padded":
-            self.expert_copies.copy_(torch.from_numpy(copies_of_experts(slot_expert, self.num_experts,
-                                                                        self.world_size)))
+            self.expert_copies.copy_(torch.from_numpy(copies_of_experts(slot_expert, replicas, self.world_size)))
             self.expert_replicas.copy_(torch.from_numpy(replicas))
 
     def run_experts(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
@@ -196,11 +195,11 @@ def padded_exchange(layer: ExpertParallelMoELayer, x_sorted: Tensor, tokens_per_
     return funcol.all_to_all_single_autograd(y_received, None, None, group)[send_position]
 
 
-def copies_of_experts(slot_expert: np.ndarray, num_experts: int, world_size: int) -> np.ndarray:
+def copies_of_experts(slot_expert: np.ndarray, replicas: np.ndarray, world_size: int) -> np.ndarray:
     """``[experts, ranks]``: each expert's global slots in slot order, the last repeated to the width (what
-    :func:`send_layout` takes). Every expert needs 1 to ``world_size`` copies."""
+    :func:`send_layout` takes); ``replicas[e]``, expert ``e``'s copies in ``slot_expert``, must be 1 to
+    ``world_size``."""
     hosted = np.flatnonzero(slot_expert >= 0)
-    replicas = np.bincount(slot_expert[hosted], minlength=num_experts)
     if not 1 <= replicas.min() <= replicas.max() <= world_size:
         raise ValueError(f"every expert needs 1 to {world_size} copies: {replicas.tolist()}")
     by_expert = hosted[np.argsort(slot_expert[hosted], kind="stable")]  # slots grouped by expert, in slot order

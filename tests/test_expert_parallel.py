@@ -197,7 +197,7 @@ def test_the_padded_exchange_splits_an_experts_rows_evenly_over_its_copies():
     contiguous run of its own expert's rows, and an expert's copies get equal runs (within one row)."""
     world, slots = 2, 3
     slot_expert = np.array([0, 1, 2, 0, 3, 1])  # experts 0 and 1 have a copy on each rank
-    copies = expert_parallel.copies_of_experts(slot_expert, 4, world)
+    copies = expert_parallel.copies_of_experts(slot_expert, np.bincount(slot_expert), world)
     assert copies.tolist() == [[0, 3], [1, 5], [2, 2], [4, 4]]
     replicas = torch.tensor([2, 2, 1, 1])
     for seed in range(20):
